@@ -1,0 +1,1 @@
+"""mlcd_jax.evaluate."""

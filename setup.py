@@ -1,0 +1,48 @@
+"""mlcd_jax: Multi-Label Cluster Discrimination training in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "array-record>=0.8",
+    "ml-collections>=1.0",
+    "clu>=0.0.12",
+    "faiss-cpu>=1.9",
+    "tensorflow-datasets>=4.9.8",
+    "numpy>=1.26",
+    "pillow>=10",
+    "absl-py>=2",
+    "safetensors>=0.4",
+    "scikit-learn>=1.4",
+    "tqdm>=4.66",
+    "etils[epath]>=1.7",
+]
+
+EXTRAS = {
+    # Test-only references. torch is pinned to the CPU wheel: a looser pin pulls a CUDA build.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",
+        "transformers>=4.51",
+    ],
+    # CUDA jax; GPU faiss is not on PyPI for every platform (conda's faiss-gpu is), so it is left
+    # to the user: the clustering job uses it automatically when it can be imported.
+    "gpu": ["jax[cuda12]"],
+}
+
+setup(
+    name="mlcd_jax",
+    version="0.1.0",
+    description="Multi-Label Cluster Discrimination (MLCD) vision-encoder training in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mlcd_jax", "mlcd_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
