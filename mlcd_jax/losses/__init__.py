@@ -1,1 +1,15 @@
-"""mlcd_jax.losses."""
+"""Cluster-discrimination losses: dense references and the sharded PartialFC prototype head."""
+
+from mlcd_jax.losses.core import COS_HIST_BINS, KINDS
+from mlcd_jax.losses.dense import dense_loss
+from mlcd_jax.losses.partial_fc import pad_num_classes, partial_fc_loss, sample_budget, shard_capacity
+
+__all__ = [
+    "COS_HIST_BINS",
+    "KINDS",
+    "dense_loss",
+    "pad_num_classes",
+    "partial_fc_loss",
+    "sample_budget",
+    "shard_capacity",
+]

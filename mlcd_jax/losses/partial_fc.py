@@ -1,0 +1,182 @@
+"""The sharded prototype head: PartialFC negative sampling with the MLCD / MLC / softmax losses.
+
+The prototype matrix W [k, d] is row-sharded over all devices of the mesh (in mesh order), so device n owns
+rows ``[n·k/N, (n+1)·k/N)``. In one step every device
+
+1. gathers the global batch of embeddings and labels (all-gather over the batch axes; cheap, B x d);
+2. keeps every row of its range that is a positive of some sample in the global batch, and fills up to
+   ``ceil(r · k/N)`` rows with uniformly sampled negatives (all positives are kept if they exceed that);
+3. computes cosines only against those rows ([B, S], S ≪ k) and the per-row partial log-sum-exps;
+4. joins the partials with ``pmax`` / ``psum``. Nothing of size B x k exists on any device.
+
+Only sampled rows receive gradient; the optimizer still holds state for all k rows.
+
+Static shapes: a device gathers ``capacity = min(k/N, max(ceil(r·k/N), B·l))`` rows, enough to hold every
+possible positive; rows beyond ``max(ceil(r·k/N), #positives)`` are masked out. When B·l exceeds the
+budget (huge batches with small k/N) this costs compute, not correctness: pass ``max_rows`` to cap it if
+your batches never carry that many distinct positives per device (rows past the cap are dropped, so only
+do this with a measured bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlcd_jax.losses import core
+from mlcd_jax.losses.dense import label_mask
+
+
+def pad_num_classes(num_classes: int, num_shards: int) -> int:
+    """Rows the prototype matrix needs so that ``num_shards`` devices own equal slices (k rounded up)."""
+    return -(-num_classes // num_shards) * num_shards
+
+
+def sample_budget(rows_per_shard: int, sample_ratio: float) -> int:
+    """Rows a shard keeps per step before positives overflow it: ``ceil(r · k/N)`` (at least 1)."""
+    if not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be in (0, 1]; got {sample_ratio}")
+    return max(1, min(rows_per_shard, math.ceil(sample_ratio * rows_per_shard - 1e-9)))
+
+
+def shard_capacity(
+    rows_per_shard: int, sample_ratio: float, num_labels: int, max_rows: int | None = None
+) -> int:
+    """Static number of rows a shard gathers: budget, grown to hold every possible positive."""
+    budget = sample_budget(rows_per_shard, sample_ratio)
+    capacity = min(rows_per_shard, max(budget, num_labels))
+    return capacity if max_rows is None else max(budget, min(capacity, max_rows))
+
+
+def _select_rows(
+    labels: jax.Array,
+    key: jax.Array,
+    lo: jax.Array,
+    rows_per_shard: int,
+    num_classes: int,
+    budget: int,
+    capacity: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Local row indices to use [capacity] and which of them count [capacity] (positives first)."""
+    real_rows = jnp.clip(num_classes - lo, 0, rows_per_shard)
+    if capacity == rows_per_shard and budget == rows_per_shard:  # r = 1: every real row, no sampling
+        rows = jnp.arange(rows_per_shard)
+        return rows, rows < real_rows
+    local = labels - lo
+    inside = (labels >= 0) & (local >= 0) & (local < rows_per_shard)
+    is_pos = jnp.zeros(rows_per_shard, bool).at[jnp.where(inside, local, rows_per_shard)].set(
+        True, mode="drop"
+    )
+    row_ids = jnp.arange(rows_per_shard)
+    # Positives rank first (2), real negatives by a uniform draw, padding rows last (-1): the top
+    # ``capacity`` scores are all positives plus a uniformly random subset of the negatives.
+    score = jnp.where(
+        is_pos, 2.0, jnp.where(row_ids < real_rows, jax.random.uniform(key, (rows_per_shard,)), -1.0)
+    )
+    _, rows = jax.lax.top_k(score, capacity)
+    count = jnp.minimum(jnp.maximum(budget, jnp.sum(is_pos)), real_rows)
+    return rows, jnp.arange(capacity) < count
+
+
+def partial_fc_loss(
+    embeddings: jax.Array,
+    prototypes: jax.Array,
+    labels: jax.Array,
+    rng: jax.Array,
+    *,
+    mesh: Mesh,
+    sample_ratio: float = 0.1,
+    kind: str = "mlcd",
+    scale: float = 32.0,
+    margin: float = 0.3,
+    margin_type: str | None = None,
+    num_classes: int | None = None,
+    batch_axes: tuple[str, ...] | None = None,
+    max_rows: int | None = None,
+    return_metrics: bool = False,
+    histograms: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Sharded cluster-discrimination loss with PartialFC sampling; usable inside ``jax.jit``.
+
+    Args:
+      embeddings: [B, d] global batch, sharded over ``batch_axes`` or replicated.
+      prototypes: [k_pad, d], row-sharded over all mesh axes (``P(mesh.axis_names, None)``).
+        ``k_pad`` must be divisible by ``mesh.size``; pad with :func:`pad_num_classes` and pass the real
+        ``num_classes`` so the padding rows are never used.
+      labels: int [B, l] positive prototype ids, ``-1`` = padding; sharded like ``embeddings``.
+      rng: PRNG key, replicated; each shard folds in its index so shards sample independently.
+      mesh: the device mesh; prototypes are split over all of its axes in mesh order.
+      sample_ratio: r, the fraction of each shard's rows used per step (1 = no sampling).
+      kind, scale, margin, margin_type, histograms: as in :func:`mlcd_jax.losses.dense_loss`.
+      batch_axes: mesh axes the batch is split over; default the mesh's first axis, ``()`` = replicated.
+      max_rows: optional cap on the static per-shard capacity (see the module docstring).
+      return_metrics: also return loss_pos / loss_neg / mean_pos_cos / mean_neg_cos / num_sampled.
+    """
+    core.check_labels(embeddings, prototypes, labels)
+    margin_kind = core.check_kind(kind, margin_type)
+    labels = core.task_labels(labels, kind)
+    axes = tuple(mesh.axis_names)
+    num_shards = mesh.size
+    k_pad, _ = prototypes.shape
+    if k_pad % num_shards:
+        raise ValueError(
+            f"{k_pad} prototypes cannot be split evenly over {num_shards} devices: allocate "
+            f"pad_num_classes({k_pad}, {num_shards}) = {pad_num_classes(k_pad, num_shards)} rows and pass "
+            f"num_classes={k_pad} (padding rows are masked out)"
+        )
+    num_classes = k_pad if num_classes is None else num_classes
+    if not 0 < num_classes <= k_pad:
+        raise ValueError(f"num_classes={num_classes} must be in (0, {k_pad}] (the prototype rows)")
+    batch_axes = (axes[0],) if batch_axes is None else tuple(batch_axes)
+    dp = math.prod(mesh.shape[a] for a in batch_axes)
+    if embeddings.shape[0] % dp:
+        raise ValueError(
+            f"batch of {embeddings.shape[0]} does not split over batch axes {batch_axes} ({dp} ways)"
+        )
+    rows_per_shard = k_pad // num_shards
+    budget = sample_budget(rows_per_shard, sample_ratio)
+    capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, max_rows)
+    compute_dtype = jnp.promote_types(embeddings.dtype, prototypes.dtype)
+
+    def pmax(x: jax.Array) -> jax.Array:
+        return jax.lax.pmax(x, axes)
+
+    def psum(x: jax.Array) -> jax.Array:
+        return jax.lax.psum(x, axes)
+
+    def shard_fn(e_local, w_local, y_local, key):
+        if batch_axes:
+            e_local = jax.lax.all_gather(e_local, batch_axes, tiled=True)
+            y_local = jax.lax.all_gather(y_local, batch_axes, tiled=True)
+        shard = jax.lax.axis_index(axes)
+        lo = shard * rows_per_shard
+        rows, valid = _select_rows(
+            y_local, jax.random.fold_in(key, shard), lo, rows_per_shard, num_classes, budget, capacity
+        )
+        e = core.l2_normalize(e_local)
+        c = core.cosine(e, w_local[rows], compute_dtype)
+        # Position of each selected row in ``rows``, to mark each sample's positives among them.
+        slot = jnp.full(rows_per_shard, capacity, jnp.int32).at[rows].set(jnp.arange(capacity))
+        local = y_local - lo
+        inside = (y_local >= 0) & (local >= 0) & (local < rows_per_shard)
+        pos_slot = jnp.where(inside, slot[jnp.clip(local, 0, rows_per_shard - 1)], -1)
+        pos = label_mask(pos_slot, capacity) & valid[None, :]
+        neg = valid[None, :] & ~pos
+        loss, metrics = core.loss_from_cosines(
+            c, pos, neg, kind=kind, scale=scale, margin=margin, margin_type=margin_kind,
+            pmax=pmax, psum=psum, histograms=histograms,
+        )
+        metrics["num_sampled"] = psum(jnp.sum(valid, dtype=jnp.int32))
+        return loss, metrics
+
+    batch_spec = P(batch_axes or None)
+    loss, metrics = jax.shard_map(
+        shard_fn,
+        mesh=mesh,
+        in_specs=(batch_spec, P(axes, None), batch_spec, P()),
+        out_specs=(P(), P()),
+    )(embeddings, prototypes, labels, rng)
+    return (loss, metrics) if return_metrics else loss

@@ -1,0 +1,283 @@
+"""Dense reference losses against NumPy, and the sharded PartialFC head against the dense reference."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from scipy import stats
+
+from mlcd_jax.losses import dense_loss, pad_num_classes, partial_fc_loss, sample_budget
+from mlcd_jax.sharding import make_mesh
+
+B, D, K, L = 16, 12, 96, 4
+
+
+def _data(seed=0, b=B, d=D, k=K, l=L):
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=(b, d)).astype(np.float32)
+    w = rng.normal(size=(k, d)).astype(np.float32)
+    y = rng.integers(0, k, size=(b, l)).astype(np.int32)
+    y[1, 2:] = -1  # padding
+    y[2] = -1  # a row with no positive at all
+    y[3, 1] = y[3, 0]  # a repeated id counts once
+    return e, w, y
+
+
+def numpy_loss(e, w, y, kind, scale, margin, margin_type):
+    """Independent float64 formula of Eq. 4, Eq. 5 and the (ArcFace) softmax, one sample at a time."""
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    c = e.astype(np.float64) @ w.T.astype(np.float64)
+
+    def pos_cos(x):
+        if margin_type == "cosine":
+            return x - margin
+        return np.cos(min(np.arccos(np.clip(x, -1, 1)) + margin, np.pi))
+
+    losses = []
+    for b in range(len(e)):
+        pos = sorted({int(t) for t in y[b] if t >= 0})
+        if kind == "softmax":
+            pos = [int(y[b, 0])] if y[b, 0] >= 0 else []
+            if not pos:
+                continue
+        neg = [j for j in range(w.shape[0]) if j not in pos]
+        zp = np.array([scale * pos_cos(c[b, i]) for i in pos])
+        zn = np.array([scale * c[b, j] for j in neg])
+        if kind == "mlcd":
+            losses.append(np.log1p(np.exp(-zp).sum()) + np.log1p(np.exp(zn).sum()))
+        elif kind == "mlc":
+            losses.append(np.log1p(sum(np.exp(zj - zi) for zj in zn for zi in zp)))
+        else:
+            losses.append(-zp[0] + np.log(np.exp(zp[0]) + np.exp(zn).sum()))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize(
+    "kind,margin_type", [("mlcd", "cosine"), ("mlc", "cosine"), ("softmax", "angular"), ("mlcd", "angular")]
+)
+@pytest.mark.parametrize("scale,margin", [(32.0, 0.3), (10.0, 0.0)])
+def test_dense_matches_numpy(kind, margin_type, scale, margin):
+    e, w, y = _data()
+    got = dense_loss(e, w, y, kind=kind, scale=scale, margin=margin, margin_type=margin_type)
+    want = numpy_loss(e, w, y, kind, scale, margin, margin_type)
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+
+
+def test_dense_defaults_and_padding_semantics():
+    e, w, y = _data()
+    # defaults: mlcd with cosine margin, softmax with angular margin
+    np.testing.assert_allclose(
+        float(dense_loss(e, w, y)), numpy_loss(e, w, y, "mlcd", 32.0, 0.3, "cosine"), rtol=2e-5
+    )
+    np.testing.assert_allclose(
+        float(dense_loss(e, w, y, kind="softmax")),
+        numpy_loss(e, w, y, "softmax", 32.0, 0.3, "angular"),
+        rtol=2e-5,
+    )
+    # a repeated id is the same as the id once plus padding
+    y2 = y.copy()
+    y2[3, 1] = -1
+    assert float(dense_loss(e, w, y)) == pytest.approx(float(dense_loss(e, w, y2)), rel=1e-6)
+    # a row without positives contributes only its negative term
+    _, m = dense_loss(e[2:3], w, y[2:3], return_metrics=True)
+    assert float(m["loss_pos"]) == 0.0 and float(m["loss_neg"]) > 0
+
+
+def test_bad_input_errors():
+    e, w, y = _data()
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        dense_loss(e, w, y, kind="circle")
+    with pytest.raises(ValueError, match="labels must be"):
+        dense_loss(e, w, y[:-1])
+    with pytest.raises(ValueError, match="embedding dim"):
+        dense_loss(e[:, :-1], w, y)
+    with pytest.raises(ValueError, match="integers"):
+        dense_loss(e, w, y.astype(np.float32))
+    mesh = make_mesh({"x": 8})
+    with pytest.raises(ValueError, match=r"pad_num_classes\(90, 8\) = 96"):
+        partial_fc_loss(e, w[:90], y, jax.random.key(0), mesh=mesh)
+    with pytest.raises(ValueError, match="sample_ratio"):
+        partial_fc_loss(e, w, y, jax.random.key(0), mesh=mesh, sample_ratio=0.0)
+
+
+def _place(mesh, e, w, y, batch_axes):
+    names = tuple(mesh.axis_names)
+    bspec = P(batch_axes or None)
+    return (
+        jax.device_put(e, NamedSharding(mesh, bspec)),
+        jax.device_put(w, NamedSharding(mesh, P(names, None))),
+        jax.device_put(y, NamedSharding(mesh, bspec)),
+    )
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (2, 4)])
+@pytest.mark.parametrize("kind", ["mlcd", "mlc", "softmax"])
+def test_sharded_equals_dense_at_ratio_one(shape, kind):
+    mesh = make_mesh({"x": shape[0], "y": shape[1]})
+    e, w, y = _data(seed=sum(shape))
+    for batch_axes in (("x",), ()):
+        args = _place(mesh, e, w, y, batch_axes)
+
+        def sharded(e_, w_, y_=args[2]):
+            return partial_fc_loss(
+                e_, w_, y_, jax.random.key(1), mesh=mesh, sample_ratio=1.0, kind=kind,
+                batch_axes=batch_axes,
+            )
+
+        v_s, g_s = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(args[0], args[1])
+        v_d, g_d = jax.value_and_grad(lambda a, b: dense_loss(a, b, y, kind=kind), argnums=(0, 1))(e, w)
+        np.testing.assert_allclose(float(v_s), float(v_d), rtol=1e-5)
+        for gs, gd in zip(g_s, g_d):
+            np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_metrics_match_dense_at_ratio_one():
+    mesh = make_mesh({"x": 4, "y": 2})
+    e, w, y = _data(seed=3)
+    _, m_s = jax.jit(
+        lambda a, b, c: partial_fc_loss(
+            a, b, c, jax.random.key(0), mesh=mesh, sample_ratio=1.0, return_metrics=True,
+            histograms=True,
+        )
+    )(*_place(mesh, e, w, y, ("x",)))
+    _, m_d = dense_loss(e, w, y, return_metrics=True, histograms=True)
+    for name in m_d:
+        np.testing.assert_allclose(np.asarray(m_s[name]), np.asarray(m_d[name]), rtol=1e-5, atol=1e-6)
+    assert int(m_s["num_sampled"]) == K
+    assert float(m_s["pos_cos_hist"].sum()) == sum(len({t for t in r if t >= 0}) for r in y)
+
+
+def test_padded_prototypes_equal_dense_on_real_rows():
+    mesh = make_mesh({"x": 8})
+    e, w, y = _data(k=90)
+    k_pad = pad_num_classes(90, 8)
+    w_pad = np.concatenate([w, np.random.default_rng(9).normal(size=(k_pad - 90, D)).astype(np.float32)])
+    for ratio in (1.0, 0.5):
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda a, b: partial_fc_loss(
+                    a, b, y, jax.random.key(0), mesh=mesh, sample_ratio=ratio, num_classes=90
+                )
+            )
+        )
+        v, g = f(e, w_pad)
+        assert np.all(np.asarray(g[90:]) == 0), "padding rows must never be used"
+        if ratio == 1.0:
+            np.testing.assert_allclose(float(v), float(dense_loss(e, w, y)), rtol=1e-5)
+
+
+def _sampled_rows(mesh, e, w, y, key, ratio, kind="mlcd"):
+    """Rows that received gradient = rows that were sampled (or positives)."""
+    g = jax.jit(
+        jax.grad(lambda b, k_: partial_fc_loss(e, b, y, k_, mesh=mesh, sample_ratio=ratio, kind=kind)),
+    )(w, key)
+    return np.flatnonzero(np.abs(np.asarray(g)).sum(axis=1) > 0)
+
+
+def test_sampling_keeps_positives_and_counts_exactly():
+    mesh = make_mesh({"x": 4, "y": 2})
+    k, ratio = 8 * 40, 0.1
+    e, w, y = _data(seed=5, k=k)
+    rows = _sampled_rows(mesh, e, w, y, jax.random.key(3), ratio)
+    positives = {int(t) for t in y.ravel() if t >= 0}
+    assert positives <= set(rows.tolist())
+    budget = sample_budget(k // 8, ratio)
+    expected = sum(
+        max(budget, len({p for p in positives if s * 40 <= p < (s + 1) * 40})) for s in range(8)
+    )
+    assert len(rows) == expected
+    _, m = jax.jit(
+        lambda: partial_fc_loss(e, w, y, jax.random.key(3), mesh=mesh, sample_ratio=ratio, return_metrics=True)
+    )()
+    assert int(m["num_sampled"]) == expected
+
+
+def test_positives_overflowing_the_budget_are_all_kept():
+    mesh = make_mesh({"x": 8})
+    k = 8 * 16
+    e, w, _ = _data(seed=6, k=k)
+    y = (2 * np.arange(B * L, dtype=np.int32)).reshape(B, L)  # 64 distinct positives, 8 per shard
+    rows = _sampled_rows(mesh, e, w, y, jax.random.key(0), ratio=0.1)  # budget 2 per shard
+    assert set(rows.tolist()) == set(np.unique(y).tolist())
+
+
+def test_negatives_are_uniform_and_depend_on_rng():
+    mesh = make_mesh({"x": 8})
+    k, ratio, draws = 8 * 30, 0.2, 300
+    e, w, y = _data(seed=7, k=k, b=4, l=2)
+    positives = {int(t) for t in y.ravel() if t >= 0}
+    grad = jax.jit(
+        jax.grad(lambda b, k_: partial_fc_loss(e, b, y, k_, mesh=mesh, sample_ratio=ratio, batch_axes=())),
+    )
+    counts = np.zeros(k)
+    previous = None
+    for i in range(draws):
+        rows = np.abs(np.asarray(grad(w, jax.random.key(i)))).sum(axis=1) > 0
+        counts += rows
+        if previous is not None:
+            assert not np.array_equal(rows, previous), "different rng must give different negatives"
+        previous = rows
+    negatives = np.array([j for j in range(k) if j not in positives])
+    for shard in range(8):
+        mine = negatives[(negatives >= shard * 30) & (negatives < (shard + 1) * 30)]
+        _, p = stats.chisquare(counts[mine])
+        assert p > 1e-3, f"shard {shard}: negative counts not uniform (p={p:.2g})"
+
+
+def test_only_sampled_rows_get_gradient_and_value_is_consistent():
+    mesh = make_mesh({"x": 2, "y": 4})
+    e, w, y = _data(seed=8)
+    rows = _sampled_rows(mesh, e, w, y, jax.random.key(0), ratio=0.25)
+    assert len(rows) < K
+    # the sharded loss at r < 1 equals the dense loss restricted to the sampled rows
+    keep = np.zeros(K, bool)
+    keep[rows] = True
+    remap = -np.ones(K, np.int32)
+    remap[rows] = np.arange(len(rows))
+    y_sub = np.where(y >= 0, remap[np.maximum(y, 0)], -1)
+    v = jax.jit(lambda: partial_fc_loss(e, w, y, jax.random.key(0), mesh=mesh, sample_ratio=0.25))()
+    np.testing.assert_allclose(float(v), float(dense_loss(e, w[keep], y_sub)), rtol=1e-5)
+
+
+def test_bf16_inputs():
+    mesh = make_mesh({"x": 8})
+    e, w, y = _data(seed=9)
+    ref = dense_loss(e, w, y)
+    for fn in (
+        lambda a, b: dense_loss(a, b, y),
+        jax.jit(lambda a, b: partial_fc_loss(a, b, y, jax.random.key(0), mesh=mesh, sample_ratio=1.0)),
+    ):
+        got = fn(jnp.asarray(e, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(float(got), float(ref), rtol=3e-2)
+
+
+def test_no_batch_by_k_buffer_in_compiled_program():
+    mesh = make_mesh({"x": 8})
+    b, d, k, l = 512, 16, 8 * 16384, 2  # B x k/N (8.4M floats) dominates W's shard (0.26M)
+    spec = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, s))
+    args = (
+        spec((b, d), jnp.float32, P("x")),
+        spec((k, d), jnp.float32, P(("x",), None)),
+        spec((b, l), jnp.int32, P("x")),
+    )
+
+    def step(e, w, y):
+        return jax.value_and_grad(
+            lambda e_, w_: partial_fc_loss(e_, w_, y, jax.random.key(0), mesh=mesh, sample_ratio=0.1),
+            argnums=(0, 1),
+        )(e, w)
+
+    compiled = jax.jit(step).lower(*args).compile()
+    per_device_bk = b * k // 8
+    sizes = [
+        int(np.prod([int(x) for x in dims.split(",") if x]))
+        for dims in re.findall(r"\b(?:f32|bf16|f16|pred|s32)\[([\d,]*)\]", compiled.as_text())
+    ]
+    assert max(sizes) < per_device_bk / 4, f"largest buffer {max(sizes)} vs B*k/N {per_device_bk}"
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < per_device_bk * 4 / 2, f"temp {temp} bytes is of the order of B*k/N floats"
