@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
     "tqdm>=4.66",
     "etils[epath]>=1.7",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "portpicker>=1.6",
 ]
 
 EXTRAS = {

@@ -1,0 +1,7 @@
+"""ViT-L/14 trained with MLCD at the paper's settings (see mlcd_jax/config_lib.py)."""
+
+from mlcd_jax.config_lib import model_config
+
+
+def get_config():
+    return model_config("L/14")

@@ -1,0 +1,33 @@
+"""``python -m mlcd_jax.cluster --config=configs/cluster/default.py [--config.key=value ...]``.
+
+Prints the manifest's summary; bad settings or inputs exit with status 1 and a one-line error.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mlcd_jax.cluster.job import ClusterError, run
+from mlcd_jax.cluster.teachers import TeacherError
+from mlcd_jax.data.records import RecordError
+from mlcd_jax.data.sources import SourceError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "clustering job config file", lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        manifest = run(_CONFIG.value)
+    except (ClusterError, TeacherError, SourceError, RecordError) as e:
+        sys.exit(f"error: {e}")
+    summary = {k: v for k, v in manifest.items() if k not in ("shards", "skipped", "settings")}
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,309 @@
+"""Image sources for the clustering job and the evaluation, by spec string.
+
+Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)``):
+
+- ``folder:DIR`` — every image file under DIR (recursive; .jpg .jpeg .png .bmp .gif .webp .tif .tiff),
+  in sorted relative-path order; the key is the relative path, the bytes are the file's own bytes. If
+  images sit in class sub-folders (``DIR/<class>/...``) the label is the index of ``<class>`` among the
+  sorted class folders, else None. A sibling ``<stem>.txt`` is the caption. ``load_arrays`` reads
+  ``DIR/<split>/<class>/...`` and needs all images of one size.
+- ``fashion_mnist[:DIR][:SPLIT]`` — the IDX files of Debian's ``dataset-fashion-mnist``
+  (default DIR /usr/share/datasets/fashion-mnist); SPLIT is ``train`` (60,000, the default), ``test``
+  (10,000) or ``all`` (train then test). E.g. ``fashion_mnist:test``, ``fashion_mnist:/data/fm:train``.
+- ``digits[:SPLIT]`` — scikit-learn's bundled 8x8 digits; its values 0..16 are scaled to uint8 0..255
+  by ``round(v * 255 / 16)``. ``train`` = the first 1,437 images (80 %, the default), ``test`` = the
+  last 360, ``all`` = 1,797.
+- ``tfds:NAME[:SPLIT]`` — ``tfds.data_source`` of an already prepared TFDS dataset (never downloads);
+  the image feature is read undecoded, so the bytes are the stored originals.
+- ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
+  with another teacher; label None.
+
+Raw-pixel sources (IDX, digits) store a lossless PNG of exactly their pixels; grayscale stays grayscale.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from mlcd_jax.data import augment, records
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLITS = ("train", "test", "all")
+DIGITS_TRAIN = 1437
+
+
+class SourceError(ValueError):
+    """A source spec is malformed or points at nothing usable."""
+
+
+class Source(Protocol):
+    """Random access to ``{key, image (encoded bytes), label, caption}`` items."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+def _item(key: str, image: bytes, label: int | None = None, caption: str | None = None) -> dict[str, Any]:
+    return {"key": key, "image": image, "label": label, "caption": caption}
+
+
+class ArraySource:
+    """Raw uint8 pixel arrays [N, H, W, C] served as lossless PNGs (IDX files, digits, tfds arrays)."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray | None) -> None:
+        self.name, self.images, self.labels = name, images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = None if self.labels is None else int(self.labels[index])
+        return _item(f"{self.name}/{index:08d}", augment.encode_png(self.images[index]), label)
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.name!r}, n={len(self)})"
+
+
+class FolderSource:
+    """Image files under a directory, sorted by relative path; class sub-folders give labels."""
+
+    def __init__(self, root: str) -> None:
+        if not os.path.isdir(root):
+            raise SourceError(f"folder source {root!r} is not a directory")
+        self.root = root
+        self.paths = sorted(
+            os.path.relpath(os.path.join(d, f), root)
+            for d, _, files in os.walk(root)
+            for f in files
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        classes = sorted({p.split(os.sep)[0] for p in self.paths if os.sep in p})
+        self.classes = {c: i for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, index: int) -> int | None:
+        """Index of the image's class folder, or None for images directly under the root."""
+        rel = self.paths[index]
+        return self.classes[rel.split(os.sep)[0]] if os.sep in rel else None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rel = self.paths[index]
+        path = os.path.join(self.root, rel)
+        with open(path, "rb") as f:
+            image = f.read()
+        caption_path = os.path.splitext(path)[0] + ".txt"
+        caption = None
+        if os.path.exists(caption_path):
+            with open(caption_path, encoding="utf-8") as f:
+                caption = f.read().strip()
+        return _item(rel, image, self.label(index), caption)
+
+    def __repr__(self) -> str:
+        return f"FolderSource({self.root!r}, n={len(self)})"
+
+
+class TfdsSource:
+    """A prepared TFDS split through ``tfds.data_source`` with the image feature left encoded."""
+
+    def __init__(self, name: str, split: str) -> None:
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name)
+            image_key = next(k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image))
+            self.source = tfds.data_source(
+                name, split=split, download=False, decoders={image_key: tfds.decode.SkipDecoding()}
+            )
+        except StopIteration:
+            raise SourceError(f"tfds dataset {name!r} has no Image feature") from None
+        except Exception as e:  # tfds raises many types for missing / unprepared datasets
+            raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e})") from e
+        self.name, self.split, self.image_key = name, split, image_key
+        self.label_key = "label" if "label" in builder.info.features else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.source[index]
+        label = int(example[self.label_key]) if self.label_key else None
+        return _item(f"{self.name}/{self.split}/{index:08d}", bytes(example[self.image_key]), label)
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
+
+
+class ArrayRecordSource:
+    """MLCD records in ArrayRecord files (sorted glob matches, concatenated)."""
+
+    def __init__(self, pattern: str) -> None:
+        import grain
+
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise SourceError(f"arrayrecord:{pattern} matches no files")
+        self.pattern, self.source = pattern, grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = records.decode(self.source[index])
+        return _item(rec["key"], rec["image"], None, rec["caption"])
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({self.pattern!r}, n={len(self)})"
+
+
+def _split_arg(spec: str, value: str, allowed: tuple[str, ...] = SPLITS) -> str:
+    if value not in allowed:
+        raise SourceError(f"{spec!r}: split {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """One (optionally gzipped) IDX file as a numpy array of its declared shape (uint8 data)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise SourceError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _idx_file(directory: str, stem: str) -> str:
+    for name in (f"{stem}.gz", stem):
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise SourceError(
+        f"{stem}[.gz] not found in {directory}: install Debian's dataset-fashion-mnist or pass fashion_mnist:DIR"
+    )
+
+
+def _fashion_mnist_arrays(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split == "all":
+        parts = [_fashion_mnist_arrays(directory, s) for s in ("train", "test")]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))[..., None]
+    labels = _read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    return images, labels
+
+
+def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int64)
+    part = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None), "all": slice(None)}[split]
+    return images[part], labels[part]
+
+
+def _parse(spec: str) -> tuple[str, list[str]]:
+    kind, _, rest = spec.partition(":")
+    if kind in ("folder", "arrayrecord"):
+        if not rest:
+            raise SourceError(f"source {spec!r} needs a path: {kind}:PATH")
+        return kind, [rest]
+    return kind, rest.split(":") if rest else []
+
+
+def _fashion_args(spec: str, args: list[str]) -> tuple[str, str]:
+    directory, split = FASHION_MNIST_DIR, "train"
+    for arg in args:
+        if arg in SPLITS:
+            split = arg
+        else:
+            directory = arg
+    return directory, split
+
+
+def open_source(spec: str) -> Source:
+    """The source named by ``spec`` (see the module docstring for the forms)."""
+    kind, args = _parse(spec)
+    if kind == "folder":
+        return FolderSource(args[0])
+    if kind == "arrayrecord":
+        return ArrayRecordSource(args[0])
+    if kind == "fashion_mnist":
+        directory, split = _fashion_args(spec, args)
+        images, labels = _fashion_mnist_arrays(directory, split)
+        return ArraySource(f"fashion_mnist/{split}", images, labels)
+    if kind == "digits":
+        split = _split_arg(spec, args[0]) if args else "train"
+        images, labels = _digits_arrays(split)
+        return ArraySource(f"digits/{split}", images, labels)
+    if kind == "tfds":
+        if not args or not args[0]:
+            raise SourceError(f"source {spec!r} needs a dataset name: tfds:NAME[:SPLIT]")
+        return TfdsSource(args[0], args[1] if len(args) > 1 else "train")
+    raise SourceError(
+        f"unknown source {spec!r}: use folder:DIR, fashion_mnist[:DIR][:SPLIT], digits[:SPLIT], "
+        "tfds:NAME[:SPLIT] or arrayrecord:GLOB"
+    )
+
+
+def _decoded(source: Source, indices: Iterator[int]) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for i in indices:
+        item = source[i]
+        try:
+            image = augment.decode_image(item["image"])
+        except ValueError as e:
+            raise SourceError(f"{item['key']}: {e}") from e
+        if images and image.shape != images[0].shape:
+            raise SourceError(
+                f"{item['key']} is {image.shape}, other images are {images[0].shape}: "
+                "load_arrays needs one image size (resize the folder first)"
+            )
+        if item["label"] is None:
+            raise SourceError(f"{item['key']} has no class label (put images in DIR/<split>/<class>/)")
+        images.append(image)
+        labels.append(item["label"])
+    if not images:
+        raise SourceError("no images to load")
+    return np.stack(images), np.asarray(labels, np.int64)
+
+
+def load_arrays(spec: str, split: str = "train", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All (or the first ``limit``) images uint8 [N, H, W, C] and class labels [N] of one split.
+
+    For evaluation. ``split`` replaces a split in ``spec`` (``fashion_mnist:train`` with
+    ``split='test'`` reads the test set); folders read ``DIR/<split>``.
+    """
+    _split_arg(spec, split)
+    kind, args = _parse(spec)
+    if kind == "fashion_mnist":
+        directory, _ = _fashion_args(spec, args)
+        images, labels = _fashion_mnist_arrays(directory, split)
+    elif kind == "digits":
+        images, labels = _digits_arrays(split)
+    elif kind in ("tfds", "folder"):
+        if kind == "tfds":
+            source = open_source(f"tfds:{args[0]}:{split}")
+        else:
+            root = os.path.join(args[0], split)
+            if not os.path.isdir(root):
+                raise SourceError(f"folder {args[0]!r} has no {split!r} sub-folder (DIR/<split>/<class>/...)")
+            source = FolderSource(root)
+        n = len(source) if limit is None else min(limit, len(source))
+        return _decoded(source, iter(range(n)))
+    else:
+        raise SourceError(f"load_arrays cannot read {spec!r}: use fashion_mnist, digits, tfds:NAME or folder:DIR")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return np.ascontiguousarray(images), labels

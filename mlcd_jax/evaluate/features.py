@@ -1,0 +1,53 @@
+"""Frozen features of a ViT (or raw pixels) on image arrays, in batches, for kNN / probe / PCA / teachers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mlcd_jax.data.pipeline import preprocess_eval
+
+
+class FeatureExtractor:
+    """Pooled features [N, d] (or last hidden states [N, 1+n, w] with ``tokens=True``) of uint8 images.
+
+    Images are resized / centre-cropped / normalised as at eval time, then run through one jitted
+    forward in fixed-size batches (the last one padded), so a single compiled program serves every call.
+    """
+
+    channels = 3
+
+    def __init__(self, model: nnx.Module, image_size: int, *, batch_size: int = 256, tokens: bool = False):
+        graphdef, self._state = nnx.split(model)
+        self.input_size, self.batch_size = image_size, batch_size
+
+        @jax.jit
+        def forward(state, x):
+            pooled, hidden = nnx.merge(graphdef, state)(x, deterministic=True)
+            return (hidden if tokens else pooled).astype(jnp.float32)
+
+        self._forward = forward
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = preprocess_eval(images[start : start + self.batch_size], self.input_size)
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(self._forward(self._state, chunk))[:n])
+        if not out:
+            raise ValueError("no images to embed")
+        return np.concatenate(out)
+
+
+def model_features(model: nnx.Module, images: np.ndarray, image_size: int, **kw) -> np.ndarray:
+    """One-off :class:`FeatureExtractor` call."""
+    return FeatureExtractor(model, image_size, **kw)(images)
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """Raw pixels, flattened and scaled to [0, 1]: the no-learning baseline."""
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0

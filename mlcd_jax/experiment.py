@@ -1,0 +1,179 @@
+"""One run of the whole method: shards (clustered on first use) -> training -> evaluation table.
+
+``run(config, workdir)`` is what ``python -m mlcd_jax.main`` calls; it is importable so tests and
+notebooks drive the same path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mlcd_jax import train
+from mlcd_jax.train import ConfigError
+
+RESULT_COLUMNS = ("model", "knn_top1", "linear_top1")
+
+
+def cluster_cache_dir(config: ml_collections.ConfigDict) -> str:
+    """Where the clustering job's output for ``config.data.cluster`` lives (keyed by its settings)."""
+    if config.data.cache_dir:
+        return config.data.cache_dir
+    key = hashlib.sha256(config.data.cluster.to_json(sort_keys=True).encode()).hexdigest()[:16]
+    root = os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
+    return os.path.join(root, "clusters", key)
+
+
+def ensure_shards(config: ml_collections.ConfigDict) -> None:
+    """Fills ``config.data.shards`` by running (or reusing) the clustering job when it is empty."""
+    if config.data.shards:
+        return
+    if not config.data.cluster or not config.data.cluster.get("source"):
+        raise ConfigError("data.shards is empty and data.cluster.source is not set: nothing to train on")
+    from mlcd_jax import cluster
+
+    cluster_config = copy.deepcopy(config.data.cluster)
+    with cluster_config.unlocked():
+        cluster_config.output_dir = cluster_cache_dir(config)
+    if jax.process_index() == 0:
+        print(f"clustering {cluster_config.source} into {cluster_config.output_dir} (cached)", flush=True)
+        cluster.run(cluster_config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("clustering done")
+    config.data.shards = cluster_config.output_dir
+
+
+def _single_label_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same recipe with the single-label softmax loss on the top-1 cluster (the UNICOM baseline)."""
+    other = copy.deepcopy(config)
+    other.loss.kind = "softmax"
+    other.eval.baselines = ""
+    return other
+
+
+def _teacher_features(config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray:
+    """Features of the clustering teacher, loaded as the clustering job fitted it."""
+    from mlcd_jax.cluster import load_teacher
+
+    return load_teacher(config.data.shards)(images)
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """kNN / linear-probe rows for the trained model in ``workdir`` and the configured baselines.
+
+    Writes ``workdir/results.json`` and prints the table.
+    """
+    from mlcd_jax.evaluate import features as feats
+    from mlcd_jax.evaluate.knn import knn_accuracy
+    from mlcd_jax.evaluate.linear_probe import linear_probe
+    from mlcd_jax.evaluate.report import results_table, write_results
+
+    train_x, train_y, test_x, test_y = eval_arrays(config)
+    size = config.data.image_size
+
+    def row(name: str, f_train: np.ndarray, f_test: np.ndarray) -> dict[str, Any]:
+        result = {"model": name, "knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=config.eval.knn_k)}
+        if config.eval.linear_probe:
+            result["linear_top1"] = linear_probe(f_train, train_y, f_test, test_y, seed=config.seed)["top1"]
+        print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "model"), flush=True)
+        return result
+
+    def model_row(name: str, model) -> dict[str, Any]:
+        return row(name, feats.model_features(model, train_x, size), feats.model_features(model, test_x, size))
+
+    baselines = [b for b in config.eval.baselines.split(",") if b]
+    unknown = set(baselines) - {"pixels", "teacher", "random_init", "single_label"}
+    if unknown:
+        raise ConfigError(f"eval.baselines has unknown entries {sorted(unknown)}")
+    print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
+    rows = []
+    if "pixels" in baselines:
+        rows.append(row("raw pixels", feats.pixel_features(train_x), feats.pixel_features(test_x)))
+    if "teacher" in baselines:
+        rows.append(row("teacher (clustering)", _teacher_features(config, train_x), _teacher_features(config, test_x)))
+    if "random_init" in baselines:
+        rows.append(model_row("random-init ViT", train.build_model(config, config.seed)))
+    rows.append(model_row(f"{config.loss.kind.upper()} ViT", train.load_model(workdir, config)))
+    if "single_label" in baselines:
+        other_dir = os.path.join(workdir, "single_label")
+        other = _single_label_config(config)
+        print("training the single-label (UNICOM-style softmax) baseline", flush=True)
+        train.train_and_evaluate(other, other_dir)
+        rows.append(model_row("single-label ViT (UNICOM)", train.load_model(other_dir, other)))
+    if jax.process_index() == 0:
+        write_pictures(config, workdir, test_x[:8])
+        write_results(rows, os.path.join(workdir, "results.json"))
+        print(results_table(rows, [c for c in RESULT_COLUMNS if any(c in r for r in rows)]), flush=True)
+    return rows
+
+
+def write_pictures(config: ml_collections.ConfigDict, workdir: str, images: np.ndarray) -> None:
+    """``patch_pca.png`` (paper Fig. 6: images beside their patch-feature PCA) and ``cosine_curves.png``
+    (Fig. 3 analogue: loss terms, mean cosines and cosine histograms over training, single-label
+    baseline overlaid when it was trained) in ``workdir``."""
+    from mlcd_jax.evaluate.features import FeatureExtractor
+    from mlcd_jax.evaluate.pictures import cosine_curves_png, patch_pca_image, pca_grid_png
+
+    model = train.load_model(workdir, config)
+    tokens = FeatureExtractor(model, config.data.image_size, batch_size=len(images), tokens=True)(images)
+    grid = config.data.image_size // model.config.patch_size
+    pca_grid_png(images, patch_pca_image(tokens, (grid, grid)), os.path.join(workdir, "patch_pca.png"))
+    runs = {config.loss.kind.upper(): os.path.join(workdir, "metrics.jsonl")}
+    single = os.path.join(workdir, "single_label", "metrics.jsonl")
+    if os.path.exists(single):
+        runs["single-label"] = single
+    runs = {name: path for name, path in runs.items() if os.path.exists(path)}
+    if runs:
+        cosine_curves_png(runs, os.path.join(workdir, "cosine_curves.png"))
+    print(f"pictures: {workdir}/patch_pca.png, {workdir}/cosine_curves.png", flush=True)
+
+
+def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied."""
+    from mlcd_jax.data.sources import load_arrays
+
+    if not config.eval.source:
+        raise ConfigError("eval.source is empty: name a labelled source, e.g. fashion_mnist or digits")
+    train_x, train_y = load_arrays(config.eval.source, split="train", limit=config.eval.train_limit or None)
+    test_x, test_y = load_arrays(config.eval.source, split="test", limit=config.eval.test_limit or None)
+    return train_x, train_y, test_x, test_y
+
+
+def knn_eval_fn(config: ml_collections.ConfigDict):
+    """kNN top-1 of a model on ``config.eval.source``, for evaluation during training (arrays loaded once)."""
+    from mlcd_jax.evaluate.features import model_features
+    from mlcd_jax.evaluate.knn import knn_accuracy
+
+    train_x, train_y, test_x, test_y = eval_arrays(config)
+    size = config.data.image_size
+
+    def evaluate(model) -> dict[str, float]:
+        return {"knn_top1": knn_accuracy(model_features(model, train_x, size), train_y,
+                                         model_features(model, test_x, size), test_y, k=config.eval.knn_k)}
+
+    return evaluate
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Dispatches on ``config.mode``: ``train`` (cluster if needed, train, evaluate) or ``eval``."""
+    if config.mode not in ("train", "eval"):
+        raise ConfigError(f"mode={config.mode!r}: choose train or eval")
+    ensure_shards(config)
+    out: dict[str, Any] = {}
+    if config.mode == "train":
+        eval_fn = knn_eval_fn(config) if config.eval.source and config.eval_every_steps > 0 else None
+        out["train"] = train.train_and_evaluate(config, workdir, eval_fn)
+    if config.eval.source:
+        out["eval"] = evaluate_workdir(config, workdir)
+    logging.info("done: %s", json.dumps(out, default=float)[:2000])
+    return out

@@ -1,0 +1,73 @@
+"""Entry point: ``python -m mlcd_jax.main --config=configs/<name>.py --workdir=DIR [--config.key=value ...]``.
+
+Initialises multi-process JAX first (explicit flags, or discovered on TPU pods and SLURM), then runs the
+experiment of ``config.mode`` (``train``: cluster if needed, train, evaluate; ``eval``: evaluate a
+trained workdir). Configuration errors are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, metrics and results.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _cluster_environment() -> bool:
+    """True on a multi-host TPU slice or a multi-task SLURM job, where jax discovers its peers."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+    # A CPU-only machine gets `cpu_devices` fake devices (the sharded code paths run as on a pod);
+    # this must happen before JAX starts, and an explicit XLA_FLAGS setting wins.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        count = FLAGS.config.get("cpu_devices", 8)
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+        ).strip()
+    import jax
+
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        # CPU devices need a cross-process collectives backend (GPUs/TPUs bring their own; harmless there).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif _cluster_environment():
+        jax.distributed.initialize()
+    logging.info(
+        "process %d of %d; %d local / %d global devices (%s)",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+    from mlcd_jax import experiment
+    from mlcd_jax.train import ConfigError, TrainingDiverged
+
+    try:
+        experiment.run(FLAGS.config, FLAGS.workdir)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"training diverged: {err}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    app.run(main)

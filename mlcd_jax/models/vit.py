@@ -1,0 +1,353 @@
+"""CLIP-layout Vision Transformer in Flax NNX, optionally with MLCD's 2-D rotary position embedding.
+
+Layout (same maths as ``transformers``' ``CLIPVisionModel`` / ``MLCDVisionModel``, so checkpoints move
+both ways through :mod:`mlcd_jax.interop.hf`): patch conv (no bias) -> class token -> learned absolute
+position table (bicubic-resampled when the input grid differs, as HF's ``interpolate_pos_encoding``) or,
+with ``config.rope``, 2-D RoPE on q/k -> pre-LayerNorm -> N pre-LN blocks (MHA + MLP) -> post-LayerNorm
+on the class token -> optional bias-free projection.
+
+Every parameter carries logical axis names (:func:`mlcd_jax.sharding.logical`); compute runs in
+``dtype`` (e.g. bf16) with ``param_dtype`` parameters, LayerNorm statistics and RoPE in fp32.
+Initialisation follows ``transformers``' CLIP ``_init_weights`` (``initializer_factor`` 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mlcd_jax.models.presets import ViTConfig
+from mlcd_jax.sharding import logical
+
+ATTENTION_IMPLS: tuple[str | None, ...] = (None, "xla", "cudnn")
+
+# Remat policy names -> jax.checkpoint policies (None: no rematerialisation).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def _normal(std: float) -> nnx.Initializer:
+    return nnx.initializers.normal(stddev=std)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's ``x * sigmoid(1.702 x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACT: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form
+    "quick_gelu": quick_gelu,
+}
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of 1-D bicubic resampling exactly as ``torch.nn.functional.interpolate``.
+
+    Mode ``bicubic``, ``align_corners=False``, cubic coefficient a = -0.75, border-clamped taps, no
+    antialiasing. ``jax.image.resize`` uses a = -0.5 (Keys), so it would not reproduce HF's features.
+    """
+    a = -0.75
+
+    def near(x: np.ndarray) -> np.ndarray:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src)
+    t = src - base
+    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, in_size - 1)
+    out = np.zeros((out_size, in_size), np.float64)
+    np.add.at(out, (np.repeat(np.arange(out_size), 4), taps.ravel()), weights.ravel())
+    return out
+
+
+def resize_pos_embed(table: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Resamples a ``[1 + g*g, D]`` position table (class row first) to a ``grid = (rows, cols)`` grid."""
+    n = table.shape[0] - 1
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"position table has {n} patch rows, not a square grid; cannot resample")
+    if (g, g) == tuple(grid):
+        return table
+    wh = jnp.asarray(bicubic_matrix(g, grid[0]), jnp.float32)
+    ww = jnp.asarray(bicubic_matrix(g, grid[1]), jnp.float32)
+    patch = table[1:].astype(jnp.float32).reshape(g, g, -1)
+    patch = jnp.einsum("hi,wj,ijd->hwd", wh, ww, patch, precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([table[:1].astype(jnp.float32), patch.reshape(grid[0] * grid[1], -1)], 0)
+
+
+def rope_angles(class_pos_emb: jax.Array, grid: tuple[int, int], theta: float) -> jax.Array:
+    """``[1 + rows*cols, head_dim]`` RoPE angles as ``MLCDVisionModel``: class row learned, patches 2-D.
+
+    inv_freq = theta^(-2j / (head_dim/2)) for j < head_dim/4; a patch at (row, col) gets
+    ``[row * inv_freq, col * inv_freq]``; the result is duplicated to the full head dim. Row-major
+    patch order with rows = height, as transformers (the original unicom code swaps h/w when h != w).
+    """
+    spatial = class_pos_emb.shape[-1]  # head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial))
+    rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    patch = np.concatenate(
+        [rows.reshape(-1, 1) * inv_freq[None], cols.reshape(-1, 1) * inv_freq[None]], axis=-1
+    ).astype(np.float32)
+    half = jnp.concatenate([class_pos_emb.astype(jnp.float32), jnp.asarray(patch)], axis=0)
+    return jnp.concatenate([half, half], axis=-1)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` in fp32 on ``x`` of shape [B, T, H, D], cast back to x's dtype."""
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: zeroes whole samples of a residual branch with prob ``rate``, rescales the rest."""
+    if key is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused q/k/v kernel, through ``jax.nn.dot_product_attention``."""
+
+    def __init__(
+        self, config: ViTConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any, impl: str | None
+    ) -> None:
+        w, h, d = config.width, config.num_heads, config.head_dim
+        in_std = w**-0.5 * (2 * config.depth) ** -0.5
+        self.qkv_kernel = nnx.Param(
+            logical(_normal(in_std), "embed", None, "heads", "kv")(rngs.params(), (w, 3, h, d), param_dtype)
+        )
+        self.qkv_bias = nnx.Param(
+            logical(nnx.initializers.zeros_init(), None, "heads", "kv")(rngs.params(), (3, h, d), param_dtype)
+        )
+        self.out_kernel = nnx.Param(
+            logical(_normal(w**-0.5), "heads", "kv", "embed")(rngs.params(), (h, d, w), param_dtype)
+        )
+        self.out_bias = nnx.Param(
+            logical(nnx.initializers.zeros_init(), "embed")(rngs.params(), (w,), param_dtype)
+        )
+        self.dtype = dtype
+        self.impl = impl
+
+    def __call__(self, x: jax.Array, rope: jax.Array | None) -> jax.Array:
+        qkv = jnp.einsum("bte,eshd->sbthd", x, self.qkv_kernel[...].astype(self.dtype))
+        qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        out = jnp.einsum("bthd,hde->bte", out, self.out_kernel[...].astype(self.dtype))
+        return out + self.out_bias[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``, each with drop-path."""
+
+    def __init__(
+        self, config: ViTConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any, impl: str | None
+    ) -> None:
+        w, m = config.width, config.mlp_dim
+        layer_std = w**-0.5 * (2 * config.depth) ** -0.5
+        self.ln1 = _layer_norm(config, rngs, dtype, param_dtype)
+        self.attn = Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=impl)
+        self.ln2 = _layer_norm(config, rngs, dtype, param_dtype)
+        self.fc1 = nnx.Linear(
+            w, m, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=logical(_normal((2 * w) ** -0.5), "embed", "mlp"),
+            bias_init=logical(nnx.initializers.zeros_init(), "mlp"),
+        )
+        self.fc2 = nnx.Linear(
+            m, w, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=logical(_normal(layer_std), "mlp", "embed"),
+            bias_init=logical(nnx.initializers.zeros_init(), "embed"),
+        )
+        self.act = config.act
+
+    def __call__(
+        self, x: jax.Array, rope: jax.Array | None, rate: jax.Array | float, key: jax.Array | None
+    ) -> jax.Array:
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+        x = x + drop_path(self.attn(self.ln1(x), rope), rate, keys[0])
+        y = self.fc2(_ACT[self.act](self.fc1(self.ln2(x))))
+        return x + drop_path(y, rate, keys[1])
+
+
+def _layer_norm(config: ViTConfig, rngs: nnx.Rngs, dtype: Any, param_dtype: Any) -> nnx.LayerNorm:
+    """LayerNorm with fp32 statistics (Flax's default) and ``dtype`` output."""
+    return nnx.LayerNorm(
+        config.width, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        scale_init=logical(nnx.initializers.ones_init(), "norm"),
+        bias_init=logical(nnx.initializers.zeros_init(), "norm"),
+    )
+
+
+class VisionTransformer(nnx.Module):
+    """CLIP-layout ViT returning ``(pooled [B, embed_dim], tokens [B, 1 + N, width])``.
+
+    ``pooled`` is the post-LayerNorm class token (projected when ``config.proj_dim``); ``tokens`` are
+    the last hidden states before the post-LN (HF's ``last_hidden_state``; the patch tokens feed the
+    PCA pictures). Inputs are NHWC, already CLIP-normalised; any size that is a multiple of the patch.
+
+    Options: ``attention_impl`` None (JAX picks) / ``"xla"`` / ``"cudnn"`` (GPU flash attention,
+    bf16/fp16 only); ``remat`` one of :data:`REMAT_POLICIES`; ``scan_layers`` stacks the blocks'
+    parameters on a leading ``layers`` axis and runs them with ``jax.lax.scan`` (one compiled block);
+    ``drop_path_rate`` is the last block's stochastic-depth rate (linear from 0 over the depth). Drop
+    path draws from ``rngs.dropout()`` passed at call time, so the model holds no RNG state.
+    """
+
+    def __init__(
+        self,
+        config: ViTConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attention_impl: str | None = None,
+        remat: str | None = None,
+        scan_layers: bool = False,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"attention_impl='cudnn' needs bf16/fp16 compute, got dtype={jnp.dtype(dtype).name}; "
+                "pass dtype=jnp.bfloat16 or use attention_impl='xla'"
+            )
+        if (remat or "none") not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat or "none"
+        self.scan_layers = scan_layers
+        self.drop_path_rate = float(drop_path_rate)
+        w, p = config.width, config.patch_size
+
+        self.patch_embed = nnx.Conv(
+            config.num_channels, w, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=logical(_normal(0.02), "patch", "patch", "channels", "embed"),
+        )
+        self.class_embedding = nnx.Param(
+            logical(_normal(w**-0.5), "embed")(rngs.params(), (w,), param_dtype)
+        )
+        if config.rope:
+            self.class_pos_emb = nnx.Param(
+                logical(_normal((config.head_dim // 2) ** -0.5), None, "kv")(
+                    rngs.params(), (1, config.head_dim // 2), param_dtype
+                )
+            )
+        else:
+            self.pos_embed = nnx.Param(
+                logical(_normal(0.02), "seq", "embed")(rngs.params(), (config.num_patches + 1, w), param_dtype)
+            )
+        self.pre_ln = _layer_norm(config, rngs, dtype, param_dtype)
+
+        make = functools.partial(
+            Block, config, dtype=dtype, param_dtype=param_dtype, impl=attention_impl
+        )
+        if scan_layers:
+            @nnx.split_rngs(splits=config.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(r: nnx.Rngs) -> Block:
+                return make(rngs=r)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([make(rngs=rngs) for _ in range(config.depth)])
+
+        self.post_ln = _layer_norm(config, rngs, dtype, param_dtype)
+        if config.proj_dim:
+            self.proj = nnx.Linear(
+                w, config.proj_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                kernel_init=logical(_normal(w**-0.5), "embed", None),
+            )
+
+    def position_table(self, grid: tuple[int, int]) -> jax.Array:
+        """The absolute position table for a ``grid`` of patches (resampled bicubically if needed)."""
+        return resize_pos_embed(self.pos_embed[...], grid)
+
+    def __call__(
+        self, pixels: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        if pixels.ndim != 4 or pixels.shape[-1] != cfg.num_channels:
+            raise ValueError(
+                f"pixels must be NHWC with {cfg.num_channels} channels, got shape {tuple(pixels.shape)}"
+            )
+        if pixels.shape[1] % cfg.patch_size or pixels.shape[2] % cfg.patch_size:
+            raise ValueError(
+                f"image size {pixels.shape[1]}x{pixels.shape[2]} is not a multiple of patch {cfg.patch_size}"
+            )
+        x = self.patch_embed(pixels.astype(self.dtype))
+        b, gh, gw, w = x.shape
+        x = x.reshape(b, gh * gw, w)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, w))
+        x = jnp.concatenate([cls, x], axis=1)
+        rope = None
+        if cfg.rope:
+            rope = rope_angles(self.class_pos_emb[...], (gh, gw), cfg.rope_theta)
+        else:
+            x = x + self.position_table((gh, gw)).astype(self.dtype)
+        x = self.pre_ln(x)
+        x = self._blocks(x, rope, deterministic, rngs)
+        pooled = self.post_ln(x[:, 0])
+        if cfg.proj_dim:
+            pooled = self.proj(pooled)
+        return pooled, x
+
+    def _blocks(
+        self, x: jax.Array, rope: jax.Array | None, deterministic: bool, rngs: nnx.Rngs | None
+    ) -> jax.Array:
+        depth = self.config.depth
+        rates = jnp.linspace(0.0, self.drop_path_rate, depth)  # per-block rate, 0 for the first
+        keys: jax.Array | None = None
+        if not deterministic and self.drop_path_rate > 0:
+            if rngs is None:
+                raise ValueError("drop_path_rate > 0 with deterministic=False needs rngs=nnx.Rngs(dropout=key)")
+            keys = jax.random.split(rngs.dropout(), depth)
+        policy = REMAT_POLICIES[self.remat]
+
+        if not self.scan_layers:
+            def apply(block: Block, x: jax.Array, rate: jax.Array, key: jax.Array | None) -> jax.Array:
+                return block(x, rope, rate, key)
+
+            if self.remat != "none":
+                apply = nnx.remat(apply, policy=policy)
+            for i, block in enumerate(self.blocks):
+                x = apply(block, x, rates[i], None if keys is None else keys[i])
+            return x
+
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry: jax.Array, xs: tuple[Any, jax.Array, jax.Array | None]) -> tuple[jax.Array, None]:
+            layer_state, rate, key = xs
+            return nnx.merge(graphdef, layer_state)(carry, rope, rate, key), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, (state, rates, keys))
+        return x

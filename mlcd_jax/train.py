@@ -1,0 +1,475 @@
+"""The training loop: sharded state, one jitted step, checkpoints, metrics. No model or loss details here.
+
+State (a plain pytree, checkpointed whole): ``step``, ``rng`` (raw key data), ``params`` (the ViT's NNX
+parameters as a pure dict), ``proto`` (the [k_pad, d] prototype matrix, row-sharded over all devices)
+and ``opt_state``. The state is created directly sharded (``jax.jit(init, out_shardings=...)`` on
+shardings derived from the abstract state), never as a full copy on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import parameter_overview
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mlcd_jax import checkpointing, metrics as metrics_lib, sharding
+from mlcd_jax.losses import pad_num_classes, partial_fc_loss
+from mlcd_jax.models import VisionTransformer, ViTConfig, flops_per_image, get_preset
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line that names the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
+    """The ViT preset named by ``config.model.name`` with ``config.model.overrides`` and the data's image size."""
+    overrides = dict(config.model.get("overrides", {}) or {})
+    overrides.setdefault("image_size", config.data.image_size)
+    return get_preset(config.model.name, **overrides)
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> VisionTransformer:
+    """The ViT with the run's compute dtype, attention, remat, scan and drop-path options."""
+    m = config.model
+    return VisionTransformer(
+        vit_config(config),
+        rngs=nnx.Rngs(seed),
+        dtype=DTYPES[m.dtype],
+        attention_impl=m.get("attention") or None,
+        remat=m.get("remat") or None,
+        scan_layers=bool(m.get("scan_layers", False)),
+        drop_path_rate=float(m.get("drop_path", 0.0)),
+    )
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was trained with (``workdir/config.json``, written at its start)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: {workdir} is not a mlcd_jax training workdir")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_model(
+    workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
+) -> VisionTransformer:
+    """The backbone of a trained run (latest checkpoint, or ``step``) on the local devices, for eval/export.
+
+    ``config`` defaults to the one saved in ``workdir``.
+    """
+    config = load_run_config(workdir) if config is None else config
+    mesh = sharding.make_mesh(dict(config.mesh))
+    setup = TrainSetup.create(config, mesh, num_train_steps=1)
+    manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    import orbax.checkpoint as ocp
+
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(setup.abstract_state))
+    )["state"]
+    manager.close()
+    return setup.merge(restored["params"])
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up + cosine decay, global-norm clipping, optional gradient accumulation.
+
+    Weight decay applies to matrices (and the prototypes), not to biases, norms, or embeddings of rank 1.
+    """
+    warmup = min(config.warmup_steps, max(num_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(num_steps, warmup + 1), end_value=0.0
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+        optax.adamw(
+            schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
+            weight_decay=config.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+        ),
+    )
+    if config.get("grad_accum_steps", 1) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    return tx, schedule
+
+
+# -------------------------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything derived from the config and the mesh before any array exists."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    graphdef: Any
+    abstract_params: Any  # nnx.State of abstract Variables (carries the logical annotations)
+    abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
+    state_shardings: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    num_classes: int
+    num_rows: int  # prototype rows, padded to a multiple of the device count
+    embed_dim: int
+    flops_per_step: float
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> "TrainSetup":
+        model_cfg = vit_config(config)
+        abstract_model = nnx.eval_shape(lambda: build_model(config, 0))
+        graphdef, abstract_params = nnx.split(abstract_model)
+        param_shardings = sharding.state_shardings(abstract_params, mesh)
+        param_shardings = nnx.State(param_shardings).to_pure_dict() if not isinstance(
+            param_shardings, dict) else param_shardings
+        num_classes = int(config.loss.num_classes)
+        num_rows = pad_num_classes(num_classes, mesh.size)
+        if num_rows != num_classes:
+            logging.info("prototype rows padded %d -> %d for %d devices (padding masked)",
+                         num_classes, num_rows, mesh.size)
+        tx, schedule = make_optimizer(config, num_train_steps)
+        proto_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names), None))
+        replicated = NamedSharding(mesh, P())
+
+        def init(seed: jax.Array) -> dict[str, Any]:
+            model_key, proto_key, rng = jax.random.split(jax.random.key(seed), 3)
+            model = build_model(config, model_key)
+            params = nnx.state(model).to_pure_dict()
+            proto = jax.random.normal(proto_key, (num_rows, model_cfg.embed_dim), jnp.float32)
+            proto = proto / jnp.linalg.norm(proto, axis=-1, keepdims=True)
+            trainable = {"params": params, "proto": proto}
+            return {
+                "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(rng),
+                **trainable,
+                "opt_state": tx.init(trainable),
+            }
+
+        abstract_plain = jax.eval_shape(init, 0)
+        trainable_shardings = {"params": param_shardings, "proto": proto_sharding}
+        opt_shardings = optax.tree_utils.tree_map_params(
+            tx, lambda _, s: s, abstract_plain["opt_state"], trainable_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        shardings = {
+            "step": replicated, "rng": replicated, **trainable_shardings, "opt_state": opt_shardings,
+        }
+        abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_plain, shardings
+        )
+        setup = cls(
+            config=config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
+            abstract_state=abstract_state, state_shardings=shardings, tx=tx, schedule=schedule,
+            num_classes=num_classes, num_rows=num_rows, embed_dim=model_cfg.embed_dim,
+            flops_per_step=0.0,
+        )
+        setup.flops_per_step = 3 * config.batch_size * flops_per_image(model_cfg)
+        setup._init = init  # type: ignore[attr-defined]
+        return setup
+
+    def init_state(self, seed: int) -> Any:
+        """The initial state, created directly in its shardings."""
+        return jax.jit(self._init, static_argnums=(), out_shardings=self.state_shardings)(seed)  # type: ignore[attr-defined]
+
+    def merge(self, params: Any) -> VisionTransformer:
+        """A model object from pure-dict parameters (inside or outside jit)."""
+        state = jax.tree.map(lambda x: x, self.abstract_params)
+        state.replace_by_pure_dict(params)
+        return nnx.merge(self.graphdef, state)
+
+
+def make_train_step(setup: TrainSetup) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
+    """The pure train step ``(state, batch) -> (state, metrics)``, jitted with explicit shardings."""
+    config, mesh = setup.config, setup.mesh
+    loss_cfg = config.loss
+    compute_dtype = DTYPES[config.model.dtype]
+    axes = sharding.batch_axes(mesh)
+    histograms = bool(loss_cfg.get("histograms", True))
+
+    def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        sample_key, dropout_key = jax.random.split(rng)
+
+        def loss_fn(trainable):
+            model = setup.merge(trainable["params"])
+            pooled, _ = model(
+                batch["image"].astype(compute_dtype), deterministic=False,
+                rngs=nnx.Rngs(dropout=dropout_key),
+            )
+            return partial_fc_loss(
+                pooled, trainable["proto"], batch["labels"], sample_key, mesh=mesh,
+                sample_ratio=loss_cfg.sample_ratio, kind=loss_cfg.kind, scale=loss_cfg.scale,
+                margin=loss_cfg.margin, margin_type=loss_cfg.get("margin_type") or None,
+                num_classes=setup.num_classes, batch_axes=axes,
+                max_rows=loss_cfg.get("max_rows") or None, return_metrics=True, histograms=histograms,
+            )
+
+        trainable = {"params": state["params"], "proto": state["proto"]}
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new_state = {**state, **trainable, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": setup.schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(setup.state_shardings, {"image": batch_sharding, "labels": batch_sharding}),
+        out_shardings=(setup.state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+class _Preemption:
+    """Whether to checkpoint and stop now: SIGTERM on one process, or agreed preemption on many.
+
+    With several processes, every process must stop at the same step, so the decision comes from
+    JAX's preemption sync point (through orbax), which the coordination service sets on SIGTERM.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+        self._signalled = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        logging.warning("SIGTERM: checkpointing and stopping after this step")
+        self._signalled = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._signalled
+        return bool(self._manager.reached_preemption(step))
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Config errors reported in one line before anything compiles."""
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel devices "
+            f"(mesh {dict(mesh.shape)}); use a multiple of {dp}"
+        )
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size={config.batch_size} must split over {jax.process_count()} processes")
+    overrides = {k: v for k, v in dict(config.model.get("overrides", {}) or {}).items() if k != "image_size"}
+    try:
+        patch = get_preset(config.model.name, **overrides).patch_size
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    if config.data.image_size % patch:
+        raise ConfigError(
+            f"data.image_size={config.data.image_size} is not a multiple of the patch size "
+            f"{patch} of model {config.model.name!r}"
+        )
+    if config.loss.kind not in ("mlcd", "mlc", "softmax"):
+        raise ConfigError(f"loss.kind={config.loss.kind!r}: choose mlcd, mlc or softmax")
+    if not 0 < config.loss.sample_ratio <= 1:
+        raise ConfigError(f"loss.sample_ratio={config.loss.sample_ratio} must be in (0, 1]")
+
+
+def _dataset_info(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, Any]]:
+    """Shard paths and the clustering manifest for ``config.data.shards`` (a job's output dir or a glob)."""
+    from mlcd_jax.data.pipeline import resolve_shards
+
+    try:
+        return resolve_shards(config.data.shards)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.shards: {err}") from None
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """``num_train_steps`` if positive, else ``num_epochs`` over the dataset (rounded up)."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    eval_fn: Callable[[VisionTransformer], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Trains (resuming from ``workdir`` when it holds a checkpoint) and returns the last logged metrics.
+
+    ``eval_fn(model) -> scalars`` runs every ``config.eval_every_steps`` steps (if > 0) and its
+    results are logged with the training metrics.
+    """
+    from mlcd_jax.data.pipeline import make_train_loader
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    validate(config, mesh)
+    shards, manifest = _dataset_info(config)
+    if manifest and manifest.get("top_l") and manifest["top_l"] != config.loss.top_l:
+        raise ConfigError(f"loss.top_l={config.loss.top_l} but the shards carry l={manifest['top_l']}")
+    if manifest and manifest.get("num_clusters") and manifest["num_clusters"] != config.loss.num_classes:
+        raise ConfigError(
+            f"loss.num_classes={config.loss.num_classes} but the shards were clustered into "
+            f"k={manifest['num_clusters']}"
+        )
+    total_steps = num_train_steps(config, int(manifest.get("num_images", 0)) if manifest else 0)
+    if total_steps <= 0:
+        raise ConfigError("set num_train_steps > 0, or num_epochs with shards that have a manifest")
+    setup = TrainSetup.create(config, mesh, total_steps)
+    if jax.process_index() == 0:
+        print(f"training {config.model.name} with {config.loss.kind} on mesh {dict(mesh.shape)} "
+              f"({jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices): "
+              f"{total_steps} steps of {config.batch_size}, prototypes {setup.num_rows} x {setup.embed_dim}",
+              flush=True)
+    loader = make_train_loader(
+        shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
+        top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
+        num_workers=config.data.num_workers,
+    )
+    iterator = iter(loader)
+    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+    restored = checkpointing.restore_latest(manager, setup.abstract_state, iterator)
+    state, start = (restored if restored else (setup.init_state(config.seed), 0))
+    writer = metrics_lib.create_writer(workdir, resume_step=start)
+    if start == 0 and jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=1))
+        writer.write_hparams(config.to_dict())
+        parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
+    step_fn = make_train_step(setup)
+    peak = metrics_lib.device_peak_flops()
+    preemption = _Preemption(manager)
+    stop_after = config.get("stop_after_steps", 0) or total_steps
+    last: dict[str, Any] = {}
+    if start >= stop_after:
+        print(f"{workdir} already holds step {start} (>= {stop_after}): nothing to train", flush=True)
+    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    try:
+        for step in range(start + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            local = next(iterator)
+            data_wait += time.perf_counter() - t0
+            batch = sharding.host_to_global(local, mesh)
+            state, metrics = step_fn(state, batch)
+            window_steps += 1
+            preempted = preemption.requested(step)
+            is_last = step >= stop_after
+            eval_now = eval_fn is not None and config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+            log_now = step % config.log_every_steps == 0 or is_last or eval_now
+            ckpt_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
+            if log_now or ckpt_now:
+                metrics = jax.device_get(metrics)
+                for name in ("loss", "grad_norm"):
+                    if not np.isfinite(metrics[name]):
+                        raise TrainingDiverged(
+                            f"{name} is {metrics[name]} at step {step}; stopped, the last good checkpoint "
+                            f"(step {manager.latest_step()}) is kept"
+                        )
+            if log_now:
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                scalars = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+                scalars.update(
+                    step_time_s=step_time,
+                    images_per_s=config.batch_size / step_time,
+                    data_wait_frac=data_wait / elapsed,
+                    flops_per_s=setup.flops_per_step / step_time,
+                )
+                if peak:
+                    scalars["mfu"] = setup.flops_per_step / step_time / (peak * jax.device_count())
+                if eval_now:
+                    results = eval_fn(setup.merge(state["params"]))
+                    scalars.update(results)
+                    print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                          flush=True)
+                writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
+                print(
+                    f"step {step}/{total_steps} loss {scalars['loss']:.4f} (pos {scalars['loss_pos']:.3f}"
+                    f" neg {scalars['loss_neg']:.3f}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
+                    f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
+                    f"{scalars['images_per_s']:.1f} img/s, data wait {100 * scalars['data_wait_frac']:.0f}%"
+                    + (f", MFU {100 * scalars['mfu']:.1f}%" if peak else
+                       f", {scalars['flops_per_s'] / 1e9:.1f} GFLOP/s"),
+                    flush=True,
+                )
+                last = scalars
+                window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+            if ckpt_now:
+                writer.flush()  # every row up to a checkpoint is on disk before the checkpoint exists
+                checkpointing.save(manager, step, state, iterator, force=preempted or is_last)
+            if preempted:
+                print(f"preempted: checkpoint of step {step} written; re-run the same command to resume",
+                      flush=True)
+                break
+            if is_last:
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+        writer.close()
+        preemption.restore()
+    return last
+
+
+def aot_memory(config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> dict[str, int]:
+    """Per-device memory of the train step compiled ahead of time for ``mesh`` (nothing is allocated).
+
+    Works on fake CPU devices for a pod's topology: plan what fits before renting it.
+    """
+    validate(config, mesh)
+    setup = TrainSetup.create(config, mesh, num_train_steps)
+    batch_sharding = sharding.batch_sharding(mesh)
+    size, b = config.data.image_size, config.batch_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=batch_sharding),
+        "labels": jax.ShapeDtypeStruct((b, config.loss.top_l), jnp.int32, sharding=batch_sharding),
+    }
+    compiled = make_train_step(setup).lower(setup.abstract_state, batch).compile()
+    m = compiled.memory_analysis()
+    return {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
