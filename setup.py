@@ -32,6 +32,9 @@ EXTRAS = {
         "pytest-xdist>=3.5",
         "torch==2.13.0",
         "transformers>=4.51",
+        "nbclient>=0.10",
+        "nbformat>=5.9",
+        "ipykernel>=6.29",
     ],
     # CUDA jax; GPU faiss is not on PyPI for every platform (conda's faiss-gpu is), so it is left
     # to the user: the clustering job uses it automatically when it can be imported.
