@@ -147,3 +147,45 @@ def test_aot_compile_vitl14_with_1m_prototypes_memory_plan():
     # W + AdamW for 1M x 768 over 8 devices alone is 12*k*d/8 = 1.15e9 bytes.
     assert memory["argument_bytes"] > 12 * 1_000_000 * 768 // 8
     assert per_device < 80 * 2**30
+
+
+def test_evaluate_cli_on_a_trained_run(uninterrupted):
+    _, workdir, cache, _ = uninterrupted
+    cmd = _cmd(workdir, cache, "--config.eval.source=digits", "--config.eval.linear_probe=False",
+               "--config.eval.baselines=pixels")
+    cmd[2] = "mlcd_jax.evaluate"
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["model"]: r for r in json.loads((workdir / "results.json").read_text())}
+    assert sorted(rows) == ["MLCD ViT", "raw pixels"]
+    assert 0.1 < rows["MLCD ViT"]["knn_top1"] <= 1.0 and rows["raw pixels"]["knn_top1"] > 0.9
+    assert (workdir / "patch_pca.png").stat().st_size > 0 and (workdir / "cosine_curves.png").stat().st_size > 0
+    assert "knn_top1" in out.stdout
+
+
+def test_gradient_accumulation_equals_one_large_step():
+    """Two accumulated micro-steps on the same batch = one step on it (r = 1: no sampling noise)."""
+    import jax
+
+    from mlcd_jax import sharding, train
+    from mlcd_jax.config_lib import base_config
+
+    def params_after(accum: int) -> dict:
+        c = base_config()
+        c.model.name, c.model.dtype, c.data.image_size = "tiny", "float32", 16
+        c.model.overrides = {"patch_size": 8}
+        c.batch_size, c.loss.num_classes, c.loss.top_l, c.loss.sample_ratio = 16, 64, 2, 1.0
+        c.warmup_steps, c.grad_accum_steps = 0, accum
+        mesh = sharding.make_mesh(dict(c.mesh))
+        setup = train.TrainSetup.create(c, mesh, num_train_steps=10)
+        state, step = setup.init_state(0), train.make_train_step(setup)
+        rng = np.random.default_rng(0)
+        batch = sharding.host_to_global({"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+                                         "labels": rng.integers(0, 64, (16, 2)).astype(np.int32)}, mesh)
+        for _ in range(accum):
+            state, _ = step(state, batch)
+        return jax.device_get({"params": state["params"], "proto": state["proto"]})
+
+    one, two = params_after(1), params_after(2)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
