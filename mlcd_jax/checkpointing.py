@@ -36,14 +36,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: Any, *
     return saved
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, iterator: Any
+def restore(
+    manager: ocp.CheckpointManager, abstract_state: Any, iterator: Any = None, step: int | None = None
 ) -> tuple[Any, int] | None:
-    """Restores the newest checkpoint into ``abstract_state``'s shardings (and the iterator in place).
+    """Restores checkpoint ``step`` (default: the newest) into ``abstract_state``'s shardings, and the
+    iterator in place when one is given.
 
     Returns ``(state, step)`` or None when the directory has no checkpoint.
     """
-    step = manager.latest_step()
+    step = manager.latest_step() if step is None else step
     if step is None:
         return None
     items = {"state": ocp.args.StandardRestore(abstract_state)}

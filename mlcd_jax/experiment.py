@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,18 +62,12 @@ def _single_label_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return other
 
 
-def _teacher_features(config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray:
-    """Features of the clustering teacher, loaded as the clustering job fitted it."""
-    from mlcd_jax.cluster import load_teacher
-
-    return load_teacher(config.data.shards)(images)
-
-
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """kNN / linear-probe rows for the trained model in ``workdir`` and the configured baselines.
 
     Writes ``workdir/results.json`` and prints the table.
     """
+    from mlcd_jax.cluster import load_teacher
     from mlcd_jax.evaluate import features as feats
     from mlcd_jax.evaluate.knn import knn_accuracy
     from mlcd_jax.evaluate.linear_probe import linear_probe
@@ -81,7 +76,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     train_x, train_y, test_x, test_y = eval_arrays(config)
     size = config.data.image_size
 
-    def row(name: str, f_train: np.ndarray, f_test: np.ndarray) -> dict[str, Any]:
+    def row(name: str, embed: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+        f_train, f_test = embed(train_x), embed(test_x)
         result = {"model": name, "knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=config.eval.knn_k)}
         if config.eval.linear_probe:
             result["linear_top1"] = linear_probe(f_train, train_y, f_test, test_y, seed=config.seed)["top1"]
@@ -89,7 +85,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
         return result
 
     def model_row(name: str, model) -> dict[str, Any]:
-        return row(name, feats.model_features(model, train_x, size), feats.model_features(model, test_x, size))
+        return row(name, feats.FeatureExtractor(model, size))
 
     baselines = [b for b in config.eval.baselines.split(",") if b]
     unknown = set(baselines) - {"pixels", "teacher", "random_init", "single_label"}
@@ -98,12 +94,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
     rows = []
     if "pixels" in baselines:
-        rows.append(row("raw pixels", feats.pixel_features(train_x), feats.pixel_features(test_x)))
+        rows.append(row("raw pixels", feats.pixel_features))
     if "teacher" in baselines:
-        rows.append(row("teacher (clustering)", _teacher_features(config, train_x), _teacher_features(config, test_x)))
+        rows.append(row("teacher (clustering)", load_teacher(config.data.shards)))
     if "random_init" in baselines:
         rows.append(model_row("random-init ViT", train.build_model(config, config.seed)))
-    rows.append(model_row(f"{config.loss.kind.upper()} ViT", train.load_model(workdir, config)))
+    trained = train.load_model(workdir, config)
+    rows.append(model_row(f"{config.loss.kind.upper()} ViT", trained))
     if "single_label" in baselines:
         other_dir = os.path.join(workdir, "single_label")
         other = _single_label_config(config)
@@ -111,20 +108,19 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
         train.train_and_evaluate(other, other_dir)
         rows.append(model_row("single-label ViT (UNICOM)", train.load_model(other_dir, other)))
     if jax.process_index() == 0:
-        write_pictures(config, workdir, test_x[:8])
+        write_pictures(config, workdir, trained, test_x[:8])
         write_results(rows, os.path.join(workdir, "results.json"))
         print(results_table(rows, [c for c in RESULT_COLUMNS if any(c in r for r in rows)]), flush=True)
     return rows
 
 
-def write_pictures(config: ml_collections.ConfigDict, workdir: str, images: np.ndarray) -> None:
+def write_pictures(config: ml_collections.ConfigDict, workdir: str, model, images: np.ndarray) -> None:
     """``patch_pca.png`` (paper Fig. 6: images beside their patch-feature PCA) and ``cosine_curves.png``
     (Fig. 3 analogue: loss terms, mean cosines and cosine histograms over training, single-label
     baseline overlaid when it was trained) in ``workdir``."""
     from mlcd_jax.evaluate.features import FeatureExtractor
     from mlcd_jax.evaluate.pictures import cosine_curves_png, patch_pca_image, pca_grid_png
 
-    model = train.load_model(workdir, config)
     tokens = FeatureExtractor(model, config.data.image_size, batch_size=len(images), tokens=True)(images)
     grid = config.data.image_size // model.config.patch_size
     pca_grid_png(images, patch_pca_image(tokens, (grid, grid)), os.path.join(workdir, "patch_pca.png"))
@@ -151,15 +147,15 @@ def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarr
 
 def knn_eval_fn(config: ml_collections.ConfigDict):
     """kNN top-1 of a model on ``config.eval.source``, for evaluation during training (arrays loaded once)."""
-    from mlcd_jax.evaluate.features import model_features
+    from mlcd_jax.evaluate.features import FeatureExtractor
     from mlcd_jax.evaluate.knn import knn_accuracy
 
     train_x, train_y, test_x, test_y = eval_arrays(config)
     size = config.data.image_size
 
     def evaluate(model) -> dict[str, float]:
-        return {"knn_top1": knn_accuracy(model_features(model, train_x, size), train_y,
-                                         model_features(model, test_x, size), test_y, k=config.eval.knn_k)}
+        embed = FeatureExtractor(model, size)  # one compiled forward for both splits
+        return {"knn_top1": knn_accuracy(embed(train_x), train_y, embed(test_x), test_y, k=config.eval.knn_k)}
 
     return evaluate
 

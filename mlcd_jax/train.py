@@ -82,16 +82,11 @@ def load_model(
     mesh = sharding.make_mesh(dict(config.mesh))
     setup = TrainSetup.create(config, mesh, num_train_steps=1)
     manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    import orbax.checkpoint as ocp
-
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(setup.abstract_state))
-    )["state"]
+    restored = checkpointing.restore(manager, setup.abstract_state, step=step)
     manager.close()
-    return setup.merge(restored["params"])
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    return setup.merge(restored[0]["params"])
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -137,15 +132,14 @@ class TrainSetup:
     num_rows: int  # prototype rows, padded to a multiple of the device count
     embed_dim: int
     flops_per_step: float
+    init_fn: Callable[[int], dict[str, Any]]  # seed -> state (unsharded; see init_state)
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> "TrainSetup":
         model_cfg = vit_config(config)
         abstract_model = nnx.eval_shape(lambda: build_model(config, 0))
         graphdef, abstract_params = nnx.split(abstract_model)
-        param_shardings = sharding.state_shardings(abstract_params, mesh)
-        param_shardings = nnx.State(param_shardings).to_pure_dict() if not isinstance(
-            param_shardings, dict) else param_shardings
+        param_shardings = sharding.state_shardings(abstract_params, mesh).to_pure_dict()
         num_classes = int(config.loss.num_classes)
         num_rows = pad_num_classes(num_classes, mesh.size)
         if num_rows != num_classes:
@@ -181,19 +175,16 @@ class TrainSetup:
         abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_plain, shardings
         )
-        setup = cls(
+        return cls(
             config=config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
             abstract_state=abstract_state, state_shardings=shardings, tx=tx, schedule=schedule,
             num_classes=num_classes, num_rows=num_rows, embed_dim=model_cfg.embed_dim,
-            flops_per_step=0.0,
+            flops_per_step=3 * config.batch_size * flops_per_image(model_cfg), init_fn=init,
         )
-        setup.flops_per_step = 3 * config.batch_size * flops_per_image(model_cfg)
-        setup._init = init  # type: ignore[attr-defined]
-        return setup
 
     def init_state(self, seed: int) -> Any:
         """The initial state, created directly in its shardings."""
-        return jax.jit(self._init, static_argnums=(), out_shardings=self.state_shardings)(seed)  # type: ignore[attr-defined]
+        return jax.jit(self.init_fn, out_shardings=self.state_shardings)(seed)
 
     def merge(self, params: Any) -> VisionTransformer:
         """A model object from pure-dict parameters (inside or outside jit)."""
@@ -368,7 +359,7 @@ def train_and_evaluate(
     )
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, setup.abstract_state, iterator)
+    restored = checkpointing.restore(manager, setup.abstract_state, iterator)
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)
     if start == 0 and jax.process_index() == 0:

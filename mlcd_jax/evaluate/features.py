@@ -43,11 +43,6 @@ class FeatureExtractor:
         return np.concatenate(out)
 
 
-def model_features(model: nnx.Module, images: np.ndarray, image_size: int, **kw) -> np.ndarray:
-    """One-off :class:`FeatureExtractor` call."""
-    return FeatureExtractor(model, image_size, **kw)(images)
-
-
 def pixel_features(images: np.ndarray) -> np.ndarray:
     """Raw pixels, flattened and scaled to [0, 1]: the no-learning baseline."""
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
