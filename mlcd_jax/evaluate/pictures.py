@@ -11,20 +11,21 @@ the global pyplot backend of a notebook.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from sklearn.decomposition import PCA
 
+from mlcd_jax import fileio
+from mlcd_jax.fileio import PathLike
 from mlcd_jax.losses.core import COS_HIST_BINS
 
 # Bin edges of the cosine histograms the loss logs (``pos_cos_hist`` / ``neg_cos_hist``): equal bins on [-1, 1].
 COS_HIST_EDGES: np.ndarray = np.linspace(-1.0, 1.0, COS_HIST_BINS + 1)
-
-PathLike = str | os.PathLike
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -90,7 +91,7 @@ def patch_pca_image(
 
 
 def save_png(array: np.ndarray, path: PathLike) -> None:
-    """Writes a uint8 picture [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] as PNG (atomically: temp + rename)."""
+    """Writes a uint8 picture [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] as PNG, atomically (local or gs://)."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"save_png needs uint8 pixels, got {array.dtype}; scale to 0..255 and cast first")
@@ -98,11 +99,9 @@ def save_png(array: np.ndarray, path: PathLike) -> None:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))) or 0 in array.shape:
         raise ValueError(f"save_png needs a non-empty [H, W] or [H, W, 1|3|4] picture, got shape {array.shape}")
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    fileio.write_atomic(path, buffer.getvalue())
 
 
 def _to_rgb(images: np.ndarray) -> np.ndarray:
@@ -142,7 +141,7 @@ def pca_grid_png(images: np.ndarray, pca: np.ndarray, path: PathLike, *, pairs_p
 def read_metrics(path: PathLike) -> list[dict]:
     """The rows of a ``metrics.jsonl``; lines that are not a JSON object with a ``step`` are skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open(encoding="utf-8") as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -237,8 +236,6 @@ def cosine_curves_png(
     for ax in axes[1]:
         ax.set_xlim(-1, 1)
 
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    fileio.write_atomic(path, buffer.getvalue())

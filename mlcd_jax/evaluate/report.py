@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 from collections.abc import Sequence
 from typing import Any
+
+from mlcd_jax import fileio
 
 # A column whose name contains one of these holds accuracies in [0, 1]; the table prints them as percentages.
 ACCURACY_MARKERS: tuple[str, ...] = ("top1", "top5", "acc")
@@ -51,12 +52,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_results(rows: list[dict], path: str | os.PathLike) -> None:
-    """Writes ``rows`` as a JSON list to ``path`` atomically (temp file + rename), creating its folder."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_results(rows: list[dict], path: fileio.PathLike) -> None:
+    """Writes ``rows`` as a JSON list to ``path`` (local or ``gs://``) atomically, creating its folder."""
+    fileio.write_atomic(path, json.dumps(rows, indent=2, default=_json_default) + "\n")
