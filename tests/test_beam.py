@@ -129,7 +129,7 @@ def test_dry_run_prints_the_pipeline_options_and_writes_nothing(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mlcd_jax.cluster", f"--config={config}:project=proj,bucket=bkt,gpu=nvidia-l4",
          f"--config.output_dir={tmp_path / 'out'}", "--config.source=digits:test", "--config.num_clusters=8",
-         "--config.dry_run=True"],
+         "--dry-run"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]

@@ -2,7 +2,8 @@
 
 Prints the manifest's summary; bad settings or inputs exit with status 1 and a one-line error.
 ``--config.runner=beam --config.beam_options='--runner=...'`` runs the embed and assign stages on Apache
-Beam (``mlcd_jax.cluster.beam``); ``--config.dry_run=True`` prints the plan (and pipeline options) instead.
+Beam (``mlcd_jax.cluster.beam``); ``--dry-run`` (= ``--config.dry_run=True``) prints the plan (and the
+pipeline options) instead, writing nothing.
 """
 
 import json
@@ -17,13 +18,18 @@ from mlcd_jax.data.records import RecordError
 from mlcd_jax.data.sources import SourceError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "clustering job config file", lock_config=True)
+_DRY_RUN = flags.DEFINE_bool("dry-run", False, "print the plan (runner=beam: the pipeline options) and exit")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config = _CONFIG.value
+    if _DRY_RUN.value:
+        with config.unlocked():
+            config.dry_run = True
     try:
-        manifest = run(_CONFIG.value)
+        manifest = run(config)
     except (ClusterError, TeacherError, SourceError, RecordError) as e:
         sys.exit(f"error: {e}")
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "skipped", "settings")}

@@ -32,8 +32,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineState
 from apache_beam.utils import shared
 
+from mlcd_jax import fileio
 from mlcd_jax.cluster import job as job_lib
-from mlcd_jax.cluster import storage, teachers
+from mlcd_jax.cluster import teachers
 
 NAMESPACE = "mlcd_jax.cluster"
 
@@ -88,7 +89,7 @@ class _ChunkDoFn(beam.DoFn):
         raise NotImplementedError
 
     def process(self, chunk: int) -> Iterator[int]:
-        if storage.exists(self.output(chunk)):
+        if fileio.exists(self.output(chunk)):
             self._already.inc()
             return
         self.run_chunk(chunk)

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from mlcd_jax import fileio
 from mlcd_jax.cluster import kmeans, storage, teachers
 from mlcd_jax.cluster.writer import encode_record, write_shard
 from mlcd_jax.data import augment, records
@@ -188,7 +189,7 @@ class Job:
         deadline = time.monotonic() + self.cfg.wait_timeout_s
         announced = False
         while True:
-            present = storage.existing(paths)
+            present = fileio.existing(paths)
             missing = [p for p in paths if p not in present]
             if not missing:
                 return
@@ -203,8 +204,8 @@ class Job:
 
     def claim(self) -> None:
         """Writes ``job.json`` or checks that the one there has the same settings."""
-        if storage.exists(self.layout.job):
-            have = {**{k: default_config()[k] for k in OUTPUT_SETTINGS}, **storage.load_json(self.layout.job)}
+        if fileio.exists(self.layout.job):
+            have = {**{k: default_config()[k] for k in OUTPUT_SETTINGS}, **fileio.load_json(self.layout.job)}
             diff = {k: (have.get(k), v) for k, v in self.settings.items() if have.get(k) != v}
             if diff:
                 raise ClusterError(
@@ -256,7 +257,7 @@ class Job:
 
     def embed_todo(self) -> list[int]:
         """This worker's chunks that have no embeddings yet."""
-        done = storage.existing(self.layout.embeddings(ch) for ch in self.my_chunks)
+        done = fileio.existing(self.layout.embeddings(ch) for ch in self.my_chunks)
         return [ch for ch in self.my_chunks if self.layout.embeddings(ch) not in done]
 
     def embed(self, pool) -> None:
@@ -330,7 +331,7 @@ class Job:
         return "ivf" if self.cfg.num_clusters >= IVF_FROM_K else "flat"
 
     def kmeans(self) -> None:
-        if storage.exists(self.layout.centroids):
+        if fileio.exists(self.layout.centroids):
             return
         self._await(self._all_embeddings(), "the embeddings of all workers")
         c = self.cfg
@@ -341,7 +342,7 @@ class Job:
         desc = f"k-means ({c.kmeans_method}) {len(x)}x{x.shape[1]} -> {c.num_clusters}"
         bar = self._bar(levels * c.kmeans_iters, desc, unit="it")
         state_dir = os.path.dirname(self.layout.kmeans_state)
-        for done in storage.existing(kmeans.state_paths(state_dir, c.kmeans_parts if hierarchical else 0)):
+        for done in fileio.existing(kmeans.state_paths(state_dir, c.kmeans_parts if hierarchical else 0)):
             with storage.load_npz(done) as z:
                 bar.update(int(z["iteration"]))
 
@@ -366,7 +367,7 @@ class Job:
         bar.close()
         if self.index_kind() == "ivf":
             index = kmeans.build_index(centroids, "ivf", nprobe=c.ivf_nprobe, seed=c.seed)
-            with storage.atomic_path(self.layout.ivf_index) as tmp:
+            with fileio.atomic_path(self.layout.ivf_index) as tmp:
                 faiss.write_index(index, tmp)
         storage.save_json(self.layout.kmeans_info, {
             "method": c.kmeans_method, "sample_size": len(x),
@@ -380,7 +381,7 @@ class Job:
     def _index(self, centroids: np.ndarray):
         fp16 = self.cfg.kmeans_fp16
         if self.index_kind() == "ivf":
-            with storage.local_copy(self.layout.ivf_index) as path:
+            with fileio.local_copy(self.layout.ivf_index) as path:
                 return kmeans.read_index(path, use_gpu=self.use_gpu, fp16=fp16)
         return kmeans.build_index(centroids, "flat", use_gpu=self.use_gpu, fp16=fp16)
 
@@ -390,7 +391,7 @@ class Job:
 
     def assign_todo(self) -> list[int]:
         """This worker's chunks without assignments, once their inputs (centroids, embeddings) exist."""
-        done = storage.existing(self.layout.assignment(ch) for ch in self.my_chunks)
+        done = fileio.existing(self.layout.assignment(ch) for ch in self.my_chunks)
         todo = [ch for ch in self.my_chunks if self.layout.assignment(ch) not in done]
         if todo:
             self._await([self.layout.centroids], "centroids.npy (written by worker 0's kmeans stage)")
@@ -459,9 +460,9 @@ class Job:
             shards.append({"path": self.layout.shard_name(ch), "num_records": len(labels)})
         num_images = sum(s["num_records"] for s in shards)
         fit = self.layout.path("timings", "teacher_fit.json")
-        if storage.exists(fit):
-            seconds["teacher_fit"] = storage.load_json(fit)["seconds"]
-        kmeans_info = storage.load_json(self.layout.kmeans_info)
+        if fileio.exists(fit):
+            seconds["teacher_fit"] = fileio.load_json(fit)["seconds"]
+        kmeans_info = fileio.load_json(self.layout.kmeans_info)
         seconds["kmeans"] = kmeans_info.pop("seconds")
         nonempty = sizes[sizes > 0]
         manifest = {
@@ -525,9 +526,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 "num_chunks": job.layout.num_chunks, "stages": list(stages),
                 "chunk_range": [job.my_chunks.start, job.my_chunks.stop]}
         return plan if beam is None else {**plan, **beam.describe(c)}
-    if storage.exists(job.layout.manifest):
+    if fileio.exists(job.layout.manifest):
         job.claim()  # raises if the settings differ
-        return storage.load_json(job.layout.manifest)
+        return fileio.load_json(job.layout.manifest)
     job.claim()
     if beam is not None:
         beam.run_stages(job, stages)
@@ -543,7 +544,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if c.worker_index == 0:
             return job.finalize()
         job._await([job.layout.manifest], "manifest.json (written by worker 0)")
-        return storage.load_json(job.layout.manifest)
+        return fileio.load_json(job.layout.manifest)
     return {"worker_index": c.worker_index, "stages": list(stages), "chunks": list(job.my_chunks)}
 
 
@@ -561,9 +562,9 @@ def _beam_runner():
 def load_teacher(output_dir: str) -> teachers.Teacher:
     """The teacher of a finished (or embedded) job, as it was fitted, for evaluation baselines."""
     job_path = os.path.join(output_dir, "job.json")
-    if not storage.exists(job_path):
+    if not fileio.exists(job_path):
         raise ClusterError(f"{output_dir} has no job.json: not a clustering job's output_dir")
-    settings = storage.load_json(job_path)
+    settings = fileio.load_json(job_path)
     config = default_config()
     config.update({k: v for k, v in settings.items() if k in config})
     return teachers.build_teacher(settings["teacher"], config, output_dir)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from mlcd_jax import fileio
 from mlcd_jax.cluster import storage
 from mlcd_jax.data import records
 
@@ -103,7 +104,7 @@ def spherical_kmeans(
     if k > len(x):
         raise ValueError(f"num_clusters={k} is more than the {len(x)} sampled embeddings")
     centroids, objectives, start = None, [], 0
-    if state_path and storage.exists(state_path):
+    if state_path and fileio.exists(state_path):
         with storage.load_npz(state_path) as z:
             centroids, start, objectives = z["centroids"], int(z["iteration"]), z["objectives"].tolist()
     for i in range(start, iters):

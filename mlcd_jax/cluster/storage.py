@@ -1,89 +1,21 @@
-"""Atomic file outputs and the job's directory layout, on local disks and object stores (``gs://...``).
+"""The clustering job's on-disk formats (npz / npy / JSON, written atomically) and its output layout.
 
-Every artefact of the clustering job appears whole or not at all, so "the file exists" is the
-completion marker a re-run trusts. Locally: a temp file in the same directory, fsync, rename. On an
-object store (any ``scheme://`` path, read and written through ``etils.epath``): the file is written to
-a local temp file (ArrayRecord and faiss need one) and uploaded in one go; the store publishes an object
-only when its upload completes, so a killed writer leaves nothing behind. Existence checks on a store
-bypass fsspec's listing cache, since other processes (workers) add files there.
+Every artefact of the clustering job appears whole or not at all (``mlcd_jax.fileio``: rename locally,
+one upload on ``gs://``), so "the file exists" is the completion marker a re-run trusts.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from typing import Any
 
-import fsspec
 import numpy as np
 from etils import epath
 
-from mlcd_jax.fileio import is_remote
-
-_COPY_BUFFER = 16 << 20
-
-
-def _uncached_fs(path: str) -> fsspec.AbstractFileSystem:
-    """An fsspec view of ``path``'s store that keeps no directory listings: other processes write there."""
-    return fsspec.core.url_to_fs(path, use_listings_cache=False)[0]
-
-
-def exists(path: str) -> bool:
-    return _uncached_fs(path).exists(path) if is_remote(path) else os.path.exists(path)
-
-
-def existing(paths: Iterable[str]) -> set[str]:
-    """The subset of ``paths`` that exist, listing each parent directory once (not one request per file)."""
-    by_dir: dict[str, set[str]] = collections.defaultdict(set)
-    for path in paths:
-        by_dir[os.path.dirname(path)].add(path)
-    found: set[str] = set()
-    for directory, wanted in by_dir.items():
-        try:
-            if is_remote(directory):
-                names = {p.rstrip("/").rsplit("/", 1)[-1] for p in _uncached_fs(directory).ls(directory, detail=False)}
-            else:
-                names = set(os.listdir(directory))
-        except FileNotFoundError:
-            continue
-        found |= {p for p in wanted if os.path.basename(p) in names}
-    return found
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yields a local temporary path; it becomes ``path`` (renamed or uploaded) only if the block succeeds."""
-    if is_remote(path):
-        with tempfile.TemporaryDirectory(prefix="mlcd_upload_") as directory:
-            tmp = os.path.join(directory, os.path.basename(path))
-            yield tmp
-            with open(tmp, "rb") as src, epath.Path(path).open("wb") as dst:
-                shutil.copyfileobj(src, dst, _COPY_BUFFER)
-        return
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str) -> Iterator[BinaryIO]:
-    """An open binary file whose contents replace ``path`` atomically when the block succeeds."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        yield f
+from mlcd_jax.fileio import atomic_file, write_atomic
 
 
 def save_npz(path: str, **arrays: Any) -> None:
@@ -100,12 +32,7 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 def save_json(path: str, obj: Any) -> None:
     """Pretty, key-sorted JSON, atomically (so equal content gives equal bytes)."""
-    with atomic_file(path) as f:
-        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def load_json(path: str) -> Any:
-    return json.loads(epath.Path(path).read_text(encoding="utf-8"))
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager
@@ -126,19 +53,6 @@ def npy_shape(path: str) -> tuple[int, ...]:
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         return read_header(f)[0]
-
-
-@contextlib.contextmanager
-def local_copy(path: str) -> Iterator[str]:
-    """``path`` itself when local, else a temporary local copy (for readers that need a file, e.g. faiss)."""
-    if not is_remote(path):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="mlcd_download_") as directory:
-        tmp = os.path.join(directory, os.path.basename(path))
-        with epath.Path(path).open("rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, _COPY_BUFFER)
-        yield tmp
 
 
 class Layout:

@@ -20,6 +20,7 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
+from mlcd_jax import fileio
 from mlcd_jax.cluster import storage
 from mlcd_jax.data import augment
 
@@ -82,7 +83,7 @@ SampleFn = Callable[[], np.ndarray]
 
 def _pixels(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None) -> Teacher:
     path = os.path.join(state_dir, TEACHER_STATE)
-    if storage.exists(path):
+    if fileio.exists(path):
         return PixelsTeacher.load(path)
     if sample is None:
         raise TeacherError(f"{path} is missing: the pixels teacher of this job was never fitted")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mlcd_jax.cluster import storage
+from mlcd_jax import fileio
 from mlcd_jax.data import records
 
 # group_size:1 keeps every record individually addressable, which grain's random access needs.
@@ -23,7 +23,7 @@ def encode_record(item: dict[str, Any], labels: np.ndarray, scores: np.ndarray) 
 def write_shard(path: str, encoded: Iterable[bytes]) -> int:
     """Writes the records to one ArrayRecord file atomically; returns how many were written."""
     count = 0
-    with storage.atomic_path(path) as tmp:
+    with fileio.atomic_path(path) as tmp:
         writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
         try:
             for rec in encoded:
