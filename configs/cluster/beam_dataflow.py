@@ -7,7 +7,8 @@ the teacher runs on one GPU per worker VM, one Python process per VM so one mode
 ``jax[cuda12]``; without it workers install this checkout through ``--setup_file``, run from the repo root).
 Outputs go to ``gs://BUCKET/mlcd_cluster``. Set the rest as usual, e.g. ``--config.source=...
 --config.teacher=hf:/models/mlcd-vit-large-patch14-336 --config.num_clusters=1000000``, and check with
-``--config.dry_run=True``. See launch/README.md, "Clustering on Dataflow / Flink / Spark".
+``--dry-run``. k-means runs in the launching process, at this scale as UNICOM's two levels on a
+64-per-centroid sample (64M x d float32 in its memory; 8 parts, each fits one GPU). See launch/README.md, "Clustering on Dataflow / Flink / Spark".
 """
 
 from mlcd_jax.cluster.job import default_config
@@ -52,4 +53,7 @@ def get_config(arg: str = ""):
     c.output_dir = f"gs://{bucket}/mlcd_cluster"
     c.num_clusters = 1_000_000
     c.top_l = 8
+    c.max_points_per_centroid = 64
+    c.kmeans_method = "hierarchical"
+    c.kmeans_parts = 8
     return c

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from mlcd_jax import fileio
 from mlcd_jax.data import augment, order, records
 from mlcd_jax.data.augment import CLIP_MEAN, CLIP_STD
 
@@ -47,9 +48,7 @@ def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict[str, Any]
     if not isinstance(spec, str):
         paths, manifest = list(spec), {}
     elif os.path.exists(os.path.join(spec, "manifest.json")):
-        from mlcd_jax.cluster.storage import load_json
-
-        manifest = load_json(os.path.join(spec, "manifest.json"))
+        manifest = fileio.load_json(os.path.join(spec, "manifest.json"))
         paths = [os.path.join(spec, s["path"]) for s in manifest["shards"] if s["num_records"]]
     else:
         paths, manifest = sorted(glob.glob(spec)), {}
