@@ -341,8 +341,8 @@ class Job:
         levels = c.kmeans_parts + 1 if hierarchical else 1
         desc = f"k-means ({c.kmeans_method}) {len(x)}x{x.shape[1]} -> {c.num_clusters}"
         bar = self._bar(levels * c.kmeans_iters, desc, unit="it")
-        state_dir = os.path.dirname(self.layout.kmeans_state)
-        for done in fileio.existing(kmeans.state_paths(state_dir, c.kmeans_parts if hierarchical else 0)):
+        state_paths = kmeans.state_paths(self.layout.kmeans_dir, c.kmeans_parts if hierarchical else 0)
+        for done in fileio.existing(state_paths):
             with storage.load_npz(done) as z:
                 bar.update(int(z["iteration"]))
 
@@ -358,12 +358,13 @@ class Job:
         if hierarchical:
             try:
                 centroids, objectives = kmeans.hierarchical_kmeans(
-                    x, c.num_clusters, c.kmeans_iters, c.seed, c.kmeans_parts, state_dir=state_dir, **common)
+                    x, c.num_clusters, c.kmeans_iters, c.seed, c.kmeans_parts, state_dir=self.layout.kmeans_dir,
+                    **common)
             except ValueError as e:
                 raise ClusterError(f"{e} (kmeans_parts={c.kmeans_parts})") from e
         else:
             centroids, objectives = kmeans.spherical_kmeans(
-                x, c.num_clusters, c.kmeans_iters, c.seed, state_path=self.layout.kmeans_state, **common)
+                x, c.num_clusters, c.kmeans_iters, c.seed, state_path=state_paths[-1], **common)
         bar.close()
         if self.index_kind() == "ivf":
             index = kmeans.build_index(centroids, "ivf", nprobe=c.ivf_nprobe, seed=c.seed)
@@ -378,16 +379,14 @@ class Job:
         })
         storage.save_npy(self.layout.centroids, centroids)  # last: its presence marks the stage done
 
-    def _index(self, centroids: np.ndarray):
+    def search_index(self) -> faiss.Index:
+        """The faiss index over the job's centroids that the assign stage searches: the saved IVF index,
+        or an exact one built from ``centroids.npy``."""
         fp16 = self.cfg.kmeans_fp16
         if self.index_kind() == "ivf":
             with fileio.local_copy(self.layout.ivf_index) as path:
                 return kmeans.read_index(path, use_gpu=self.use_gpu, fp16=fp16)
-        return kmeans.build_index(centroids, "flat", use_gpu=self.use_gpu, fp16=fp16)
-
-    def search_index(self) -> faiss.Index:
-        """The faiss index over the job's centroids that the assign stage searches."""
-        return self._index(storage.load_npy(self.layout.centroids))
+        return kmeans.build_index(storage.load_npy(self.layout.centroids), "flat", use_gpu=self.use_gpu, fp16=fp16)
 
     def assign_todo(self) -> list[int]:
         """This worker's chunks without assignments, once their inputs (centroids, embeddings) exist."""

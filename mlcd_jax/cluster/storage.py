@@ -77,16 +77,17 @@ class Layout:
         return self.path("centroids.npy")
 
     @property
-    def kmeans_state(self) -> str:
-        return self.path("kmeans", "state.npz")
+    def kmeans_dir(self) -> str:
+        """k-means checkpoints (``mlcd_jax.cluster.kmeans.state_paths``), its info and the IVF index."""
+        return self.path("kmeans")
 
     @property
     def kmeans_info(self) -> str:
-        return self.path("kmeans", "info.json")
+        return os.path.join(self.kmeans_dir, "info.json")
 
     @property
     def ivf_index(self) -> str:
-        return self.path("kmeans", "ivf.faiss")
+        return os.path.join(self.kmeans_dir, "ivf.faiss")
 
     def embeddings(self, chunk: int) -> str:
         return self.path("embeddings", f"{chunk:05d}.npz")
