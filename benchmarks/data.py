@@ -1,34 +1,51 @@
-"""Input-pipeline throughput: JPEG decode + random-resized-crop + flip + normalise at 224 px, per core.
+"""Input-pipeline throughput, today's path against the path it replaced, in one process.
 
-Images are real (Fashion-MNIST test images, tiled 4x4 and upscaled to 448x448 RGB-converted JPEGs at
-quality 90, ~ImageNet's size), wrapped in MLCD records. Measures the training transform alone on one
-core (images/s per core), the eval transform, and the whole grain loader (shards -> batches) with
-0 and 2 worker processes. ``python benchmarks/data.py [--images 1024]``.
+Two workloads, each with real images:
+
+* **224-px training from ~450-px JPEG shards** (Fashion-MNIST test images tiled 4x4, upscaled to
+  448x448 RGB JPEGs at quality 90, ImageNet's size): per-core host rate of the old transform (full
+  decode + PIL random-resized-crop + flip + normalise per image) against the new one (decode with
+  JPEG draft mode into a canvas; crop, flip and normalise batched on the device), then whole grain
+  loaders in the main process: the old one (per-image transform, grain's default read-ahead) against
+  the new one, including the jitted on-device augmentation of each batch.
+* **The demo** (28-px PNG records of Fashion-MNIST or digits, batch 256): the old per-image loader
+  against the new decoded-once, batch-per-element loader, again including the device augmentation.
+
+``python benchmarks/data.py [--images 512]``; pins the process to one core for the per-core rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import grain
+import jax
 import numpy as np
 from PIL import Image
 
 from mlcd_jax.cluster.writer import write_shard
-from mlcd_jax.data import records
-from mlcd_jax.data.pipeline import DecodeAndAugment, SkipLog, make_train_loader
-from mlcd_jax.data.sources import load_arrays
+from mlcd_jax.data import augment, records
+from mlcd_jax.data.pipeline import GlobalOrderSampler, ToCanvas, SkipLog, make_train_loader
+from mlcd_jax.data.sources import FASHION_MNIST_DIR, load_arrays
+
+SOURCE = "fashion_mnist" if os.path.isdir(FASHION_MNIST_DIR) else "digits"
 
 
 def jpeg_records(n: int) -> list[bytes]:
-    """n records holding 448x448 JPEGs made of real Fashion-MNIST images."""
-    images, _ = load_arrays("fashion_mnist", split="test", limit=16 * n)
+    """n records holding 448x448 JPEGs made of real images (16 tiled per JPEG)."""
+    images, _ = load_arrays(SOURCE, split="all", limit=16 * n)
+    side = images.shape[1]
     out = []
     for i in range(n):
-        tiles = images[16 * i : 16 * i + 16, :, :, 0].reshape(4, 4, 28, 28).transpose(0, 2, 1, 3).reshape(112, 112)
+        tiles = images[np.arange(16 * i, 16 * i + 16) % len(images), :, :, 0]
+        tiles = tiles.reshape(4, 4, side, side).transpose(0, 2, 1, 3).reshape(4 * side, 4 * side)
         img = Image.fromarray(tiles).resize((448, 448), Image.Resampling.BICUBIC).convert("RGB")
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
@@ -36,46 +53,107 @@ def jpeg_records(n: int) -> list[bytes]:
     return out
 
 
-def transform_rate(recs: list[bytes], augment: bool, tmp: str) -> float:
-    op = DecodeAndAugment(224, 8, augment, 3, (0.08, 1.0), SkipLog(tmp))
+def png_records(n: int) -> list[bytes]:
+    """The demo's records: n small real images stored as lossless PNG, as the clustering job writes them."""
+    images, _ = load_arrays(SOURCE, split="train", limit=n)
+    return [records.encode(augment.encode_png(im), np.arange(8), np.linspace(1, 0, 8), f"demo/{i}")
+            for i, im in enumerate(images)]
+
+
+class OldTransform(grain.transforms.RandomMap):
+    """The replaced path: full decode, PIL random-resized-crop (torchvision's algorithm), flip and
+    CLIP normalisation per image on the host, float32 out."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, Any]:
+        rec = records.decode(element)
+        image = augment.to_channels(augment.decode_image(rec["image"]), 3)
+        h, w, _ = image.shape
+        box = None
+        for _ in range(10):
+            target = h * w * rng.uniform(0.08, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
+            if cw <= w and ch <= h:
+                left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+                box = (left, top, left + cw, top + ch)
+                break
+        box = box or (0, 0, w, h)
+        out = np.asarray(Image.fromarray(image).resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=box))
+        if rng.random() < 0.5:
+            out = out[:, ::-1]
+        return {"image": augment.normalize(out), "labels": records.pad_labels(rec["labels"], 8)}
+
+
+def old_loader(path: str, batch: int, image_size: int) -> grain.DataLoader:
+    """The replaced loader: per-image host transform, grain's default read-ahead (16 threads, 500)."""
+    source = grain.sources.ArrayRecordDataSource([path])
+    return grain.DataLoader(
+        data_source=source,
+        sampler=GlobalOrderSampler(len(source), batch, 0, 1, None),
+        operations=[OldTransform(image_size), grain.transforms.Batch(batch, drop_remainder=True)],
+        shard_options=grain.sharding.NoSharding(),
+    )
+
+
+def per_image_rate(fn: Callable[[bytes, np.random.Generator], Any], recs: list[bytes]) -> float:
     rng = np.random.default_rng(0)
-    op.random_map(recs[0], rng)
-    t0 = time.perf_counter()
+    fn(recs[0], rng)
+    start = time.perf_counter()
     for r in recs:
-        op.random_map(r, rng)
-    return len(recs) / (time.perf_counter() - t0)
+        fn(r, rng)
+    return len(recs) / (time.perf_counter() - start)
 
 
-def loader_rate(path: str, workers: int, batches: int) -> float:
-    loader = make_train_loader([path], global_batch_size=64, image_size=224, top_l=8, seed=0, num_workers=workers)
-    it = iter(loader)
-    next(it)  # start-up (worker spawn) excluded
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * 64 / (time.perf_counter() - t0)
+def loader_rate(batches: Iterator[dict[str, Any]], finish: Callable[[dict[str, Any]], Any], n: int, batch: int) -> float:
+    """Images/s of ``n`` batches, each passed through ``finish`` (the device step) and waited for."""
+    jax.block_until_ready(finish(next(batches)))  # start-up and compilation excluded
+    start = time.perf_counter()
+    for _ in range(n):
+        jax.block_until_ready(finish(next(batches)))
+    return n * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=512, help="JPEG records for the 224-px workload")
+    parser.add_argument("--demo-images", type=int, default=10_000, help="PNG records for the demo workload")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    recs = jpeg_records(args.images)
-    mean_kb = np.mean([len(r) for r in recs]) / 1024
+    jpegs = jpeg_records(args.images)
+    mean_kb = np.mean([len(r) for r in jpegs]) / 1024
+    new = ToCanvas(8, 224, 448, 3, SkipLog(tempfile.mkdtemp()))
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # per-core rows: one core
+    old_rate = per_image_rate(OldTransform(224).random_map, jpegs)
+    new_rate = per_image_rate(new.random_map, jpegs)
+    rows = [("224 px from 448-px JPEGs, host work per image, 1 core", old_rate, new_rate)]
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:
-        train = transform_rate(recs, True, tmp)
-        evaluation = transform_rate(recs, False, tmp)
-        path = os.path.join(tmp, "bench.array_record")
-        write_shard(path, recs)
-        batches = max(1, args.images // 64 - 1)
-        in_process = loader_rate(path, 0, batches)
-        two_workers = loader_rate(path, 2, batches)
-    print(f"cores: {os.cpu_count()}; {args.images} JPEG records, 448x448, mean {mean_kb:.0f} KiB")
-    print(f"train transform (decode + random resized crop 224 + flip + normalise), 1 core: {train:.0f} images/s")
-    print(f"eval transform (decode + resize + centre crop 224 + normalise), 1 core: {evaluation:.0f} images/s")
-    print(f"grain loader, batch 64, in-process: {in_process:.0f} images/s")
-    print(f"grain loader, batch 64, 2 worker processes: {two_workers:.0f} images/s")
+        path = os.path.join(tmp, "jpeg.array_record")
+        write_shard(path, jpegs)
+        batches = max(1, args.images // 64 - 2)
+        loader = make_train_loader([path], global_batch_size=64, image_size=224, top_l=8, seed=0)
+        rows.append((
+            "224 px from 448-px JPEGs, grain loader batch 64 (+ device augment), all cores",
+            loader_rate(iter(old_loader(path, 64, 224)), lambda b: b, batches, 64),
+            loader_rate(iter(loader), jax.jit(loader.augment), batches, 64),
+        ))
+        path = os.path.join(tmp, "demo.array_record")
+        write_shard(path, png_records(args.demo_images))
+        size = load_arrays(SOURCE, split="test", limit=1)[0].shape[1]
+        loader = make_train_loader([path], global_batch_size=256, image_size=size, top_l=8, seed=0)
+        batches = args.demo_images // 256 - 2
+        rows.append((
+            f"the demo ({SOURCE}, {size} px PNG records), loader batch 256 (+ device augment), all cores",
+            loader_rate(iter(old_loader(path, 256, size)), lambda b: b, batches, 256),
+            loader_rate(iter(loader), jax.jit(loader.augment), batches, 256),
+        ))
+    print(f"cores: {len(os.sched_getaffinity(0))}; {args.images} JPEG records, 448x448, mean {mean_kb:.0f} KiB; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"| workload | old path img/s | new path img/s | new / old |\n| --- | --- | --- | --- |")
+    for name, old, new_ in rows:
+        print(f"| {name} | {old:.0f} | {new_:.0f} | {new_ / old:.2f}x |")
 
 
 if __name__ == "__main__":

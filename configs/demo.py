@@ -1,54 +1,63 @@
-"""The embedded demo: Fashion-MNIST (Debian's dataset-fashion-mnist; digits as fallback) on a CPU.
+"""The embedded demo: Fashion-MNIST (Debian's dataset-fashion-mnist, or tfds when online; scikit-learn's
+digits as the offline fallback) on a CPU, sized for its data.
 
-First use clusters the 60,000 training images with the pixel teacher (PCA of the pixels) into a cache,
-then trains a small ViT with MLCD on all local devices (8 fake CPU devices on a CPU-only machine), then
+First use clusters the training images with the pixel teacher (PCA of the pixels) into a cache, then
+trains a small ViT with MLCD on all local devices (8 fake CPU devices on a CPU-only machine), then
 evaluates kNN / linear probe on frozen features against raw pixels, the teacher, a random-init ViT and
 the single-label (UNICOM-style) baseline trained the same way. All keys are the trainer's, so
 ``--config.num_train_steps=...`` etc. work. ``get_config("digits")`` forces the digits fallback.
-"""
 
-import os
+Sizing (per dataset, below): k keeps ~60 images per prototype on Fashion-MNIST (60,000 images) and
+~6 on digits (1,437), fine-grained against the 10 classes as in the paper (1M prototypes for 400M
+images); the random-resized crop keeps at least 40 % of a 28- or 8-pixel image (0.08, the ImageNet
+default, leaves a few pixels of a digit, and the teacher labelled the whole image); the prototypes
+learn 10x faster than the backbone (see README: measured on both datasets).
+"""
 
 import ml_collections
 
 from mlcd_jax.cluster import default_config as cluster_config
 from mlcd_jax.config_lib import base_config
+from mlcd_jax.data import sources
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Per dataset: image size, k, steps (batch 256).
+SIZING = {
+    "fashion_mnist": dict(image_size=28, num_clusters=1024, steps=500),
+    "digits": dict(image_size=16, num_clusters=256, steps=1000),
+}
 
 
 def get_config(arg: str = ""):
     c = base_config()
-    fashion = arg != "digits" and os.path.isdir(FASHION_MNIST_DIR)
-    if arg != "digits" and not fashion:
-        print(f"notice: {FASHION_MNIST_DIR} not found (apt-get install dataset-fashion-mnist); "
-              "the demo uses scikit-learn's bundled digits instead")
-    source = "fashion_mnist" if fashion else "digits"
+    source = "digits" if arg == "digits" else sources.demo_source()
+    sizing = SIZING["digits" if source == "digits" else "fashion_mnist"]
 
     c.model.name = "tiny"
-    c.model.overrides = ml_collections.ConfigDict({"patch_size": 4})
+    c.model.overrides = ml_collections.ConfigDict({"patch_size": 4, "depth": 2})
     c.model.dtype = "float32"  # bf16 is slower than fp32 on most CPUs
-    c.data.image_size = 28 if fashion else 16
+    c.data.image_size = sizing["image_size"]
     c.data.augment = True
+    c.data.crop_scale = (0.4, 1.0)
 
     c.data.cluster = cluster_config()
     c.data.cluster.source = f"{source}:train"
     c.data.cluster.teacher = "pixels"
-    c.data.cluster.num_clusters = 1024
+    c.data.cluster.num_clusters = sizing["num_clusters"]
     c.data.cluster.top_l = 8
     c.data.cluster.progress = False
 
-    c.loss.num_classes = 1024
+    c.loss.num_classes = sizing["num_clusters"]
     c.loss.top_l = 8
     c.loss.sample_ratio = 0.5
+    c.loss.proto_lr_mult = 10.0
 
     c.batch_size = 256
-    c.num_train_steps = 400
+    c.num_train_steps = sizing["steps"]
     c.learning_rate = 2e-3
     c.weight_decay = 0.05
-    c.warmup_steps = 40
-    c.log_every_steps = 50
-    c.checkpoint_every_steps = 200
+    c.warmup_steps = 50
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 500
 
     c.eval.source = source
     c.eval.train_limit = 10_000

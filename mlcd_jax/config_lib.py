@@ -4,6 +4,19 @@ Defaults follow the MLCD paper (k = 1M prototypes, l = 8 positives, r = 0.1, Ada
 32 epochs, 2,000 warm-up steps, 224 px, bf16 compute). The learning rate follows the paper's Table 9
 (5e-4 for B/32 and B/16, 4e-4 for L/14); its §4.1 says 1e-3. Scale 32 and cosine margin 0.3 follow the
 appendix and UNICOM's released code (the paper gives no scale).
+
+Negative sampling (``loss.sampling``): ``"paper"`` (default) is the paper's definition, |N'| = r·|N|:
+each device keeps every positive of the global batch among its rows plus ``ceil(r · negatives)``
+uniform negatives. ``"partial_fc"`` is PartialFC's: positives count toward a per-device budget of
+``ceil(r·k/N)`` rows, the rest random negatives; once B·l ≥ r·k the positives can fill the budget and r
+stops mattering (the trainer warns).
+
+The prototype head's optimizer group follows PartialFC / UNICOM, which put the head in the backbone's
+AdamW with the same learning rate and weight decay: ``loss.proto_lr_mult`` = 1 and
+``loss.proto_weight_decay`` = None (= ``weight_decay``). The head is not gradient-clipped (PartialFC
+clips only the backbone); ``grad_clip`` applies to the backbone's own global norm. With
+``grad_accum_steps`` = a, ``num_train_steps`` and ``warmup_steps`` stay in train steps and the schedule
+runs over their optimizer updates (steps // a).
 """
 
 from __future__ import annotations
@@ -38,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.num_classes = 1_000_000
     c.loss.top_l = 8
     c.loss.sample_ratio = 0.1
+    c.loss.sampling = "paper"  # "paper": r of the negatives; "partial_fc": r·k/N rows incl. positives
+    c.loss.proto_lr_mult = 1.0  # prototype learning rate = learning_rate x this
+    c.loss.proto_weight_decay = ml_collections.config_dict.placeholder(float)  # None = weight_decay
     c.loss.max_rows = 0  # 0 = no cap on the per-device sampled rows (see losses/partial_fc.py)
     c.loss.histograms = True  # log 40-bin histograms of positive / negative cosine
 
@@ -45,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shards = ""  # clustering output dir (with manifest.json) or a glob of ArrayRecord shards
     c.data.image_size = 224
     c.data.augment = True
+    # Random-resized-crop area range (torchvision's / the paper's default); tiny images need less.
+    c.data.crop_scale = (0.08, 1.0)
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     # When `shards` is empty and this is set, the clustering job (mlcd_jax.cluster) builds the shards
     # into `cache_dir` first (a finished cache is reused).

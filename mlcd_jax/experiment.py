@@ -7,6 +7,7 @@ notebooks drive the same path.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -18,11 +19,14 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import nnx
 
 from mlcd_jax import train
 from mlcd_jax.train import ConfigError
 
 RESULT_COLUMNS = ("model", "knn_top1", "linear_top1")
+# The baselines of ``config.eval.baselines`` that need no training, in table order, and their row names.
+BASELINE_MODELS = {"pixels": "raw pixels", "teacher": "teacher (clustering)", "random_init": "random-init ViT"}
 
 
 def cluster_cache_dir(config: ml_collections.ConfigDict) -> str:
@@ -63,51 +67,79 @@ def _single_label_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return other
 
 
+def configured_baselines(config: ml_collections.ConfigDict) -> list[str]:
+    """``config.eval.baselines`` as a list of names; an unknown name is a ConfigError."""
+    baselines = [b for b in config.eval.baselines.split(",") if b]
+    unknown = set(baselines) - {*BASELINE_MODELS, "single_label"}
+    if unknown:
+        raise ConfigError(f"eval.baselines has unknown entries {sorted(unknown)}")
+    return baselines
+
+
+def trained_model_name(config: ml_collections.ConfigDict) -> str:
+    """The ``model`` of the trained run's row in ``results.json``, e.g. ``MLCD ViT``."""
+    return f"{config.loss.kind.upper()} ViT"
+
+
+def features_row(
+    config: ml_collections.ConfigDict, name: str, embed: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, Any]:
+    """kNN (and, with ``eval.linear_probe``, linear-probe) top-1 of ``embed``'s features on the eval split.
+
+    Every results row is computed here, so baselines, trained runs and studies are measured alike.
+    """
+    from mlcd_jax.evaluate.knn import knn_accuracy
+    from mlcd_jax.evaluate.linear_probe import linear_probe
+
+    train_x, train_y, test_x, test_y = eval_arrays(config)
+    f_train, f_test = embed(train_x), embed(test_x)
+    result = {"model": name, "knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=config.eval.knn_k)}
+    if config.eval.linear_probe:
+        result["linear_top1"] = linear_probe(f_train, train_y, f_test, test_y, seed=config.seed)["top1"]
+    print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "model"), flush=True)
+    return result
+
+
+def model_row(config: ml_collections.ConfigDict, name: str, model: nnx.Module) -> dict[str, Any]:
+    """:func:`features_row` of a ViT's pooled features."""
+    from mlcd_jax.evaluate.features import FeatureExtractor
+
+    return features_row(config, name, FeatureExtractor(model, config.data.image_size))
+
+
+def baseline_row(config: ml_collections.ConfigDict, baseline: str) -> dict[str, Any]:
+    """The row of one of :data:`BASELINE_MODELS`: ``pixels``, ``teacher`` (the embedding that clustered
+    ``config.data.shards``) or ``random_init`` (the ViT initialised with ``config.seed``)."""
+    from mlcd_jax.cluster import load_teacher
+    from mlcd_jax.evaluate.features import pixel_features
+
+    name = BASELINE_MODELS[baseline]
+    if baseline == "pixels":
+        return features_row(config, name, pixel_features)
+    if baseline == "teacher":
+        return features_row(config, name, load_teacher(config.data.shards))
+    return model_row(config, name, train.build_model(config, config.seed))
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """kNN / linear-probe rows for the trained model in ``workdir`` and the configured baselines.
 
     Writes ``workdir/results.json`` and prints the table.
     """
-    from mlcd_jax.cluster import load_teacher
-    from mlcd_jax.evaluate import features as feats
-    from mlcd_jax.evaluate.knn import knn_accuracy
-    from mlcd_jax.evaluate.linear_probe import linear_probe
     from mlcd_jax.evaluate.report import results_table, write_results
 
-    train_x, train_y, test_x, test_y = eval_arrays(config)
-    size = config.data.image_size
-
-    def row(name: str, embed: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
-        f_train, f_test = embed(train_x), embed(test_x)
-        result = {"model": name, "knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=config.eval.knn_k)}
-        if config.eval.linear_probe:
-            result["linear_top1"] = linear_probe(f_train, train_y, f_test, test_y, seed=config.seed)["top1"]
-        print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "model"), flush=True)
-        return result
-
-    def model_row(name: str, model) -> dict[str, Any]:
-        return row(name, feats.FeatureExtractor(model, size))
-
-    baselines = [b for b in config.eval.baselines.split(",") if b]
-    unknown = set(baselines) - {"pixels", "teacher", "random_init", "single_label"}
-    if unknown:
-        raise ConfigError(f"eval.baselines has unknown entries {sorted(unknown)}")
+    baselines = configured_baselines(config)
+    train_x, _, test_x, _ = eval_arrays(config)
     print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
-    rows = []
-    if "pixels" in baselines:
-        rows.append(row("raw pixels", feats.pixel_features))
-    if "teacher" in baselines:
-        rows.append(row("teacher (clustering)", load_teacher(config.data.shards)))
-    if "random_init" in baselines:
-        rows.append(model_row("random-init ViT", train.build_model(config, config.seed)))
+    rows = [baseline_row(config, b) for b in BASELINE_MODELS if b in baselines]
     trained = train.load_model(workdir, config)
-    rows.append(model_row(f"{config.loss.kind.upper()} ViT", trained))
+    rows.append(model_row(config, trained_model_name(config), trained))
     if "single_label" in baselines:
         other_dir = str(epath.Path(workdir) / "single_label")
         other = _single_label_config(config)
         print("training the single-label (UNICOM-style softmax) baseline", flush=True)
         train.train_and_evaluate(other, other_dir)
-        rows.append(model_row("single-label ViT (UNICOM)", train.load_model(other_dir, other)))
+        rows.append(model_row(config, "single-label ViT (UNICOM)", train.load_model(other_dir, other)))
     if jax.process_index() == 0:
         write_pictures(config, workdir, trained, test_x[:8])
         write_results(rows, epath.Path(workdir) / "results.json")
@@ -125,7 +157,7 @@ def write_pictures(config: ml_collections.ConfigDict, workdir: str, model, image
     tokens = FeatureExtractor(model, config.data.image_size, batch_size=len(images), tokens=True)(images)
     grid = config.data.image_size // model.config.patch_size
     out = epath.Path(workdir)
-    pca_grid_png(images, patch_pca_image(tokens, (grid, grid)), out / "patch_pca.png")
+    pca_grid_png(images, patch_pca_image(tokens, (grid, grid), upscale=1), out / "patch_pca.png")
     runs = {config.loss.kind.upper(): out / "metrics.jsonl", "single-label": out / "single_label" / "metrics.jsonl"}
     runs = {name: path for name, path in runs.items() if path.exists()}
     if runs:
@@ -133,14 +165,26 @@ def write_pictures(config: ml_collections.ConfigDict, workdir: str, model, image
     print(f"pictures: {out / 'patch_pca.png'}, {out / 'cosine_curves.png'}", flush=True)
 
 
-def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied."""
+@functools.cache
+def _eval_split(source: str, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """One split's (images, labels), read once per process and shared read-only by every caller."""
     from mlcd_jax.data.sources import load_arrays
 
+    arrays = load_arrays(source, split=split, limit=limit or None)
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied.
+
+    Loaded once per process (read-only arrays): a study's runs and baselines all evaluate on them.
+    """
     if not config.eval.source:
         raise ConfigError("eval.source is empty: name a labelled source, e.g. fashion_mnist or digits")
-    train_x, train_y = load_arrays(config.eval.source, split="train", limit=config.eval.train_limit or None)
-    test_x, test_y = load_arrays(config.eval.source, split="test", limit=config.eval.test_limit or None)
+    train_x, train_y = _eval_split(config.eval.source, "train", config.eval.train_limit)
+    test_x, test_y = _eval_split(config.eval.source, "test", config.eval.test_limit)
     return train_x, train_y, test_x, test_y
 
 

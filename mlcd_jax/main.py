@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,17 +29,24 @@ def _cluster_environment() -> bool:
     return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def prepare_process(config: ml_collections.ConfigDict) -> None:
+    """Quiets INFO logging (unless --verbosity is given) and gives a CPU-only machine
+    ``config.cpu_devices`` fake devices, so the sharded code paths run as on a pod.
+
+    Call before JAX initialises its backends; an explicit XLA_FLAGS device count wins.
+    """
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-    # A CPU-only machine gets `cpu_devices` fake devices (the sharded code paths run as on a pod);
-    # this must happen before JAX starts, and an explicit XLA_FLAGS setting wins.
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        count = FLAGS.config.get("cpu_devices", 8)
+        count = config.get("cpu_devices", 8)
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
         ).strip()
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    prepare_process(FLAGS.config)
     import jax
 
     if FLAGS.coordinator_address or FLAGS.num_processes:

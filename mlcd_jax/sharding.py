@@ -1,10 +1,15 @@
 """Device mesh, the one logical-axis -> mesh-axis rules table, and host-local <-> global arrays.
 
 Models annotate every parameter with *logical* axis names (``"embed"``, ``"mlp"``, ``"heads"``,
-``"proto"`` ...) through :func:`logical`; nothing else in the code base names mesh axes for
-parameters. :data:`LOGICAL_RULES` is the single place that decides how those names land on the mesh
+``"proto"`` ...) through :func:`logical`, and pin their activations by ``"activation_*"`` names
+through :func:`constrain`; nothing else in the code base names mesh axes for parameters or
+activations. :data:`LOGICAL_RULES` is the single place that decides how those names land on the mesh
 axes ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded parameters) and ``model``
 (tensor parallel). The prototype matrix (``"proto"``) is row-sharded over *all* devices.
+
+Activations keep the batch split over ``data`` *and* ``fsdp`` (each device computes only its share
+of the batch) while the ``embed`` dim of every weight is split over ``fsdp``; pinning both makes XLA
+all-gather each layer's weights over ``fsdp`` instead of all-gathering the activations.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
 
@@ -35,6 +40,12 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("channels", None),
     ("seq", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "model"),
+    ("activation_heads", "model"),
+    ("activation_kv", None),
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -124,7 +135,7 @@ def logical_to_mesh_spec(logical_axes: Sequence[str | None], rules: Rules = LOGI
     return P(*out)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh | AbstractMesh) -> P:
     """Drops mesh axes from dims they do not divide (e.g. tiny test models), logging each drop."""
     fitted: list[Any] = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -138,6 +149,21 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
                 logging.info("dim of size %d not divisible by mesh axis %r: replicated there", dim, a)
         fitted.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
     return P(*fitted)
+
+
+def constrain(x: jax.Array, *logical_axes: str | None, rules: Rules = LOGICAL_RULES) -> jax.Array:
+    """Pins activation ``x``'s sharding by logical axis names (one per dim) when traced under a mesh.
+
+    The mesh is the one set by ``jax.set_mesh`` (outside jit) or ``jax.sharding.use_abstract_mesh``
+    (inside, as the train step does). With no mesh, or a one-device mesh, ``x`` is returned unchanged,
+    so the model runs as before on one device and in HF interop. The constraint also pins the
+    cotangent in the backward pass.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = _fit_spec(logical_to_mesh_spec(logical_axes, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:

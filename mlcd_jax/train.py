@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, sharding
 from mlcd_jax.losses import pad_num_classes, partial_fc_loss
+from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.models import VisionTransformer, ViTConfig, flops_per_image, get_preset
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -91,25 +92,78 @@ def load_model(
 # ------------------------------------------------------------------------------------------ optimizer
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up + cosine decay, global-norm clipping, optional gradient accumulation.
+# Leaf names (the last key of a parameter's path) that weight decay skips: biases (incl. the fused
+# ``qkv_bias``), LayerNorm scales, class token and position tables. Matrix weights end in ``kernel``.
+_NO_DECAY_SUFFIXES = ("bias", "scale", "embedding", "pos_embed", "pos_emb")
 
-    Weight decay applies to matrices (and the prototypes), not to biases, norms, or embeddings of rank 1.
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for the backbone leaves AdamW decays: matrix weights (names ending in ``kernel``), nothing else.
+
+    Decided from the parameter's name, not its rank, so it holds for 3-D ``qkv_bias`` and for the
+    ``layers``-stacked leaves of ``scan_layers``. A leaf with neither kind of name raises, so a new
+    parameter cannot silently get the wrong role.
     """
-    warmup = min(config.warmup_steps, max(num_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, warmup, max(num_steps, warmup + 1), end_value=0.0
+
+    def decays(path: tuple[Any, ...], _) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("kernel"):
+            return True
+        if name.endswith(_NO_DECAY_SUFFIXES):
+            return False
+        raise ValueError(
+            f"parameter {jax.tree_util.keystr(path)} has no weight-decay role: name matrix weights "
+            f"'*kernel' or add its suffix to train._NO_DECAY_SUFFIXES"
+        )
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on ``{"params": backbone, "proto": prototypes}`` in two groups, warm-up + cosine schedule.
+
+    Backbone: gradients clipped by their own global norm (``grad_clip``), weight decay on matrix weights
+    only (:func:`weight_decay_mask`). Prototypes: learning rate x ``loss.proto_lr_mult``, weight decay
+    ``loss.proto_weight_decay`` (None = ``weight_decay``), not clipped (as PartialFC, which clips only
+    the backbone), so one step's head gradient never shrinks the backbone's update.
+
+    With ``grad_accum_steps = a`` the optimizer updates every ``a`` of the ``num_steps`` train steps: the
+    schedule counts updates (``num_steps // a`` of them, ``warmup_steps // a`` of warm-up, both given in
+    train steps). The returned schedule maps a train step to the backbone learning rate of the update its
+    gradient goes into (what the train step logs as ``lr``).
+    """
+    accum = max(int(config.get("grad_accum_steps", 1)), 1)
+    num_updates = max(num_steps // accum, 1)
+    warmup = min(config.warmup_steps // accum, num_updates - 1)
+    update_schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(num_updates, warmup + 1), end_value=0.0
     )
-    tx = optax.chain(
+    loss_cfg = config.loss
+    proto_lr_mult = float(loss_cfg.get("proto_lr_mult", 1.0))
+    proto_wd = loss_cfg.get("proto_weight_decay")
+
+    def adamw(
+        learning_rate: optax.Schedule, weight_decay: float, mask: Any = None
+    ) -> optax.GradientTransformation:
+        return optax.adamw(
+            learning_rate, b1=config.get("b1", 0.9), b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
+            weight_decay=weight_decay, mask=mask,
+        )
+
+    backbone = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.adamw(
-            schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
-            weight_decay=config.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
-        ),
+        adamw(update_schedule, config.weight_decay, weight_decay_mask),
     )
-    if config.get("grad_accum_steps", 1) > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
-    return tx, schedule
+    proto = adamw(
+        lambda count: proto_lr_mult * update_schedule(count),
+        config.weight_decay if proto_wd is None else float(proto_wd),
+    )
+    tx = optax.multi_transform(
+        {"backbone": backbone, "proto": proto}, param_labels={"params": "backbone", "proto": "proto"}
+    )
+    if accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    return tx, lambda step: update_schedule(step // accum)
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -164,9 +218,13 @@ class TrainSetup:
 
         abstract_plain = jax.eval_shape(init, 0)
         trainable_shardings = {"params": param_shardings, "proto": proto_sharding}
+
+        def masked(x: Any) -> bool:  # each group's state holds the other group's leaves as MaskedNode
+            return isinstance(x, optax.MaskedNode)
+
         opt_shardings = optax.tree_utils.tree_map_params(
-            tx, lambda _, s: s, abstract_plain["opt_state"], trainable_shardings,
-            transform_non_params=lambda _: replicated,
+            tx, lambda x, s: x if masked(x) else s, abstract_plain["opt_state"], trainable_shardings,
+            transform_non_params=lambda _: replicated, is_leaf=masked,
         )
         shardings = {
             "step": replicated, "rng": replicated, **trainable_shardings, "opt_state": opt_shardings,
@@ -192,8 +250,15 @@ class TrainSetup:
         return nnx.merge(self.graphdef, state)
 
 
-def make_train_step(setup: TrainSetup) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
-    """The pure train step ``(state, batch) -> (state, metrics)``, jitted with explicit shardings."""
+def make_train_step(
+    setup: TrainSetup, preprocess: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None
+) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
+    """The pure train step ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
+
+    ``batch`` is ``dict(image=float32 [B, S, S, C], labels=int32 [B, l])``, or whatever ``preprocess``
+    (run first, inside the same program) turns into that: the trainer passes the data loader's
+    on-device augmentation, so its canvases are cropped and flipped by the step itself.
+    """
     config, mesh = setup.config, setup.mesh
     loss_cfg = config.loss
     compute_dtype = DTYPES[config.model.dtype]
@@ -201,6 +266,8 @@ def make_train_step(setup: TrainSetup) -> Callable[[Any, dict[str, jax.Array]], 
     histograms = bool(loss_cfg.get("histograms", True))
 
     def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
+        if preprocess is not None:
+            batch = preprocess(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         sample_key, dropout_key = jax.random.split(rng)
 
@@ -212,7 +279,8 @@ def make_train_step(setup: TrainSetup) -> Callable[[Any, dict[str, jax.Array]], 
             )
             return partial_fc_loss(
                 pooled, trainable["proto"], batch["labels"], sample_key, mesh=mesh,
-                sample_ratio=loss_cfg.sample_ratio, kind=loss_cfg.kind, scale=loss_cfg.scale,
+                sample_ratio=loss_cfg.sample_ratio, sampling=loss_cfg.get("sampling", "paper"),
+                kind=loss_cfg.kind, scale=loss_cfg.scale,
                 margin=loss_cfg.margin, margin_type=loss_cfg.get("margin_type") or None,
                 num_classes=setup.num_classes, batch_axes=axes,
                 max_rows=loss_cfg.get("max_rows") or None, return_metrics=True, histograms=histograms,
@@ -234,7 +302,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[Any, dict[str, jax.Array]], 
     batch_sharding = sharding.batch_sharding(mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(setup.state_shardings, {"image": batch_sharding, "labels": batch_sharding}),
+        in_shardings=(setup.state_shardings, batch_sharding),  # every batch array: split over the batch axes
         out_shardings=(setup.state_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
     )
@@ -300,6 +368,15 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise ConfigError(f"loss.kind={config.loss.kind!r}: choose mlcd, mlc or softmax")
     if not 0 < config.loss.sample_ratio <= 1:
         raise ConfigError(f"loss.sample_ratio={config.loss.sample_ratio} must be in (0, 1]")
+    sampling = config.loss.get("sampling", "paper")
+    if sampling not in SAMPLING_MODES:
+        raise ConfigError(f"loss.sampling={sampling!r}: choose one of {', '.join(SAMPLING_MODES)}")
+    labels_per_sample = 1 if config.loss.kind == "softmax" else config.loss.top_l
+    warning = ratio_ignored_warning(
+        config.loss.num_classes, config.loss.sample_ratio, config.batch_size * labels_per_sample, sampling
+    )
+    if warning:
+        logging.warning(warning)
 
 
 def _dataset_info(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, Any]]:
@@ -335,8 +412,11 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(dict(config.mesh))
     validate(config, mesh)
     shards, manifest = _dataset_info(config)
-    if manifest and manifest.get("top_l") and manifest["top_l"] != config.loss.top_l:
-        raise ConfigError(f"loss.top_l={config.loss.top_l} but the shards carry l={manifest['top_l']}")
+    if manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
+        raise ConfigError(
+            f"loss.top_l={config.loss.top_l} but the shards carry only l={manifest['top_l']} "
+            "(a smaller loss.top_l uses each image's best labels)"
+        )
     if manifest and manifest.get("num_clusters") and manifest["num_clusters"] != config.loss.num_classes:
         raise ConfigError(
             f"loss.num_classes={config.loss.num_classes} but the shards were clustered into "
@@ -354,7 +434,7 @@ def train_and_evaluate(
     loader = make_train_loader(
         shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
         top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
-        num_workers=config.data.num_workers,
+        num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
     )
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
@@ -365,16 +445,16 @@ def train_and_evaluate(
         fileio.write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
-    step_fn = make_train_step(setup)
+    step_fn = make_train_step(setup, loader.augment)  # crops, flips, normalisation inside the step
     peak = metrics_lib.device_peak_flops()
     preemption = _Preemption(manager)
-    stop_after = config.get("stop_after_steps", 0) or total_steps
+    stop_after = min(config.get("stop_after_steps", 0) or total_steps, total_steps)
     last: dict[str, Any] = {}
     if start >= stop_after:
         print(f"{workdir} already holds step {start} (>= {stop_after}): nothing to train", flush=True)
     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
     try:
-        for step in range(start + 1, total_steps + 1):
+        for step in range(start + 1, stop_after + 1):  # empty when the workdir is already there
             t0 = time.perf_counter()
             local = next(iterator)
             data_wait += time.perf_counter() - t0

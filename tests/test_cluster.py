@@ -1,5 +1,6 @@
-"""The offline clustering job on real images (digits, a Fashion-MNIST subset, a folder of PNGs)."""
+"""The offline clustering job on images: digits, a generated Fashion-MNIST (IDX files, conftest.py), a folder of PNGs."""
 
+import functools
 import glob
 import os
 import subprocess
@@ -17,9 +18,9 @@ from mlcd_jax.data import augment, records
 from mlcd_jax.data.sources import load_arrays
 
 
-def _config(output_dir, **kw):
+def _config(output_dir, source, **kw):
     c = ml_collections.ConfigDict(dict(
-        source="fashion_mnist:train", limit=3000, output_dir=str(output_dir), num_clusters=32, top_l=4,
+        source=source, limit=3000, output_dir=str(output_dir), num_clusters=32, top_l=4,
         kmeans_iters=6, shard_size=700, progress=False, pixels_dim=32, teacher_fit_samples=1000,
     ))
     c.update(kw)
@@ -43,14 +44,20 @@ def _bytes(output_dir, pattern):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted 1-worker run on 3,000 Fashion-MNIST training images."""
+def fm_config(fashion_mnist):
+    """``_config`` on the generated Fashion-MNIST's training split."""
+    return functools.partial(_config, source=f"{fashion_mnist.spec}:train")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, fm_config):
+    """One uninterrupted 1-worker run on the first 3,000 generated Fashion-MNIST training images."""
     out = tmp_path_factory.mktemp("reference")
-    manifest = cluster.run(_config(out))
+    manifest = cluster.run(fm_config(out))
     return out, manifest
 
 
-def test_job_outputs(reference):
+def test_job_outputs(reference, fashion_mnist):
     out, m = reference
     assert m["num_images"] == 3000 and m["num_skipped"] == 0 and m["num_clusters"] == 32 and m["top_l"] == 4
     assert [s["num_records"] for s in m["shards"]] == [700, 700, 700, 700, 200]
@@ -63,7 +70,8 @@ def test_job_outputs(reference):
     assert set(m["seconds"]) >= {"embed", "kmeans", "assign", "write", "teacher_fit"}
 
     recs = _records(out)
-    images, _ = load_arrays("fashion_mnist", split="train", limit=3000)
+    images, _ = load_arrays(fashion_mnist.spec, split="train", limit=3000)
+    np.testing.assert_array_equal(images[..., 0], fashion_mnist.images["train"][:3000])
     assert [r["key"] for r in recs] == [f"fashion_mnist/train/{i:08d}" for i in range(3000)]
     for i in (0, 1234, 2999):
         np.testing.assert_array_equal(augment.decode_image(recs[i]["image"]), images[i])  # lossless
@@ -77,23 +85,23 @@ def test_job_outputs(reference):
         assert np.all(np.diff(recs[i]["scores"]) <= 0)
 
 
-def test_finished_job_rerun_is_a_noop(reference):
+def test_finished_job_rerun_is_a_noop(reference, fm_config):
     out, m = reference
     before = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in glob.glob(f"{out}/**", recursive=True)
               if os.path.isfile(p)}
-    assert cluster.run(_config(out)) == m
+    assert cluster.run(fm_config(out)) == m
     after = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in glob.glob(f"{out}/**", recursive=True)
              if os.path.isfile(p)}
     assert after == before
 
 
-def test_other_settings_in_the_same_dir_are_refused(reference):
+def test_other_settings_in_the_same_dir_are_refused(reference, fm_config):
     out, _ = reference
     with pytest.raises(cluster.ClusterError, match="other settings.*num_clusters"):
-        cluster.run(_config(out, num_clusters=16))
+        cluster.run(fm_config(out, num_clusters=16))
 
 
-def test_killed_job_resumes_to_identical_output(reference, tmp_path, monkeypatch):
+def test_killed_job_resumes_to_identical_output(reference, fm_config, tmp_path, monkeypatch):
     ref, _ = reference
     out = tmp_path / "killed"
 
@@ -107,7 +115,7 @@ def test_killed_job_resumes_to_identical_output(reference, tmp_path, monkeypatch
 
     monkeypatch.setattr(kmeans, "lloyd_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        cluster.run(_config(out))
+        cluster.run(fm_config(out))
     assert len(glob.glob(f"{out}/embeddings/*.npz")) == 5 and not (out / "centroids.npy").exists()
     with np.load(out / "kmeans" / "state.npz") as z:
         assert int(z["iteration"]) == 3
@@ -124,27 +132,27 @@ def test_killed_job_resumes_to_identical_output(reference, tmp_path, monkeypatch
     calls.clear()
     monkeypatch.setattr(job_lib, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        cluster.run(_config(out))
+        cluster.run(fm_config(out))
     assert len(calls) == 6 - 3, "k-means resumed from its checkpoint"
     assert len(glob.glob(f"{out}/shards/*.array_record")) == 2 and not (out / "manifest.json").exists()
 
     monkeypatch.setattr(job_lib, "write_shard", real_write)
-    m = cluster.run(_config(out))
+    m = cluster.run(fm_config(out))
     assert m["num_images"] == 3000
     assert _bytes(out, "shards/*") == _bytes(ref, "shards/*")
     assert _bytes(out, "centroids.npy") == _bytes(ref, "centroids.npy")
     assert not glob.glob(f"{out}/**/.*.tmp", recursive=True)
 
 
-def test_workers_union_equals_one_worker(reference, tmp_path):
+def test_workers_union_equals_one_worker(reference, fm_config, tmp_path):
     ref, ref_manifest = reference
     out = tmp_path / "two"
     for stages, worker in [("embed", 0), ("embed", 1), ("kmeans", 0), ("assign", 1), ("assign", 0)]:
-        status = cluster.run(_config(out, num_workers=2, worker_index=worker, stages=stages))
+        status = cluster.run(fm_config(out, num_workers=2, worker_index=worker, stages=stages))
         assert status["chunks"] == ([0, 1] if worker == 0 else [2, 3, 4])
     with pytest.raises(cluster.ClusterError, match="kmeans stage|worker 0"):
-        cluster.run(_config(tmp_path / "other", stages="assign", wait_timeout_s=0.1, num_workers=2, worker_index=1))
-    m = cluster.run(_config(out, num_workers=2, worker_index=0, stages="finalize"))
+        cluster.run(fm_config(tmp_path / "other", stages="assign", wait_timeout_s=0.1, num_workers=2, worker_index=1))
+    m = cluster.run(fm_config(out, num_workers=2, worker_index=0, stages="finalize"))
     assert _bytes(out, "shards/*") == _bytes(ref, "shards/*")
     assert _bytes(out, "centroids.npy") == _bytes(ref, "centroids.npy")
     drop = ("seconds",)

@@ -1,6 +1,9 @@
 """Dense reference losses against NumPy, and the sharded PartialFC head against the dense reference."""
 
+import logging
+import math
 import re
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import stats
 
 from mlcd_jax.losses import dense_loss, pad_num_classes, partial_fc_loss, sample_budget
+from mlcd_jax.losses.partial_fc import SAMPLING_MODES, num_negatives, shard_capacity
 from mlcd_jax.sharding import make_mesh
 
 B, D, K, L = 16, 12, 96, 4
@@ -114,9 +118,10 @@ def _place(mesh, e, w, y, batch_axes):
     )
 
 
+@pytest.mark.parametrize("sampling", SAMPLING_MODES)
 @pytest.mark.parametrize("shape", [(8, 1), (4, 2), (2, 4)])
 @pytest.mark.parametrize("kind", ["mlcd", "mlc", "softmax"])
-def test_sharded_equals_dense_at_ratio_one(shape, kind):
+def test_sharded_equals_dense_at_ratio_one(shape, kind, sampling):
     mesh = make_mesh({"x": shape[0], "y": shape[1]})
     e, w, y = _data(seed=sum(shape))
     for batch_axes in (("x",), ()):
@@ -124,7 +129,7 @@ def test_sharded_equals_dense_at_ratio_one(shape, kind):
 
         def sharded(e_, w_, y_=args[2]):
             return partial_fc_loss(
-                e_, w_, y_, jax.random.key(1), mesh=mesh, sample_ratio=1.0, kind=kind,
+                e_, w_, y_, jax.random.key(1), mesh=mesh, sample_ratio=1.0, sampling=sampling, kind=kind,
                 batch_axes=batch_axes,
             )
 
@@ -170,10 +175,14 @@ def test_padded_prototypes_equal_dense_on_real_rows():
             np.testing.assert_allclose(float(v), float(dense_loss(e, w, y)), rtol=1e-5)
 
 
-def _sampled_rows(mesh, e, w, y, key, ratio, kind="mlcd"):
+def _sampled_rows(mesh, e, w, y, key, ratio, kind="mlcd", sampling="paper"):
     """Rows that received gradient = rows that were sampled (or positives)."""
     g = jax.jit(
-        jax.grad(lambda b, k_: partial_fc_loss(e, b, y, k_, mesh=mesh, sample_ratio=ratio, kind=kind)),
+        jax.grad(
+            lambda b, k_: partial_fc_loss(
+                e, b, y, k_, mesh=mesh, sample_ratio=ratio, kind=kind, sampling=sampling
+            )
+        ),
     )(w, key)
     return np.flatnonzero(np.abs(np.asarray(g)).sum(axis=1) > 0)
 
@@ -182,7 +191,7 @@ def test_sampling_keeps_positives_and_counts_exactly():
     mesh = make_mesh({"x": 4, "y": 2})
     k, ratio = 8 * 40, 0.1
     e, w, y = _data(seed=5, k=k)
-    rows = _sampled_rows(mesh, e, w, y, jax.random.key(3), ratio)
+    rows = _sampled_rows(mesh, e, w, y, jax.random.key(3), ratio, sampling="partial_fc")
     positives = {int(t) for t in y.ravel() if t >= 0}
     assert positives <= set(rows.tolist())
     budget = sample_budget(k // 8, ratio)
@@ -191,7 +200,10 @@ def test_sampling_keeps_positives_and_counts_exactly():
     )
     assert len(rows) == expected
     _, m = jax.jit(
-        lambda: partial_fc_loss(e, w, y, jax.random.key(3), mesh=mesh, sample_ratio=ratio, return_metrics=True)
+        lambda: partial_fc_loss(
+            e, w, y, jax.random.key(3), mesh=mesh, sample_ratio=ratio, sampling="partial_fc",
+            return_metrics=True,
+        )
     )()
     assert int(m["num_sampled"]) == expected
 
@@ -201,17 +213,79 @@ def test_positives_overflowing_the_budget_are_all_kept():
     k = 8 * 16
     e, w, _ = _data(seed=6, k=k)
     y = (2 * np.arange(B * L, dtype=np.int32)).reshape(B, L)  # 64 distinct positives, 8 per shard
-    rows = _sampled_rows(mesh, e, w, y, jax.random.key(0), ratio=0.1)  # budget 2 per shard
+    rows = _sampled_rows(mesh, e, w, y, jax.random.key(0), ratio=0.1, sampling="partial_fc")  # budget 2
     assert set(rows.tolist()) == set(np.unique(y).tolist())
 
 
-def test_negatives_are_uniform_and_depend_on_rng():
+@pytest.mark.parametrize("sampling", SAMPLING_MODES)
+def test_sampled_rows_per_shard_follow_the_mode(sampling):
+    """paper: positives + ceil(r · negatives) per shard; partial_fc: max(ceil(r · k/N), positives)."""
+    mesh = make_mesh({"x": 4, "y": 2})
+    rows_per_shard, ratio = 40, 0.1
+    k = 8 * rows_per_shard
+    e, w, _ = _data(seed=11, k=k)
+    per_shard = [0, 1, 2, 4, 8, 12, 16, 21]  # distinct positives on shard s; B·l = 64 in all
+    y = np.concatenate(
+        [s * rows_per_shard + np.arange(n) * (rows_per_shard // max(n, 1)) for s, n in enumerate(per_shard)]
+    ).astype(np.int32).reshape(B, L)
+    if sampling == "paper":
+        expected = [n + -(-(rows_per_shard - n) // 10) for n in per_shard]  # ceil(0.1 · negatives)
+    else:
+        expected = [max(4, n) for n in per_shard]  # budget ceil(0.1 · 40) = 4
+    rows = _sampled_rows(mesh, e, w, y, jax.random.key(2), ratio, sampling=sampling)
+    assert set(np.unique(y).tolist()) <= set(rows.tolist())
+    counts = np.bincount(rows // rows_per_shard, minlength=8)
+    assert counts.tolist() == expected
+    _, m = jax.jit(
+        lambda: partial_fc_loss(
+            e, w, y, jax.random.key(2), mesh=mesh, sample_ratio=ratio, sampling=sampling,
+            return_metrics=True,
+        )
+    )()
+    assert int(m["num_sampled"]) == sum(expected)
+
+
+def test_num_negatives_is_the_exact_ceiling():
+    """``ceil(r · m)`` without float rounding (0.1 · 30 is 3.0000000000000004 in floats)."""
+    m = np.arange(0, 200_001, 97, dtype=np.int32)
+    for r in ("0.1", "0.05", "0.2", "0.3", "0.15", "0.5", "0.7", "1"):
+        want = [math.ceil(Fraction(r) * int(x)) for x in m]
+        assert [num_negatives(int(x), float(r)) for x in m[:50]] == want[:50]
+        np.testing.assert_array_equal(np.asarray(jax.jit(num_negatives, static_argnums=1)(m, float(r))), want)
+
+
+def test_unknown_sampling_and_the_partial_fc_warning(caplog):
+    from mlcd_jax import train
+    from mlcd_jax.config_lib import base_config
+
+    e, w, y = _data()
+    mesh = make_mesh({"x": 8})
+    with pytest.raises(ValueError, match=r"unknown sampling 'uniform'; choose one of \('paper', 'partial_fc'\)"):
+        partial_fc_loss(e, w, y, jax.random.key(0), mesh=mesh, sampling="uniform")
+    c = base_config()  # B·l = 32768 · 8 >= r·k = 0.1 · 1M
+    c.loss.sampling = "uniform"
+    with pytest.raises(train.ConfigError, match="loss.sampling='uniform': choose one of paper, partial_fc"):
+        train.validate(c, mesh)
+    for sampling, warns in (("paper", False), ("partial_fc", True)):
+        c.loss.sampling = sampling
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train.validate(c, mesh)
+        assert any("sample_ratio has little or no effect" in r.message for r in caplog.records) == warns
+
+
+@pytest.mark.parametrize("sampling", SAMPLING_MODES)
+def test_negatives_are_uniform_and_depend_on_rng(sampling):
     mesh = make_mesh({"x": 8})
     k, ratio, draws = 8 * 30, 0.2, 300
     e, w, y = _data(seed=7, k=k, b=4, l=2)
     positives = {int(t) for t in y.ravel() if t >= 0}
     grad = jax.jit(
-        jax.grad(lambda b, k_: partial_fc_loss(e, b, y, k_, mesh=mesh, sample_ratio=ratio, batch_axes=())),
+        jax.grad(
+            lambda b, k_: partial_fc_loss(
+                e, b, y, k_, mesh=mesh, sample_ratio=ratio, sampling=sampling, batch_axes=()
+            )
+        ),
     )
     counts = np.zeros(k)
     previous = None
@@ -226,6 +300,10 @@ def test_negatives_are_uniform_and_depend_on_rng():
         mine = negatives[(negatives >= shard * 30) & (negatives < (shard + 1) * 30)]
         _, p = stats.chisquare(counts[mine])
         assert p > 1e-3, f"shard {shard}: negative counts not uniform (p={p:.2g})"
+        if sampling == "paper":  # each negative is drawn with frequency ceil(r · m) / m ~ r
+            np.testing.assert_allclose(
+                counts[mine].mean() / draws, math.ceil(Fraction(str(ratio)) * len(mine)) / len(mine)
+            )
 
 
 def test_only_sampled_rows_get_gradient_and_value_is_consistent():
@@ -256,7 +334,8 @@ def test_bf16_inputs():
         np.testing.assert_allclose(float(got), float(ref), rtol=3e-2)
 
 
-def test_no_batch_by_k_buffer_in_compiled_program():
+@pytest.mark.parametrize("sampling", SAMPLING_MODES)
+def test_no_batch_by_k_buffer_in_compiled_program(sampling):
     mesh = make_mesh({"x": 8})
     b, d, k, l = 512, 16, 8 * 16384, 2  # B x k/N (8.4M floats) dominates W's shard (0.26M)
     spec = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, s))
@@ -268,7 +347,9 @@ def test_no_batch_by_k_buffer_in_compiled_program():
 
     def step(e, w, y):
         return jax.value_and_grad(
-            lambda e_, w_: partial_fc_loss(e_, w_, y, jax.random.key(0), mesh=mesh, sample_ratio=0.1),
+            lambda e_, w_: partial_fc_loss(
+                e_, w_, y, jax.random.key(0), mesh=mesh, sample_ratio=0.1, sampling=sampling
+            ),
             argnums=(0, 1),
         )(e, w)
 
@@ -279,5 +360,8 @@ def test_no_batch_by_k_buffer_in_compiled_program():
         for dims in re.findall(r"\b(?:f32|bf16|f16|pred|s32)\[([\d,]*)\]", compiled.as_text())
     ]
     assert max(sizes) < per_device_bk / 4, f"largest buffer {max(sizes)} vs B*k/N {per_device_bk}"
+    # The working set is a few [B, S] buffers, S = the sampled rows (paper: B·l + r of the rest).
+    capacity = shard_capacity(k // 8, 0.1, b * l, sampling=sampling)
+    assert capacity < k // 8 / 5
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < per_device_bk * 4 / 2, f"temp {temp} bytes is of the order of B*k/N floats"
+    assert temp < 5 * b * capacity * 4, f"temp {temp} bytes is more than a few [B, S] float buffers"

@@ -1,8 +1,8 @@
 """Two processes on localhost, 4 fake CPU devices each, train as one 8-device run does.
 
 Checks: per-step losses equal those of one process with 8 devices; both processes checkpoint, and a
-second launch resumes both; each process reads a disjoint part of every global batch (no image twice
-in an epoch, none skipped).
+second launch resumes both. (That each process reads a disjoint part of every global batch is in
+tests/test_order.py.)
 """
 
 import json
@@ -71,24 +71,3 @@ def test_two_processes_match_one_and_resume_together(tmp_path):
     want, got = _losses(single), _losses(multi)
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-4)
-
-
-def test_process_shards_of_an_epoch_are_disjoint_and_complete(tmp_path):
-    """Each process's slices of the global batches partition one epoch (the loader's bookkeeping)."""
-    from mlcd_jax.data.order import process_batch_indices
-
-    num_records, global_batch, processes = 1000, 40, 4
-    seen = []
-    for p in range(processes):
-        indices = process_batch_indices(num_records, global_batch, process_index=p, process_count=processes,
-                                        seed=3, epoch=0)
-        assert indices.shape[1] == global_batch // processes
-        seen.append(indices.reshape(-1))
-    flat = np.concatenate(seen)
-    steps = num_records // global_batch
-    assert len(flat) == steps * global_batch
-    assert len(np.unique(flat)) == len(flat), "no image twice in an epoch"
-    single = process_batch_indices(num_records, global_batch, process_index=0, process_count=1, seed=3, epoch=0)
-    # the global batch of step t is the concatenation of the processes' slices of step t
-    for t in range(steps):
-        np.testing.assert_array_equal(np.concatenate([s.reshape(steps, -1)[t] for s in seen]), single[t])

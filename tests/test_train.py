@@ -90,6 +90,18 @@ def test_kill_9_then_resume_matches_uninterrupted_run(uninterrupted):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_relaunch_after_stop_after_steps_trains_nothing(uninterrupted, tmp_path):
+    _, _, cache, _ = uninterrupted
+    cmd = _cmd(tmp_path / "w", cache, "--config.stop_after_steps=10")
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _checkpoint_steps(tmp_path / "w")[-1] == 10 and max(_losses(tmp_path / "w")) == 10
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds step 10 (>= 10): nothing to train" in again.stdout
+    assert _checkpoint_steps(tmp_path / "w")[-1] == 10 and max(_losses(tmp_path / "w")) == 10
+
+
 def test_sigterm_checkpoints_and_exits(uninterrupted):
     base, _, cache, _ = uninterrupted
     workdir = base / "sigterm"
@@ -111,7 +123,7 @@ def test_sigterm_checkpoints_and_exits(uninterrupted):
         ("--config.batch_size=30", "batch_size=30 is not divisible by the 8 data-parallel devices"),
         ("--config.data.image_size=18", "not a multiple of the patch size"),
         ("--config.data.shards=/nonexistent/dir", "/nonexistent/dir"),
-        ("--config.loss.top_l=8", "loss.top_l=8 but the shards carry l=4"),
+        ("--config.loss.top_l=8", "loss.top_l=8 but the shards carry only l=4"),
     ],
 )
 def test_config_errors_are_one_clear_line(uninterrupted, override, message, tmp_path):

@@ -1,7 +1,8 @@
 """Image decoding and the per-image transforms shared by the clustering job and the training pipeline.
 
-All functions work on one image as uint8 ``[H, W, C]`` (C = 1 for grayscale, 3 for RGB) so that
-the offline job, the grain pipeline and the evaluation preprocess images identically.
+Host side: functions on one image as uint8 ``[H, W, C]`` (C = 1 for grayscale, 3 for RGB) so that
+the offline job, the grain pipeline and the evaluation decode and preprocess images identically.
+Device side (:func:`augment_batch`): the training augmentation, batched under ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import io
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -17,14 +20,20 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
     """Encoded bytes -> uint8 [H, W, C]; grayscale stays 1 channel, everything else becomes RGB.
 
+    ``min_side`` > 0 lets a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side
+    is still at least ``min_side`` pixels (PIL's draft mode: several times faster for large JPEGs).
     Raises ``ValueError`` for bytes PIL cannot fully decode (truncated or corrupt files).
     """
     buffer = io.BytesIO(data)
     try:
         with Image.open(buffer) as img:
+            if min_side and img.format == "JPEG":
+                w, h = img.size
+                shorter = min(w, h)
+                img.draft(img.mode, (max(1, min_side * w // shorter), max(1, min_side * h // shorter)))
             img.load()
             if img.mode in ("L", "I;16", "I", "F", "1"):
                 return np.asarray(img.convert("L"))[:, :, None]
@@ -77,36 +86,106 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return _array(img, c)
 
 
-def random_resized_crop(
-    image: np.ndarray,
-    size: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> np.ndarray:
-    """Inception-style crop: area fraction in ``scale``, aspect in ``ratio`` (log-uniform), resized to ``size``.
-
-    Follows torchvision's RandomResizedCrop: 10 tries, then the largest centre crop within ``ratio``.
-    """
+def shrink_to_fit(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` unchanged if both sides are at most ``size``, else shrunk (bilinear, aspect kept) to fit."""
     h, w, c = image.shape
-    area = h * w
-    box = None
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-            box = (left, top, left + cw, top + ch)
-            break
-    if box is None:
-        aspect = w / h
-        cw, ch = (h * ratio[1], h) if aspect > ratio[1] else (w, w / ratio[0]) if aspect < ratio[0] else (w, h)
-        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-    img = _pil(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    if max(h, w) <= size:
+        return image
+    shrink = size / max(h, w)
+    img = _pil(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink))), Image.Resampling.BILINEAR)
     return _array(img, c)
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB [..., 3] -> float32 normalised with CLIP mean/std."""
-    return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+def normalize(image: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """0..255 pixels [..., C] (numpy or jax; C = 3 or 1) -> float32 CLIP-normalised (grey: the mean of
+    CLIP's channel statistics)."""
+    if image.shape[-1] == 3:
+        return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+    return (image.astype(np.float32) / 255.0 - CLIP_MEAN.mean()) / CLIP_STD.mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched, on-device augmentation. The host only decodes: each example arrives as a uint8 canvas
+# [M, M, C] holding the image in its top-left ``size`` = (h, w) pixels, plus a per-example seed drawn
+# from the example's (seed, epoch, global position) RNG. Crop boxes, flips, resampling and
+# normalisation run here, vectorised over the batch inside ``jax.jit``.
+
+
+def crop_box(
+    key: jax.Array, size: jax.Array, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    tries: int = 10,
+) -> jax.Array:
+    """(top, left, height, width) of an Inception-style random crop of an image of ``size`` = (h, w).
+
+    torchvision's RandomResizedCrop, vectorised: ``tries`` (area fraction in ``scale``, log-uniform
+    aspect in ``ratio``) candidates, the first that fits wins; if none does, the largest centre crop
+    within ``ratio``.
+    """
+    h, w = size[0].astype(jnp.float32), size[1].astype(jnp.float32)
+    k_area, k_aspect, k_top, k_left = jax.random.split(key, 4)
+    target = h * w * jax.random.uniform(k_area, (tries,), minval=scale[0], maxval=scale[1])
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (tries,), minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+    cw, ch = jnp.sqrt(target * aspect), jnp.sqrt(target / aspect)
+    fits = (cw <= w) & (ch <= h)
+    first = jnp.argmax(fits)
+    image_aspect = w / h
+    fallback_w = jnp.where(image_aspect > ratio[1], h * ratio[1], w)
+    fallback_h = jnp.where(image_aspect < ratio[0], w / ratio[0], h)
+    found = fits[first]
+    cw = jnp.where(found, cw[first], fallback_w)
+    ch = jnp.where(found, ch[first], fallback_h)
+    top = jnp.where(found, jax.random.uniform(k_top) * (h - ch), (h - ch) / 2)
+    left = jnp.where(found, jax.random.uniform(k_left) * (w - cw), (w - cw) / 2)
+    return jnp.stack([top, left, ch, cw])
+
+
+def center_box(size: jax.Array) -> jax.Array:
+    """(top, left, height, width) of the centred square of side min(h, w): the eval transform's crop."""
+    h, w = size[0].astype(jnp.float32), size[1].astype(jnp.float32)
+    side = jnp.minimum(h, w)
+    return jnp.stack([(h - side) / 2, (w - side) / 2, side, side])
+
+
+def crop_resize(canvas: jax.Array, box: jax.Array, out: int) -> jax.Array:
+    """float32 [out, out, C]: the ``box`` of ``canvas`` [M, M, C] resampled (bilinear, antialiased)."""
+    top, left, ch, cw = box[0], box[1], box[2], box[3]
+    scale = jnp.stack([out / ch, out / cw])
+    return jax.image.scale_and_translate(
+        canvas.astype(jnp.float32), (out, out, canvas.shape[-1]), (0, 1), scale,
+        -jnp.stack([top, left]) * scale, method="linear", antialias=True,
+    )
+
+
+def _convert_channels(image: jax.Array, num_channels: int) -> jax.Array:
+    """[..., C] -> [..., num_channels]: grey -> RGB by repetition, RGB -> grey by luma (as PIL's "L")."""
+    have = image.shape[-1]
+    if have == 1 and num_channels == 3:
+        return jnp.repeat(image, 3, axis=-1)
+    if have == 3 and num_channels == 1:
+        return image @ jnp.asarray([[0.299], [0.587], [0.114]], jnp.float32)
+    if have != num_channels:
+        raise ValueError(f"cannot convert a {have}-channel image to {num_channels} channels")
+    return image
+
+
+def augment_batch(
+    canvas: jax.Array, size: jax.Array, seed: jax.Array, *, image_size: int, augment: bool,
+    crop_scale: tuple[float, float] = (0.08, 1.0), num_channels: int = 3,
+) -> jax.Array:
+    """uint8 canvases [B, M, M, C] -> float32 model inputs [B, S, S, num_channels], jit-able.
+
+    ``size`` int [B, 2] is each image's (h, w) within its canvas; ``seed`` uint32 [B, 2] its own
+    random stream (a threefry key), so crops and flips depend on the example alone, never on the
+    batch, the device or the process layout. ``augment=False``: centre crop, no flip (the eval
+    transform, bilinear instead of bicubic).
+    """
+
+    def one(image: jax.Array, hw: jax.Array, key_data: jax.Array) -> jax.Array:
+        key_crop, key_flip = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
+        if augment:
+            out = crop_resize(image, crop_box(key_crop, hw, crop_scale), image_size)
+            return jnp.where(jax.random.bernoulli(key_flip), out[:, ::-1], out)
+        return crop_resize(image, center_box(hw), image_size)
+
+    images = jax.vmap(one)(canvas, size, seed.astype(jnp.uint32))
+    return normalize(_convert_channels(images, num_channels))

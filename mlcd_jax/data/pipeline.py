@@ -1,17 +1,27 @@
 """grain input pipelines: MLCD record shards -> host-local training batches; arrays -> eval inputs.
 
 Training: ``ArrayRecordDataSource`` over the shards -> ``GlobalOrderSampler`` (the seeded global order
-of ``mlcd_jax.data.order``, cut by JAX process) -> decode -> random resized crop + flip (or resize +
-centre crop) -> CLIP normalisation -> batch of ``global_batch_size / process_count``. Because the order
-and the per-example augmentation seeds are functions of the *global* position, a run on N processes
-sees the batches of a 1-process run, and the iterator state (``get_state`` / ``set_state``, saved by
-the trainer's checkpoints) restores the exact next batches.
+of ``mlcd_jax.data.order``, cut by JAX process) -> **decode only** -> batch. The host does no
+resampling: each example becomes a uint8 canvas ``[M, M, C]`` holding the decoded image in its
+top-left ``size`` = (h, w) pixels and a per-example ``seed`` (uint32 [2]) drawn from the example's
+RNG, which the sampler seeds with (seed, epoch, global position). The random resized crop, flip and
+normalisation then run batched on the accelerator (:func:`mlcd_jax.data.augment.augment_batch`,
+jitted by the trainer). So a run on N processes sees the batches of a 1-process run, and the iterator
+state (``get_state`` / ``set_state``, saved by the trainer's checkpoints) restores the exact next
+batches.
+
+Small datasets (decoded size up to ``in_memory_bytes``, one image shape) are decoded once into a
+uint8 array when the loader is made; each example then costs an array lookup. Larger ones decode per
+example; JPEGs use PIL's draft mode (DCT scaling) to the smallest size whose shorter side still
+covers ``decode_size`` pixels (default: the training size), and images larger than the canvas are
+shrunk to fit it.
 
 Corrupt records (undecodable record or image) are dropped, logged, and counted: every skip is appended
 to a per-loader log that all worker processes share, read with ``TrainLoader.skipped_records`` (a
 count) or ``TrainLoader.skipped()`` (record ids and reasons). A dropped record is replaced by the next
 one of the same process, so only a run with corrupt records departs from the process-count-invariant
-order. Records whose positives are fewer than ``top_l`` are padded with label -1.
+order. Records whose positives are fewer than ``top_l`` are padded with label -1; records with more
+keep their best ``top_l``.
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict[str, Any]
 
 
 class GlobalOrderSampler:
-    """grain sampler that walks ``order.epoch_permutation`` in global batches, split by process.
+    """grain sampler that walks the seeded order (``order.EpochOrder``) in global batches, split by process.
 
     grain's DataLoader asks for sampler index ``j = i * process_count + process_index`` for this
     process's ``i``-th local index, and with W worker processes worker ``w`` takes local indices
@@ -88,8 +98,8 @@ class GlobalOrderSampler:
         return sys.maxsize if self.num_epochs is None else self.num_epochs * self.per_epoch
 
     @lru_cache(maxsize=2)
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return order.epoch_permutation(self.num_records, self.seed, epoch)
+    def _order(self, epoch: int) -> order.EpochOrder:
+        return order.EpochOrder(self.num_records, self.seed, epoch)
 
     def element(self, local_index: int) -> int:
         """This process's element (in batch order) that its ``local_index``-th sampler call serves."""
@@ -106,7 +116,7 @@ class GlobalOrderSampler:
             process_index=process, process_count=self.process_count,
         )
         rng = np.random.default_rng([self.seed, epoch, position])
-        return grain.RecordMetadata(index=index, record_key=int(self._permutation(epoch)[position]), rng=rng)
+        return grain.RecordMetadata(index=index, record_key=self._order(epoch).record(position), rng=rng)
 
     def __repr__(self) -> str:
         return (f"GlobalOrderSampler(num_records={self.num_records}, global_batch_size={self.global_batch_size}, "
@@ -134,38 +144,113 @@ class SkipLog:
         return out
 
 
-def _normalize(image: np.ndarray) -> np.ndarray:
-    if image.shape[2] == 3:
-        return augment.normalize(image)
-    return (image.astype(np.float32) / 255.0 - CLIP_MEAN.mean()) / CLIP_STD.mean()
+def decode_all(
+    source: grain.sources.RandomAccessDataSource, top_l: int, num_channels: int, max_bytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]] | None:
+    """Every record of ``source`` decoded: (images uint8 [n, M, M, C], each in the top-left (h, w) of
+    its square canvas, (h, w), labels int32 [n, top_l], {record index: error} of undecodable records).
+
+    None when the images would take more than ``max_bytes`` or differ in size (then stream).
+    """
+    n = len(source)
+    images: np.ndarray | None = None
+    labels = np.zeros((n, top_l), np.int32)
+    good = np.zeros(n, bool)
+    errors: dict[int, str] = {}
+    for i in range(n):
+        try:
+            rec = records.decode(source[i])
+            image = augment.to_channels(augment.decode_image(rec["image"]), num_channels)
+        except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
+            errors[i] = str(e)
+            continue
+        if images is None:
+            side = max(image.shape[:2])
+            if side * side * image.shape[2] * n > max_bytes:
+                return None
+            images = np.zeros((n, side, side, image.shape[2]), np.uint8)
+            size = image.shape[:2]
+        elif image.shape[:2] != size:
+            return None
+        images[i, : size[0], : size[1]] = image
+        labels[i] = records.pad_labels(rec["labels"], top_l)
+        good[i] = True
+    if images is None:
+        return None
+    return images[good], np.asarray(size, np.int32), labels[good], errors
 
 
-class DecodeAndAugment(grain.transforms.RandomMap):
-    """Record bytes -> dict(image float32 [S, S, C], labels int32 [top_l]); corrupt -> a skip marker."""
+class DecodedBatches(grain.sources.RandomAccessDataSource):
+    """A small dataset decoded once into memory, served a whole local batch per element.
+
+    Element ``j`` is this process's slice of global batch ``j`` of the seeded global order
+    (``mlcd_jax.data.order``, over the decodable records), with per-example seeds from
+    ``order.example_seeds``: one array gather per batch instead of a Python call per image.
+    """
 
     def __init__(
-        self, image_size: int, top_l: int, augment: bool, num_channels: int,
-        crop_scale: tuple[float, float], skip_log: SkipLog,
+        self, images: np.ndarray, size: np.ndarray, labels: np.ndarray, *, global_batch_size: int, seed: int,
+        process_index: int, process_count: int, num_epochs: int | None,
     ) -> None:
-        self.image_size, self.top_l, self.augment = image_size, top_l, augment
-        self.num_channels, self.crop_scale, self.skip_log = num_channels, crop_scale, skip_log
+        self.images, self.size, self.labels = images, size, labels
+        self.global_batch, self.seed, self.num_epochs = global_batch_size, seed, num_epochs
+        self.process_index, self.local_batch = process_index, global_batch_size // process_count
+        self.steps = order.steps_per_epoch(len(images), global_batch_size)
+
+    def __len__(self) -> int:
+        return sys.maxsize if self.num_epochs is None else self.num_epochs * self.steps
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> order.EpochOrder:
+        return order.EpochOrder(len(self.images), self.seed, epoch)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        epoch, step = divmod(index, self.steps)
+        start = step * self.global_batch + self.process_index * self.local_batch
+        positions = np.arange(start, start + self.local_batch)
+        rows = self._order(epoch).records(positions)
+        return {
+            "image": self.images[rows],
+            "size": np.broadcast_to(self.size, (self.local_batch, 2)).copy(),
+            "seed": order.example_seeds(self.seed, epoch, positions),
+            "labels": self.labels[rows],
+        }
+
+    def __repr__(self) -> str:
+        return (f"DecodedBatches(num_records={len(self.images)}, image={self.images.shape[1:]}, "
+                f"global_batch_size={self.global_batch}, seed={self.seed}, num_epochs={self.num_epochs})")
+
+
+class ToCanvas(grain.transforms.RandomMap):
+    """Record bytes -> dict(image uint8 [M, M, C] canvas, size int32 [2], seed uint32 [2], labels int32 [l]).
+
+    Corrupt records become a skip marker. The seed comes from the example's RNG, so the on-device
+    crop and flip are a function of (seed, epoch, global position) alone.
+    """
+
+    def __init__(self, top_l: int, decode_size: int, canvas_size: int, num_channels: int,
+                 skip_log: SkipLog) -> None:
+        self.top_l, self.decode_size, self.canvas_size = top_l, decode_size, canvas_size
+        self.num_channels, self.skip_log = num_channels, skip_log
 
     def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, Any]:
+        seed = rng.integers(0, 2**32, size=2, dtype=np.uint32)
         try:
             rec = records.decode(element)
-            image = augment.to_channels(augment.decode_image(rec["image"]), self.num_channels)
+            image = augment.to_channels(augment.decode_image(rec["image"], self.decode_size), self.num_channels)
+            image = augment.shrink_to_fit(image, self.canvas_size)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             logging.warning("skipping a corrupt record: %s", e)
             self.skip_log.add(f"record of {len(element)} bytes", str(e))
             return {_SKIPPED: True}
-        if self.augment:
-            image = augment.random_resized_crop(image, self.image_size, rng, scale=self.crop_scale)
-            if rng.random() < 0.5:
-                image = image[:, ::-1]
-        else:
-            image = augment.resize_center_crop(image, self.image_size)
-        labels, _ = records.pad_positives(rec["labels"], rec["scores"], self.top_l)
-        return {"image": _normalize(image), "labels": labels}
+        labels = rec["labels"]
+        h, w, _ = image.shape
+        if (h, w) != (self.canvas_size, self.canvas_size):
+            canvas = np.zeros((self.canvas_size, self.canvas_size, image.shape[2]), np.uint8)
+            canvas[:h, :w] = image
+            image = canvas
+        return {"image": image, "size": np.array([h, w], np.int32), "seed": seed,
+                "labels": records.pad_labels(labels, self.top_l)}
 
 
 class DropSkipped(grain.transforms.Filter):
@@ -174,9 +259,16 @@ class DropSkipped(grain.transforms.Filter):
 
 
 class TrainLoader(grain.DataLoader):
-    """A grain DataLoader that also reports the corrupt records its transforms skipped."""
+    """A grain DataLoader that also reports the corrupt records its transforms skipped.
+
+    Its batches are canvases: pass them through :meth:`augment` (jit-able) for model inputs.
+    """
 
     skip_log: SkipLog
+    image_size: int
+    augment_images: bool
+    crop_scale: tuple[float, float]
+    num_channels: int
 
     @property
     def skipped_records(self) -> int:
@@ -186,6 +278,14 @@ class TrainLoader(grain.DataLoader):
     def skipped(self) -> list[tuple[str, str]]:
         """(record description, reason) of each skipped record."""
         return self.skip_log.entries()
+
+    def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A canvas batch (numpy or sharded jax arrays) -> ``dict(image=float32 [b, S, S, C], labels)``."""
+        image = augment.augment_batch(
+            batch["image"], batch["size"], batch["seed"], image_size=self.image_size,
+            augment=self.augment_images, crop_scale=self.crop_scale, num_channels=self.num_channels,
+        )
+        return {"image": image, "labels": batch["labels"]}
 
 
 def make_train_loader(
@@ -203,14 +303,23 @@ def make_train_loader(
     num_channels: int = 3,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     skip_log_dir: str | None = None,
+    in_memory_bytes: int = 2**30,
+    decode_size: int | None = None,
+    canvas_size: int | None = None,
+    read_threads: int = 4,
 ) -> TrainLoader:
-    """Loader whose iterator yields ``dict(image=float32 [b, S, S, C], labels=int32 [b, top_l])``.
+    """Loader whose iterator yields canvas batches ``dict(image=uint8 [b, M, M, C], size=int32 [b, 2],
+    seed=uint32 [b, 2], labels=int32 [b, top_l])``; ``loader.augment(batch)`` makes the model inputs
+    float32 [b, image_size, image_size, num_channels].
 
     ``b = global_batch_size / process_count`` (process count and index from ``shard_options``, default
     ``ShardByJaxProcess``). ``num_epochs=None`` repeats forever; each epoch drops its last partial
     global batch. ``num_workers`` > 0 decodes in that many processes (``worker_buffer_size`` batches
     prefetched each). ``skip_log_dir`` keeps the corrupt-record log (default: a temp dir removed with
-    the loader).
+    the loader). ``in_memory_bytes``: decode the whole dataset once when it fits (0 = never).
+    ``decode_size``: JPEG draft target for the shorter side (default ``image_size``; 0 = full size).
+    ``canvas_size``: M for streamed images (default ``2 * image_size``); in memory, the images' size.
+    ``read_threads``: threads reading (and decoding) streamed records ahead, per process.
     """
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels={num_channels}: choose 1 or 3")
@@ -224,26 +333,49 @@ def make_train_loader(
     count = shard_options.shard_count
     if global_batch_size % count:
         raise ValueError(f"global_batch_size={global_batch_size} does not split over {count} processes")
-    sampler = GlobalOrderSampler(len(source), global_batch_size, seed, count, num_epochs, num_workers)
     if skip_log_dir is None:
         skip_log_dir = tempfile.mkdtemp(prefix="mlcd_skipped_")
         owned = True
     else:
         owned = False
     skip_log = SkipLog(skip_log_dir)
-    loader = TrainLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[
-            DecodeAndAugment(image_size, top_l, augment, num_channels, tuple(crop_scale), skip_log),
-            DropSkipped(),
-            grain.transforms.Batch(global_batch_size // count, drop_remainder=True),
-        ],
-        worker_count=num_workers,
-        worker_buffer_size=worker_buffer_size,
-        shard_options=shard_options,
-    )
-    loader.skip_log = skip_log
+    decoded = decode_all(source, top_l, num_channels, in_memory_bytes) if in_memory_bytes else None
+    if decoded is not None:
+        images, size, labels, errors = decoded
+        for index, error in errors.items():  # dropped before the order is drawn: all processes agree
+            logging.warning("skipping corrupt record %d: %s", index, error)
+            skip_log.add(f"record {index}", error)
+        batches = DecodedBatches(
+            images, size, labels, global_batch_size=global_batch_size, seed=seed,
+            process_index=shard_options.shard_index, process_count=count, num_epochs=num_epochs,
+        )
+        loader = TrainLoader(
+            data_source=batches,
+            sampler=grain.samplers.SequentialSampler(len(batches), grain.sharding.NoSharding()),
+            worker_count=num_workers,
+            worker_buffer_size=worker_buffer_size,
+            read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=1),
+        )
+    else:
+        sampler = GlobalOrderSampler(len(source), global_batch_size, seed, count, num_epochs, num_workers)
+        loader = TrainLoader(
+            data_source=source,
+            sampler=sampler,
+            operations=[
+                ToCanvas(top_l, image_size if decode_size is None else decode_size,
+                         canvas_size or 2 * image_size, num_channels, skip_log),
+                DropSkipped(),
+                grain.transforms.Batch(global_batch_size // count, drop_remainder=True),
+            ],
+            worker_count=num_workers,
+            worker_buffer_size=worker_buffer_size,
+            shard_options=shard_options,
+            # grain's default read-ahead (16 threads, 500 elements) scans its whole buffer for every
+            # element (~3 ms each here); one batch ahead is enough.
+            read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=global_batch_size // count),
+        )
+    loader.skip_log, loader.image_size, loader.augment_images = skip_log, image_size, augment
+    loader.crop_scale, loader.num_channels = tuple(crop_scale), num_channels
     if owned:
         weakref.finalize(loader, shutil.rmtree, skip_log_dir, True)
     return loader
@@ -256,5 +388,5 @@ def preprocess_eval(images: np.ndarray, image_size: int, num_channels: int = 3) 
         images = images[..., None]
     out = np.empty((len(images), image_size, image_size, num_channels), np.float32)
     for i, image in enumerate(images):
-        out[i] = _normalize(augment.resize_center_crop(augment.to_channels(image, num_channels), image_size))
+        out[i] = augment.normalize(augment.resize_center_crop(augment.to_channels(image, num_channels), image_size))
     return out

@@ -93,10 +93,17 @@ def decode(data: bytes) -> dict[str, Any]:
     }
 
 
+def pad_labels(labels: np.ndarray, l: int) -> np.ndarray:
+    """Truncates or pads (with -1) one image's positive ids to exactly ``l`` entries, best first."""
+    out = np.full(l, PAD_LABEL, np.int32)
+    n = min(l, len(labels))
+    out[:n] = labels[:n]
+    return out
+
+
 def pad_positives(labels: np.ndarray, scores: np.ndarray, l: int) -> tuple[np.ndarray, np.ndarray]:
     """Truncates or pads ([l] with -1 / -inf) one image's positives to exactly ``l`` entries."""
-    out_labels = np.full(l, PAD_LABEL, np.int32)
     out_scores = np.full(l, PAD_SCORE, np.float32)
-    n = min(l, len(labels))
-    out_labels[:n], out_scores[:n] = labels[:n], scores[:n]
-    return out_labels, out_scores
+    n = min(l, len(scores))
+    out_scores[:n] = scores[:n]
+    return pad_labels(labels, l), out_scores

@@ -13,20 +13,29 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)``):
 - ``digits[:SPLIT]`` — scikit-learn's bundled 8x8 digits; its values 0..16 are scaled to uint8 0..255
   by ``round(v * 255 / 16)``. ``train`` = the first 1,437 images (80 %, the default), ``test`` = the
   last 360, ``all`` = 1,797.
-- ``tfds:NAME[:SPLIT]`` — ``tfds.data_source`` of an already prepared TFDS dataset (never downloads);
-  the image feature is read undecoded, so the bytes are the stored originals.
+- ``tfds:NAME[:SPLIT]`` — ``tfds.data_source`` of an already prepared TFDS dataset in ArrayRecord
+  format (never downloads); the image feature is read undecoded, so the bytes are the stored
+  originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files).
 - ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
   with another teacher; label None.
 
 Raw-pixel sources (IDX, digits) store a lossless PNG of exactly their pixels; grayscale stays grayscale.
+
+:func:`demo_source` picks the demo's data: Debian's Fashion-MNIST, else tfds's (downloaded once where
+the machine is online), else digits.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
+import math
 import os
 import struct
+import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -35,6 +44,8 @@ import numpy as np
 from mlcd_jax.data import augment, records
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+TFDS_FASHION_MNIST = "tfds:fashion_mnist"
+ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a tfds download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "test", "all")
 DIGITS_TRAIN = 1437
@@ -173,14 +184,18 @@ def _split_arg(spec: str, value: str, allowed: tuple[str, ...] = SPLITS) -> str:
 
 
 def _read_idx(path: str) -> np.ndarray:
-    """One (optionally gzipped) IDX file as a numpy array of its declared shape (uint8 data)."""
+    """One (optionally gzipped) IDX file as a uint8 array of its declared shape (MNIST-style data is uint8)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise SourceError(f"{path} is not an unsigned-byte IDX file")
+    if len(data) < 4 or data[:2] != b"\0\0" or len(data) < 4 + 4 * data[3]:
+        raise SourceError(f"{path} is not an IDX file (no 0x0000 magic and dimensions header)")
+    dtype, ndim = data[2], data[3]
+    if dtype != 0x08:
+        raise SourceError(f"{path} holds IDX data type 0x{dtype:02x}; only unsigned bytes (0x08) are supported")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    if len(data) - 4 - 4 * ndim != math.prod(shape):
+        raise SourceError(f"{path} holds {len(data) - 4 - 4 * ndim} bytes of data, its header declares {shape}")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -307,3 +322,75 @@ def load_arrays(spec: str, split: str = "train", limit: int | None = None) -> tu
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return np.ascontiguousarray(images), labels
+
+
+def _downloadable(url: str, timeout_s: float = ONLINE_TIMEOUT_S) -> bool:
+    """Whether an HTTP HEAD of ``url`` succeeds (2xx) within ``timeout_s``, name lookup included.
+
+    HEAD of the file itself, not a TCP connect: behind a transparent proxy every connect succeeds. The
+    lookup has no timeout of its own, so the request runs in a daemon thread that is abandoned after
+    ``timeout_s``: an offline machine gets its answer in ``timeout_s`` at most.
+    """
+    answered = threading.Event()
+
+    def head() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+            answered.set()
+        except (OSError, ValueError):  # URLError / HTTPError / timeouts are OSErrors
+            pass
+
+    threading.Thread(target=head, daemon=True).start()
+    return answered.wait(timeout_s)
+
+
+def _open_tfds_fashion_mnist() -> None:
+    """Raises SourceError unless tfds has both splits of fashion_mnist prepared (ArrayRecord)."""
+    for split in ("train", "test"):
+        open_source(f"{TFDS_FASHION_MNIST}:{split}")
+
+
+def _prepare_tfds_fashion_mnist() -> str | None:
+    """Makes ``tfds:fashion_mnist`` readable (already prepared, or downloaded and prepared now); None
+    when it is, else the reason it is not."""
+    try:
+        _open_tfds_fashion_mnist()
+        return None
+    except SourceError:
+        pass
+    if importlib.util.find_spec("tensorflow") is None:  # tfds's MNIST builders read and encode through TF
+        return "tfds cannot prepare fashion_mnist without TensorFlow (pip install tensorflow)"
+    import tensorflow_datasets as tfds
+
+    url = urllib.parse.urljoin(tfds.builder_cls("fashion_mnist").URL, "train-labels-idx1-ubyte.gz")
+    if not _downloadable(url):
+        return f"tfds could not download fashion_mnist (no answer from {urllib.parse.urlsplit(url).hostname}: offline)"
+    builder = tfds.builder("fashion_mnist", file_format="array_record")
+    print(f"notice: downloading Fashion-MNIST with tensorflow_datasets into {builder.data_dir} (once)", flush=True)
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        _open_tfds_fashion_mnist()
+    except Exception as e:  # network, checksum and preparation errors of every kind
+        return f"tfds could not download fashion_mnist ({type(e).__name__}: {e})"
+    return None
+
+
+def demo_source() -> str:
+    """The demo's labelled source spec: Fashion-MNIST where it can be had, else scikit-learn's digits.
+
+    ``fashion_mnist`` when Debian's dataset-fashion-mnist is installed (the offline path); else
+    ``tfds:fashion_mnist`` when tensorflow_datasets has it prepared or can download and prepare it now
+    (its download host is probed first, so an offline machine waits ~3 s, not for a download to time
+    out); else ``digits``, with one ``notice:`` line saying why.
+    """
+    if os.path.isdir(FASHION_MNIST_DIR):
+        return "fashion_mnist"
+    why_not = _prepare_tfds_fashion_mnist()
+    if why_not is None:
+        return TFDS_FASHION_MNIST
+    print(
+        f"notice: {FASHION_MNIST_DIR} not found (apt-get install dataset-fashion-mnist) and {why_not}; "
+        "the demo uses scikit-learn's bundled digits",
+        flush=True,
+    )
+    return "digits"

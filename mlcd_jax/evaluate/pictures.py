@@ -1,7 +1,8 @@
 """Pictures to look at instead of numbers to read: patch-feature PCA (MLCD Fig. 6) and cosine curves (Fig. 3).
 
 - :func:`patch_pca_image`: the first three principal components of a ViT's patch tokens as RGB, as in
-  DINOv2 and MLCD Fig. 6; :func:`pca_grid_png` puts each input image next to its picture.
+  DINOv2 and MLCD Fig. 6; :func:`pca_grid_png` draws the input images in a row above their pictures,
+  scaled up to legible tiles and labelled.
 - :func:`cosine_curves_png`: the MLCD loss terms, the mean positive / negative cosine over training and
   the positive / negative cosine histograms at a few steps, from a run's ``metrics.jsonl``.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from etils import epath
@@ -23,6 +25,9 @@ from sklearn.decomposition import PCA
 from mlcd_jax import fileio
 from mlcd_jax.fileio import PathLike
 from mlcd_jax.losses.core import COS_HIST_BINS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Bin edges of the cosine histograms the loss logs (``pos_cos_hist`` / ``neg_cos_hist``): equal bins on [-1, 1].
 COS_HIST_EDGES: np.ndarray = np.linspace(-1.0, 1.0, COS_HIST_BINS + 1)
@@ -108,11 +113,36 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def pca_grid_png(images: np.ndarray, pca: np.ndarray, path: PathLike, *, pairs_per_row: int = 4) -> np.ndarray:
-    """Saves (and returns) a sheet of (image, PCA picture) pairs, ``pairs_per_row`` pairs to a row.
+def new_figure(figsize: tuple[float, float], dpi: int = 100) -> Figure:
+    """A matplotlib Figure on its own Agg canvas: drawing it never touches pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: PathLike) -> None:
+    """Writes ``fig`` as PNG at its own size and dpi, atomically (local or gs://)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    fileio.write_atomic(path, buffer.getvalue())
+
+
+# Layout of :func:`pca_grid_png`, in pixels: the title band, the row-label margin and the gap between tiles.
+_GRID_TITLE_PX, _GRID_LABEL_PX, _GRID_GAP_PX = 48, 110, 8
+
+
+def pca_grid_png(
+    images: np.ndarray, pca: np.ndarray, path: PathLike, *, columns: int = 8, tile: int = 160
+) -> np.ndarray:
+    """Saves (and returns, uint8 [H, W, 3]) a titled sheet: a row of input images above a row of their
+    patch-PCA pictures, rows labelled; more than ``columns`` images wrap into further pairs of rows.
 
     ``images`` uint8 [n, H, W, 1|3] and ``pca`` uint8 [n, h', w', 3] (from :func:`patch_pca_image`) are
-    both drawn at the larger of their sizes with nearest-neighbour scaling, on a white background.
+    both scaled with nearest neighbour, so patches stay crisp squares, to tiles whose shorter side is
+    ``tile`` pixels (or their own size when larger): a 4x4-patch map of a 16-pixel digit is legible.
     """
     images, pca = np.asarray(images), np.asarray(pca)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -121,21 +151,37 @@ def pca_grid_png(images: np.ndarray, pca: np.ndarray, path: PathLike, *, pairs_p
         raise ValueError(f"pca must be uint8 [n, h, w, 3] (patch_pca_image's output), got {pca.dtype} {pca.shape}")
     if len(images) != len(pca) or len(images) == 0:
         raise ValueError(f"need as many images as PCA pictures (and at least one), got {len(images)} and {len(pca)}")
-    if pairs_per_row < 1:
-        raise ValueError(f"pairs_per_row={pairs_per_row} must be >= 1")
+    if columns < 1 or tile < 1:
+        raise ValueError(f"columns={columns} and tile={tile} must be >= 1")
     cell_h, cell_w = max(images.shape[1], pca.shape[1]), max(images.shape[2], pca.shape[2])
-    gap = max(2, cell_w // 32)
-    cols = min(pairs_per_row, len(images))
-    rows = -(-len(images) // cols)
-    sheet = np.full((rows * (cell_h + gap) + gap, cols * 2 * (cell_w + gap) + gap, 3), 255, np.uint8)
+    zoom = max(1.0, tile / min(cell_h, cell_w))
+    cell_h, cell_w = round(cell_h * zoom), round(cell_w * zoom)
+    gap, cols = _GRID_GAP_PX, min(columns, len(images))
+    bands = -(-len(images) // cols)
+    width = max(_GRID_LABEL_PX + cols * (cell_w + gap), 560)
+    height = _GRID_TITLE_PX + bands * 2 * (cell_h + gap)
+    sheet = np.full((height, width, 3), 255, np.uint8)
     for i, pair in enumerate(zip(_to_rgb(images), pca)):
-        top = gap + (i // cols) * (cell_h + gap)
-        for j, picture in enumerate(pair):
-            left = gap + ((i % cols) * 2 + j) * (cell_w + gap)
+        left = _GRID_LABEL_PX + (i % cols) * (cell_w + gap)
+        for row, picture in enumerate(pair):
+            top = _GRID_TITLE_PX + ((i // cols) * 2 + row) * (cell_h + gap)
             scaled = Image.fromarray(picture).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             sheet[top : top + cell_h, left : left + cell_w] = np.asarray(scaled)
-    save_png(sheet, path)
-    return sheet
+
+    dpi = 100
+    fig = new_figure((width / dpi, height / dpi), dpi)
+    fig.figimage(sheet, 0, 0, origin="upper")
+    fig.text(0.5, 1 - _GRID_TITLE_PX / 2 / height, "patch-feature PCA (first 3 components as RGB)",
+             ha="center", va="center", fontsize=14)
+    for band in range(bands):
+        for row, label in enumerate(("input", "patch PCA")):
+            centre = _GRID_TITLE_PX + (band * 2 + row) * (cell_h + gap) + cell_h / 2
+            fig.text((_GRID_LABEL_PX - 10) / width, 1 - centre / height, label, ha="right", va="center",
+                     fontsize=12)
+    fig.canvas.draw()
+    rendered = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    save_png(rendered, path)
+    return rendered
 
 
 def read_metrics(path: PathLike) -> list[dict]:
@@ -187,8 +233,6 @@ def cosine_curves_png(
     runs as the paper does (one line style per run).
     """
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     runs = dict(metrics_jsonl_path) if isinstance(metrics_jsonl_path, Mapping) else {"": metrics_jsonl_path}
     if not runs:
@@ -201,8 +245,8 @@ def cosine_curves_png(
         if not any(r.get(k) is not None for r in rows for k in keys):
             raise ValueError(f"{runs[name]} has no rows with any of {keys}; is it a training run's metrics.jsonl?")
 
-    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize, dpi)
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(2, 2)
     styles = ("-", "--", ":", "-.")
     for run, (name, rows) in enumerate(data.items()):
@@ -236,6 +280,4 @@ def cosine_curves_png(
     for ax in axes[1]:
         ax.set_xlim(-1, 1)
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    fileio.write_atomic(path, buffer.getvalue())
+    save_figure(fig, path)

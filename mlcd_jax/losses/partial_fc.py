@@ -1,25 +1,30 @@
-"""The sharded prototype head: PartialFC negative sampling with the MLCD / MLC / softmax losses.
+"""The sharded prototype head: sampled negatives (the paper's or PartialFC's) and the MLCD/MLC/softmax losses.
 
 The prototype matrix W [k, d] is row-sharded over all devices of the mesh (in mesh order), so device n owns
 rows ``[n·k/N, (n+1)·k/N)``. In one step every device
 
 1. gathers the global batch of embeddings and labels (all-gather over the batch axes; cheap, B x d);
-2. keeps every row of its range that is a positive of some sample in the global batch, and fills up to
-   ``ceil(r · k/N)`` rows with uniformly sampled negatives (all positives are kept if they exceed that);
+2. keeps every row of its range that is a positive of some sample in the global batch, plus uniformly
+   sampled negatives: ``sampling="paper"`` (the MLCD paper's |N'| = r·|N|) draws ``ceil(r · negatives)``
+   of the shard's real non-positive rows; ``sampling="partial_fc"`` (PartialFC) fills up to
+   ``ceil(r · k/N)`` rows, positives included (all positives are kept if they exceed that, so once B·l
+   approaches r·k the positives fill the budget and r stops mattering);
 3. computes cosines only against those rows ([B, S], S ≪ k) and the per-row partial log-sum-exps;
 4. joins the partials with ``pmax`` / ``psum``. Nothing of size B x k exists on any device.
 
 Only sampled rows receive gradient; the optimizer still holds state for all k rows.
 
-Static shapes: a device gathers ``capacity = min(k/N, max(ceil(r·k/N), B·l))`` rows, enough to hold every
-possible positive; rows beyond ``max(ceil(r·k/N), #positives)`` are masked out. When B·l exceeds the
-budget (huge batches with small k/N) this costs compute, not correctness: pass ``max_rows`` to cap it if
-your batches never carry that many distinct positives per device (rows past the cap are dropped, so only
-do this with a measured bound).
+Static shapes: a device gathers ``capacity`` rows, enough for every possible positive plus the negatives:
+``P + ceil(r·(k/N − P))`` with ``P = min(B·l, k/N)`` (paper) or ``min(k/N, max(ceil(r·k/N), B·l))``
+(partial_fc); rows beyond the step's count (positives + sampled negatives, resp.
+``max(ceil(r·k/N), #positives)``) are masked out. When B·l is large against k/N this costs compute, not
+correctness: pass ``max_rows`` to cap it if your batches never carry that many distinct positives per
+device (rows past the cap are dropped, so only do this with a measured bound).
 """
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import jax
@@ -28,6 +33,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mlcd_jax.losses import core
 from mlcd_jax.losses.dense import label_mask
+
+SAMPLING_MODES: tuple[str, ...] = ("paper", "partial_fc")
 
 
 def pad_num_classes(num_classes: int, num_shards: int) -> int:
@@ -42,13 +49,57 @@ def sample_budget(rows_per_shard: int, sample_ratio: float) -> int:
     return max(1, min(rows_per_shard, math.ceil(sample_ratio * rows_per_shard - 1e-9)))
 
 
+def check_sampling(sampling: str) -> None:
+    """Raises a one-line ValueError for an unknown ``sampling`` mode."""
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLING_MODES}")
+
+
+def num_negatives(count: int | jax.Array, sample_ratio: float) -> int | jax.Array:
+    """``ceil(r · count)``, exact in integers for Python ints and int32 arrays alike (no float rounding).
+
+    r is taken as a fraction with denominator <= 2^15 (exact for any decimal r a config holds), and the
+    product is split so no intermediate exceeds int32.
+    """
+    ratio = fractions.Fraction(sample_ratio).limit_denominator(1 << 15)
+    num, den = ratio.numerator, ratio.denominator
+    return count // den * num + (count % den * num + den - 1) // den
+
+
 def shard_capacity(
-    rows_per_shard: int, sample_ratio: float, num_labels: int, max_rows: int | None = None
+    rows_per_shard: int,
+    sample_ratio: float,
+    num_labels: int,
+    max_rows: int | None = None,
+    sampling: str = "paper",
 ) -> int:
-    """Static number of rows a shard gathers: budget, grown to hold every possible positive."""
+    """Static number of rows a shard gathers: room for every possible positive and the sampled negatives."""
+    check_sampling(sampling)
     budget = sample_budget(rows_per_shard, sample_ratio)
-    capacity = min(rows_per_shard, max(budget, num_labels))
+    if sampling == "paper":  # P + ceil(r·(rows - P)) grows with P, so this is its maximum
+        most_positives = min(num_labels, rows_per_shard)
+        capacity = most_positives + num_negatives(rows_per_shard - most_positives, sample_ratio)
+    else:
+        capacity = min(rows_per_shard, max(budget, num_labels))
     return capacity if max_rows is None else max(budget, min(capacity, max_rows))
+
+
+def ratio_ignored_warning(
+    num_classes: int, sample_ratio: float, num_labels: int, sampling: str
+) -> str | None:
+    """Why r may not matter for this setup (``partial_fc`` sampling with B·l >= r·k), or None.
+
+    In ``partial_fc`` mode positives count toward the ``r·k`` budget, so up to B·l distinct positives
+    can fill it and no random negative is drawn.
+    """
+    check_sampling(sampling)
+    if sampling != "partial_fc" or num_labels < sample_ratio * num_classes:
+        return None
+    return (
+        f"loss.sampling='partial_fc' with B·l = {num_labels} positive labels >= r·k = "
+        f"{sample_ratio * num_classes:g}: positives can fill the sampling budget, so sample_ratio has "
+        f"little or no effect; use sampling='paper' to sample r of the negatives"
+    )
 
 
 def _select_rows(
@@ -57,12 +108,14 @@ def _select_rows(
     lo: jax.Array,
     rows_per_shard: int,
     num_classes: int,
-    budget: int,
+    sample_ratio: float,
+    sampling: str,
     capacity: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Local row indices to use [capacity] and which of them count [capacity] (positives first)."""
     real_rows = jnp.clip(num_classes - lo, 0, rows_per_shard)
-    if capacity == rows_per_shard and budget == rows_per_shard:  # r = 1: every real row, no sampling
+    budget = sample_budget(rows_per_shard, sample_ratio)
+    if budget == rows_per_shard:  # r ~ 1: every real row in both modes, no sampling
         rows = jnp.arange(rows_per_shard)
         return rows, rows < real_rows
     local = labels - lo
@@ -77,7 +130,11 @@ def _select_rows(
         is_pos, 2.0, jnp.where(row_ids < real_rows, jax.random.uniform(key, (rows_per_shard,)), -1.0)
     )
     _, rows = jax.lax.top_k(score, capacity)
-    count = jnp.minimum(jnp.maximum(budget, jnp.sum(is_pos)), real_rows)
+    positives = jnp.sum(is_pos, dtype=jnp.int32)
+    if sampling == "paper":
+        count = positives + num_negatives(real_rows - positives, sample_ratio)
+    else:
+        count = jnp.minimum(jnp.maximum(budget, positives), real_rows)
     return rows, jnp.arange(capacity) < count
 
 
@@ -89,6 +146,7 @@ def partial_fc_loss(
     *,
     mesh: Mesh,
     sample_ratio: float = 0.1,
+    sampling: str = "paper",
     kind: str = "mlcd",
     scale: float = 32.0,
     margin: float = 0.3,
@@ -109,7 +167,9 @@ def partial_fc_loss(
       labels: int [B, l] positive prototype ids, ``-1`` = padding; sharded like ``embeddings``.
       rng: PRNG key, replicated; each shard folds in its index so shards sample independently.
       mesh: the device mesh; prototypes are split over all of its axes in mesh order.
-      sample_ratio: r, the fraction of each shard's rows used per step (1 = no sampling).
+      sample_ratio: r, the fraction sampled per step (1 = no sampling): of each shard's negatives with
+        ``sampling="paper"``, of each shard's rows (positives included) with ``"partial_fc"``.
+      sampling: ``"paper"`` (the MLCD paper) or ``"partial_fc"``; see the module docstring.
       kind, scale, margin, margin_type, histograms: as in :func:`mlcd_jax.losses.dense_loss`.
       batch_axes: mesh axes the batch is split over; default the mesh's first axis, ``()`` = replicated.
       max_rows: optional cap on the static per-shard capacity (see the module docstring).
@@ -137,8 +197,7 @@ def partial_fc_loss(
             f"batch of {embeddings.shape[0]} does not split over batch axes {batch_axes} ({dp} ways)"
         )
     rows_per_shard = k_pad // num_shards
-    budget = sample_budget(rows_per_shard, sample_ratio)
-    capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, max_rows)
+    capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, max_rows, sampling)
     compute_dtype = jnp.promote_types(embeddings.dtype, prototypes.dtype)
 
     def pmax(x: jax.Array) -> jax.Array:
@@ -154,7 +213,8 @@ def partial_fc_loss(
         shard = jax.lax.axis_index(axes)
         lo = shard * rows_per_shard
         rows, valid = _select_rows(
-            y_local, jax.random.fold_in(key, shard), lo, rows_per_shard, num_classes, budget, capacity
+            y_local, jax.random.fold_in(key, shard), lo, rows_per_shard, num_classes, sample_ratio,
+            sampling, capacity,
         )
         e = core.l2_normalize(e_local)
         c = core.cosine(e, w_local[rows], compute_dtype)

@@ -6,7 +6,10 @@ position table (bicubic-resampled when the input grid differs, as HF's ``interpo
 with ``config.rope``, 2-D RoPE on q/k -> pre-LayerNorm -> N pre-LN blocks (MHA + MLP) -> post-LayerNorm
 on the class token -> optional bias-free projection.
 
-Every parameter carries logical axis names (:func:`mlcd_jax.sharding.logical`); compute runs in
+Every parameter carries logical axis names (:func:`mlcd_jax.sharding.logical`) and every activation
+is pinned by logical names (:func:`mlcd_jax.sharding.constrain`: batch over all batch mesh axes, MLP
+hidden and heads over ``model``), so under FSDP each device computes only its share of the batch and
+XLA gathers weights per layer instead of activations. Compute runs in
 ``dtype`` (e.g. bf16) with ``param_dtype`` parameters, LayerNorm statistics and RoPE in fp32.
 Initialisation follows ``transformers``' CLIP ``_init_weights`` (``initializer_factor`` 1).
 """
@@ -24,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mlcd_jax.models.presets import ViTConfig
-from mlcd_jax.sharding import logical
+from mlcd_jax.sharding import constrain, logical
 
 ATTENTION_IMPLS: tuple[str | None, ...] = (None, "xla", "cudnn")
 
@@ -35,6 +38,10 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_all": jax.checkpoint_policies.dots_saveable,
 }
+
+
+# Logical axes of the [B, T, width] residual stream.
+TOKENS: tuple[str, ...] = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _normal(std: float) -> nnx.Initializer:
@@ -151,14 +158,30 @@ class Attention(nnx.Module):
         self.impl = impl
 
     def __call__(self, x: jax.Array, rope: jax.Array | None) -> jax.Array:
+        heads = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
         qkv = jnp.einsum("bte,eshd->sbthd", x, self.qkv_kernel[...].astype(self.dtype))
-        qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None]
+        qkv = constrain(qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None], None, *heads)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        out = constrain(_attention(q, k, v, self.impl), *heads)
         out = jnp.einsum("bthd,hde->bte", out, self.out_kernel[...].astype(self.dtype))
-        return out + self.out_bias[...].astype(self.dtype)
+        return constrain(out + self.out_bias[...].astype(self.dtype), *TOKENS)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
+    """``jax.nn.dot_product_attention``; for cuDNN the tokens are padded to a multiple of 64 (its fused
+    kernels refuse odd lengths such as 1 + 16 x 16 = 257) and the padding is masked out by length."""
+    if impl != "cudnn" or q.shape[1] % 64 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    t = q.shape[1]
+    pad = [(0, 0), (0, -t % 64), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    lengths = jnp.full((q.shape[0],), t, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=impl
+    )
+    return out[:, :t]
 
 
 class Block(nnx.Module):
@@ -188,9 +211,12 @@ class Block(nnx.Module):
         self, x: jax.Array, rope: jax.Array | None, rate: jax.Array | float, key: jax.Array | None
     ) -> jax.Array:
         keys = (None, None) if key is None else tuple(jax.random.split(key))
-        x = x + drop_path(self.attn(self.ln1(x), rope), rate, keys[0])
-        y = self.fc2(_ACT[self.act](self.fc1(self.ln2(x))))
-        return x + drop_path(y, rate, keys[1])
+        x = constrain(x + drop_path(self.attn(self.ln1(x), rope), rate, keys[0]), *TOKENS)
+        hidden = constrain(
+            _ACT[self.act](self.fc1(self.ln2(x))), "activation_batch", "activation_length", "activation_mlp"
+        )
+        y = constrain(self.fc2(hidden), *TOKENS)
+        return constrain(x + drop_path(y, rate, keys[1]), *TOKENS)
 
 
 def _layer_norm(config: ViTConfig, rngs: nnx.Rngs, dtype: Any, param_dtype: Any) -> nnx.LayerNorm:
@@ -302,9 +328,10 @@ class VisionTransformer(nnx.Module):
             raise ValueError(
                 f"image size {pixels.shape[1]}x{pixels.shape[2]} is not a multiple of patch {cfg.patch_size}"
             )
-        x = self.patch_embed(pixels.astype(self.dtype))
+        pixels = constrain(pixels.astype(self.dtype), "activation_batch", None, None, None)
+        x = self.patch_embed(pixels)
         b, gh, gw, w = x.shape
-        x = x.reshape(b, gh * gw, w)
+        x = constrain(x.reshape(b, gh * gw, w), *TOKENS)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, w))
         x = jnp.concatenate([cls, x], axis=1)
         rope = None
@@ -312,11 +339,11 @@ class VisionTransformer(nnx.Module):
             rope = rope_angles(self.class_pos_emb[...], (gh, gw), cfg.rope_theta)
         else:
             x = x + self.position_table((gh, gw)).astype(self.dtype)
-        x = self.pre_ln(x)
+        x = constrain(self.pre_ln(x), *TOKENS)
         x = self._blocks(x, rope, deterministic, rngs)
-        pooled = self.post_ln(x[:, 0])
+        pooled = constrain(self.post_ln(x[:, 0]), "activation_batch", "activation_embed")
         if cfg.proj_dim:
-            pooled = self.proj(pooled)
+            pooled = constrain(self.proj(pooled), "activation_batch", "activation_embed")
         return pooled, x
 
     def _blocks(

@@ -1,0 +1,129 @@
+"""The optimizer by parameter role: weight decay on matrix weights only (whatever the layer stacking), the
+prototype head as its own group (lr multiplier, weight decay, no clipping), and the schedule under
+gradient accumulation (counted in updates, logged as applied)."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlcd_jax import sharding, train
+from mlcd_jax.config_lib import base_config
+
+# Every matrix weight of the tiny ViT (block indices dropped), and nothing else.
+MATRIX_WEIGHTS = {
+    "patch_embed/kernel", "blocks/attn/qkv_kernel", "blocks/attn/out_kernel", "blocks/fc1/kernel",
+    "blocks/fc2/kernel",
+}
+
+
+def _setup(num_steps: int = 10, **overrides: Any) -> train.TrainSetup:
+    """A tiny-ViT setup on the 8 fake devices, no warm-up, with dotted-key ``overrides``."""
+    c = base_config()
+    c.model.name, c.model.dtype, c.data.image_size = "tiny", "float32", 16
+    c.model.overrides = {"patch_size": 8}
+    c.batch_size, c.loss.num_classes, c.loss.top_l, c.loss.sample_ratio = 16, 64, 2, 1.0
+    c.warmup_steps = 0
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        target = c
+        for part in path:
+            target = target[part]
+        target[leaf] = value
+    return train.TrainSetup.create(c, sharding.make_mesh(dict(c.mesh)), num_train_steps=num_steps)
+
+
+def _filled(setup: train.TrainSetup, value: float) -> dict[str, Any]:
+    """``{"params", "proto"}`` shaped like the setup's trainable state, every entry ``value``."""
+    shapes = {"params": setup.abstract_state["params"], "proto": setup.abstract_state["proto"]}
+    return jax.tree.map(lambda x: jnp.full(x.shape, value, x.dtype), shapes)
+
+
+def _first_update(setup: train.TrainSetup, params: Any, grads: Any) -> Any:
+    updates, _ = jax.jit(setup.tx.update)(grads, setup.tx.init(params), params)
+    return updates
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(k.key) for k in path if not isinstance(k.key, int))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_applies_to_exactly_the_matrix_weights(scan_layers):
+    """Zero gradient: Adam's step is 0, so what moves is decoupled decay -lr·wd·p, by parameter role."""
+    setup = _setup(**{"model.scan_layers": scan_layers, "learning_rate": 1.0, "weight_decay": 0.1})
+    params = _filled(setup, 1.0)
+    updates = _first_update(setup, params, _filled(setup, 0.0))
+    moved = {
+        _name(path): np.unique(np.asarray(u))
+        for path, u in jax.tree_util.tree_leaves_with_path(updates["params"])
+        if np.any(np.asarray(u) != 0)
+    }
+    assert set(moved) == MATRIX_WEIGHTS  # not qkv_bias, other biases, norms, class/position embeddings
+    for values in moved.values():
+        np.testing.assert_allclose(values, [-0.1], rtol=1e-6)
+
+
+def test_prototypes_have_their_own_learning_rate_and_weight_decay():
+    eps = 1e-6
+    for mult, proto_wd, want_lr, want_wd in [(3.0, 0.5, 0.3, 0.5), (1.0, None, 0.1, 0.2)]:  # set, default
+        setup = _setup(**{"learning_rate": 0.1, "weight_decay": 0.2, "eps": eps, "loss.proto_lr_mult": mult,
+                          "loss.proto_weight_decay": proto_wd})
+        params = _filled(setup, 1.0)
+        grads = {"params": _filled(setup, 0.0)["params"], "proto": params["proto"]}
+        updates = _first_update(setup, params, grads)
+        # AdamW: -lr · (g / (|g| + eps) + wd · p) with g = p = 1 on the head ...
+        np.testing.assert_allclose(updates["proto"], -want_lr * (1 / (1 + eps) + want_wd), rtol=1e-6)
+        # ... and the backbone at its own lr and decay (zero gradient: decay only)
+        np.testing.assert_allclose(updates["params"]["patch_embed"]["kernel"], -0.1 * 0.2, rtol=1e-6)
+
+
+def test_backbone_clipping_ignores_the_head_gradient():
+    """eps = 1 makes Adam's first step g / (|g| + 1), so it shows the gradient's scale after clipping."""
+    setup = _setup(**{"learning_rate": 1.0, "weight_decay": 0.0, "grad_clip": 1.0, "eps": 1.0,
+                      "loss.proto_weight_decay": 0.0})
+    params = _filled(setup, 0.0)
+    backbone = _filled(setup, 0.01)["params"]
+    norm = 0.01 * np.sqrt(sum(x.size for x in jax.tree.leaves(backbone)))
+    assert norm > 1.0, "the backbone gradient alone must exceed the clip"
+    g = 0.01 / norm  # clipped by the backbone's own global norm
+    for head in (0.0, 1e4):
+        updates = _first_update(setup, params, {"params": backbone, "proto": jnp.full_like(params["proto"], head)})
+        for u in jax.tree.leaves(updates["params"]):
+            np.testing.assert_allclose(u, -g / (g + 1), rtol=1e-5)
+        np.testing.assert_allclose(updates["proto"], -head / (head + 1), rtol=1e-5)  # the head: not clipped
+
+
+def test_accumulated_schedule_counts_updates_and_logs_the_applied_lr():
+    steps, accum, peak, eps = 24, 2, 1e-3, 1e-6
+    setup = _setup(steps, **{"learning_rate": peak, "warmup_steps": 4, "grad_accum_steps": accum,
+                             "weight_decay": 0.0, "loss.proto_weight_decay": 0.0, "grad_clip": 0.0, "eps": eps})
+    # The lr the train step logs.
+    state, step = setup.init_state(0), train.make_train_step(setup)
+    rng = np.random.default_rng(0)
+    batch = sharding.host_to_global({"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+                                     "labels": rng.integers(0, 64, (16, 2)).astype(np.int32)}, setup.mesh)
+    logged = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        logged.append(float(metrics["lr"]))
+    # The lr the optimizer applies: with a constant gradient of ones Adam's step is -lr / (1 + eps).
+    params, ones = _filled(setup, 0.0), _filled(setup, 1.0)
+    opt_state, update = setup.tx.init(params), jax.jit(setup.tx.update)
+    applied = []
+    for _ in range(steps):
+        u, opt_state = update(ones, opt_state, params)
+        lr_backbone = -float(u["params"]["patch_embed"]["kernel"].ravel()[0]) * (1 + eps)
+        np.testing.assert_allclose(-float(u["proto"][0, 0]) * (1 + eps), lr_backbone, rtol=1e-6, atol=1e-12)
+        applied.append(lr_backbone)
+    applied = np.array(applied)
+    assert np.all(applied[0::2] == 0), "no update inside an accumulation window"
+    per_update = applied[1::2]
+    # each micro-step logs the lr of the update its gradient goes into
+    np.testing.assert_allclose(logged[0::2], per_update, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(logged[1::2], per_update, rtol=1e-5, atol=1e-12)
+    # warm-up of 4 train steps = 2 updates, then the peak; the cosine ends near 0 at the last update
+    np.testing.assert_allclose(per_update[:3], [0.0, peak / 2, peak], rtol=1e-5)
+    assert per_update[-1] < 0.03 * peak
