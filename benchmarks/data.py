@@ -7,11 +7,16 @@ Two workloads, each with real images:
   decode + PIL random-resized-crop + flip + normalise per image) against the new one (decode with
   JPEG draft mode into a canvas; crop, flip and normalise batched on the device), then whole grain
   loaders in the main process: the old one (per-image transform, grain's default read-ahead) against
-  the new one, including the jitted on-device augmentation of each batch.
+  the new one's host side; the new path's on-device augmentation is timed on its own (on a CPU it
+  competes with the host for the same cores; on an accelerator it is part of the step).
 * **The demo** (28-px PNG records of Fashion-MNIST or digits, batch 256): the old per-image loader
   against the new decoded-once, batch-per-element loader, again including the device augmentation.
 
 ``python benchmarks/data.py [--images 512]``; pins the process to one core for the per-core rows.
+
+``python benchmarks/data.py --order-records 400000000`` instead measures the memory of the epoch order
+at that many records: the per-position bijection (``order.EpochOrder``, read through the sampler and
+in batches) against the materialised permutation it replaced.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import argparse
 import io
 import math
 import os
+import resource
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from mlcd_jax.cluster.writer import write_shard
-from mlcd_jax.data import augment, records
+from mlcd_jax.data import augment, order, records
 from mlcd_jax.data.pipeline import GlobalOrderSampler, ToCanvas, SkipLog, make_train_loader
 from mlcd_jax.data.sources import FASHION_MNIST_DIR, load_arrays
 
@@ -116,11 +123,64 @@ def loader_rate(batches: Iterator[dict[str, Any]], finish: Callable[[dict[str, A
     return n * batch / (time.perf_counter() - start)
 
 
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure(fn: Callable[[], Any]) -> tuple[float, float, float]:
+    """(seconds, tracemalloc peak MiB, growth of the process's peak RSS in MiB) of ``fn()``."""
+    rss = _peak_rss_mib()
+    tracemalloc.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return seconds, peak, _peak_rss_mib() - rss
+
+
+def order_memory(num_records: int, batch: int = 256, batches: int = 2000, sampler_reads: int = 20_000) -> None:
+    """Memory and time of one epoch's order at ``num_records``: ``batches`` batches of ``batch`` positions
+    spread over the epoch (the in-memory loader's gather) and ``sampler_reads`` single positions through
+    ``GlobalOrderSampler`` (the streamed loader), new bijection first (the peak RSS only grows), then the
+    old way: ``np.random.default_rng([seed, epoch]).permutation(num_records)``."""
+    starts = np.linspace(0, num_records - batch, batches).astype(np.int64)
+    indices = np.linspace(0, num_records - 1, sampler_reads).astype(np.int64)
+
+    def new() -> None:
+        epoch_order = order.EpochOrder(num_records, 0, 0)
+        for start in starts:
+            epoch_order.records(np.arange(start, start + batch))
+        sampler = GlobalOrderSampler(num_records, 32_768, 0, 1, None)
+        for i in indices:
+            sampler[int(i)]
+
+    def old() -> None:
+        permutation = np.random.default_rng([0, 0]).permutation(num_records)
+        for start in starts:
+            permutation[start:start + batch]
+        for i in indices:
+            int(permutation[i])
+
+    rows = [("per-position bijection (EpochOrder)", *_measure(new)),
+            ("materialised permutation (old)", *_measure(old))]
+    print(f"epoch order of {num_records:,} records: {batches} batches of {batch} positions and "
+          f"{sampler_reads} sampler reads across the epoch; numpy {np.__version__}")
+    print("| order | time s | tracemalloc peak MiB | peak RSS growth MiB |\n| --- | --- | --- | --- |")
+    for name, seconds, peak, rss in rows:
+        print(f"| {name} | {seconds:.1f} | {peak:.2f} | {rss:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=512, help="JPEG records for the 224-px workload")
     parser.add_argument("--demo-images", type=int, default=10_000, help="PNG records for the demo workload")
+    parser.add_argument("--order-records", type=int, default=0,
+                        help="measure the epoch order's memory at this many records instead (e.g. 400000000)")
     args = parser.parse_args()
+    if args.order_records:
+        order_memory(args.order_records)
+        return
     jpegs = jpeg_records(args.images)
     mean_kb = np.mean([len(r) for r in jpegs]) / 1024
     new = ToCanvas(8, 224, 448, 3, SkipLog(tempfile.mkdtemp()))
@@ -135,10 +195,12 @@ def main() -> None:
         batches = max(1, args.images // 64 - 2)
         loader = make_train_loader([path], global_batch_size=64, image_size=224, top_l=8, seed=0)
         rows.append((
-            "224 px from 448-px JPEGs, grain loader batch 64 (+ device augment), all cores",
+            "224 px from 448-px JPEGs, grain loader batch 64 (host side), all cores",
             loader_rate(iter(old_loader(path, 64, 224)), lambda b: b, batches, 64),
-            loader_rate(iter(loader), jax.jit(loader.augment), batches, 64),
+            loader_rate(iter(loader), lambda b: b, batches, 64),
         ))
+        batch = next(iter(loader))
+        augment_rate = loader_rate(iter(lambda: batch, None), jax.jit(loader.augment), 3, 64)
         path = os.path.join(tmp, "demo.array_record")
         write_shard(path, png_records(args.demo_images))
         size = load_arrays(SOURCE, split="test", limit=1)[0].shape[1]
@@ -154,6 +216,8 @@ def main() -> None:
     print(f"| workload | old path img/s | new path img/s | new / old |\n| --- | --- | --- | --- |")
     for name, old, new_ in rows:
         print(f"| {name} | {old:.0f} | {new_:.0f} | {new_ / old:.2f}x |")
+    print(f"on-device augmentation of 224-px crops from 448-px canvases, on this machine's "
+          f"{jax.devices()[0].platform} devices: {augment_rate:.0f} images/s (part of the train step)")
 
 
 if __name__ == "__main__":

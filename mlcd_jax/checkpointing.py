@@ -1,8 +1,17 @@
 """Orbax checkpoints of the train state and the grain iterator, async, keep-N, restored with shardings.
 
 Items: ``state`` (parameters, prototypes, optimizer state, step, RNG; restored straight into the
-shardings of the abstract state, so a run may resume on another device count) and ``iter`` (the grain
-iterator state of this process, so the data order continues exactly).
+shardings of the abstract state) and ``iter`` (the grain iterator state of this process, so the data
+order continues exactly).
+
+Device-count independence: the prototype matrix and its optimizer moments (the leaves with one row per
+prototype, under a ``proto`` key) are held with ``pad_num_classes(k, devices)`` rows, rows >= k being
+masked padding, and saved as they are. They are not cut to k rows on save: JAX cannot shard k rows
+unevenly over the devices, replicating them costs k x d per device (gigabytes at k = 1M), and no
+canonical padding divides every device count. Instead they are read back non-strictly into the
+current run's padded shape: tensorstore reads each device's rows, rows < k exactly, padding rows cut or
+zero-filled. So a run saved on 8 devices resumes on 4 (or 5), and :func:`restore_params` reads only the
+backbone for evaluation on any device count.
 """
 
 from __future__ import annotations
@@ -22,12 +31,13 @@ def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.C
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "iter"))
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "iter": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: Any, *, force: bool = False) -> bool:
     """Starts an (async) save of ``state`` and the iterator at ``step``; errors of the previous save surface here."""
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.PyTreeSave(state)}
     if iterator is not None:
         items["iter"] = grain.checkpoint.CheckpointSave(iterator)
     saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -36,20 +46,63 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: Any, *
     return saved
 
 
+def _restore_args(abstract: Any, resizable_rows: int | None = None) -> Any:
+    """Per-leaf restore arguments into ``abstract``'s shardings; leaves under a ``proto`` key with
+    ``resizable_rows`` rows (the prototypes and their moments) may differ from the stored rows."""
+
+    def args(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> ocp.ArrayRestoreArgs:
+        resizable = (leaf.ndim == 2 and leaf.shape[0] == resizable_rows
+                     and any(getattr(k, "key", None) == "proto" for k in path))
+        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype,
+                                    strict=not resizable)
+
+    return jax.tree_util.tree_map_with_path(args, abstract)
+
+
+def _step(manager: ocp.CheckpointManager, step: int | None) -> int | None:
+    return manager.latest_step() if step is None else step
+
+
 def restore(
-    manager: ocp.CheckpointManager, abstract_state: Any, iterator: Any = None, step: int | None = None
+    manager: ocp.CheckpointManager, abstract_state: Any, iterator: Any = None, step: int | None = None, *,
+    num_classes: int,
 ) -> tuple[Any, int] | None:
     """Restores checkpoint ``step`` (default: the newest) into ``abstract_state``'s shardings, and the
-    iterator in place when one is given.
+    iterator in place when one is given. The prototype rows are re-padded for the current device count.
 
-    Returns ``(state, step)`` or None when the directory has no checkpoint.
+    Returns ``(state, step)`` or None when the directory has no checkpoint. Raises when the checkpoint
+    has fewer than ``num_classes`` prototypes (it is not this run's).
     """
-    step = manager.latest_step() if step is None else step
+    step = _step(manager, step)
     if step is None:
         return None
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    stored = manager.item_metadata(step)["state"]["proto"].shape[0]
+    if stored < num_classes:
+        raise ValueError(
+            f"checkpoint {step} in {manager.directory} holds {stored} prototypes but loss.num_classes="
+            f"{num_classes}: use the run's num_classes or a new workdir"
+        )
+    rows = abstract_state["proto"].shape[0]
+    items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state, rows))}
     if iterator is not None:
         items["iter"] = grain.checkpoint.CheckpointRestore(iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored checkpoint of step %d (process %d)", step, jax.process_index())
     return restored["state"], step
+
+
+def restore_params(
+    manager: ocp.CheckpointManager, abstract_params: Any, step: int | None = None
+) -> tuple[Any, int] | None:
+    """Only the backbone parameters (``state["params"]``) of checkpoint ``step`` (default: the newest),
+    into ``abstract_params``' shardings: prototypes and optimizer state are neither read nor allocated.
+
+    Returns ``(params, step)`` or None when the directory has no checkpoint.
+    """
+    step = _step(manager, step)
+    if step is None:
+        return None
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    return restored["state"]["params"], step

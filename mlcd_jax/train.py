@@ -76,17 +76,18 @@ def load_model(
 ) -> VisionTransformer:
     """The backbone of a trained run (latest checkpoint, or ``step``) on the local devices, for eval/export.
 
-    ``config`` defaults to the one saved in ``workdir``.
+    ``config`` defaults to the one saved in ``workdir``. Only the backbone parameters are read (not the
+    prototypes or the optimizer state), on whatever device count this process has.
     """
     config = load_run_config(workdir) if config is None else config
     mesh = sharding.make_mesh(dict(config.mesh))
     setup = TrainSetup.create(config, mesh, num_train_steps=1)
     manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
-    restored = checkpointing.restore(manager, setup.abstract_state, step=step)
+    restored = checkpointing.restore_params(manager, setup.abstract_state["params"], step=step)
     manager.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    return setup.merge(restored[0]["params"])
+    return setup.merge(restored[0])
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -273,10 +274,11 @@ def make_train_step(
 
         def loss_fn(trainable):
             model = setup.merge(trainable["params"])
-            pooled, _ = model(
-                batch["image"].astype(compute_dtype), deterministic=False,
-                rngs=nnx.Rngs(dropout=dropout_key),
-            )
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model pins its activations on it
+                pooled, _ = model(
+                    batch["image"].astype(compute_dtype), deterministic=False,
+                    rngs=nnx.Rngs(dropout=dropout_key),
+                )
             return partial_fc_loss(
                 pooled, trainable["proto"], batch["labels"], sample_key, mesh=mesh,
                 sample_ratio=loss_cfg.sample_ratio, sampling=loss_cfg.get("sampling", "paper"),
@@ -438,7 +440,7 @@ def train_and_evaluate(
     )
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-    restored = checkpointing.restore(manager, setup.abstract_state, iterator)
+    restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)
     if start == 0 and jax.process_index() == 0:

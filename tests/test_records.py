@@ -1,9 +1,10 @@
 """Record schema (round trip, lossless images, versioning and corruption errors) and the image sources
-that fill records: the IDX reader, tfds datasets and the demo's choice of data."""
+that fill records: the IDX reader, tfds datasets and the demo's choice (and download) of data."""
 
 import functools
 import http.server
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -137,22 +138,30 @@ def no_debian_fashion_mnist(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tfds_unprepared(monkeypatch):
-    """tfds's fashion_mnist is not prepared until a (fake) download_and_prepare has run."""
-    prepared = []
-
-    def open_prepared():
-        if not prepared:
-            raise SourceError("tfds:fashion_mnist:train is not available locally")
-
-    monkeypatch.setattr(sources, "_open_tfds_fashion_mnist", open_prepared)
-    return prepared
+def cache_root(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("MLCD_JAX_CACHE", str(root))
+    return root
 
 
-def _tensorflow(monkeypatch, installed):
-    real = sources.importlib.util.find_spec
-    monkeypatch.setattr(sources.importlib.util, "find_spec",
-                        lambda name, *a: (object() if installed else None) if name == "tensorflow" else real(name, *a))
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fashion_mnist_host(fashion_mnist, tmp_path, monkeypatch):
+    """A local HTTP server in place of Fashion-MNIST's download host, serving the generated IDX files
+    (delete some from ``host.served`` to make a download fail midway); yields the served folder."""
+    served = tmp_path / "served"
+    shutil.copytree(fashion_mnist.directory, served)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    monkeypatch.setattr(sources, "_fashion_mnist_urls", lambda: {n: base + n for n in sources.FASHION_MNIST_FILES})
+    yield served
+    server.shutdown()
+    server.server_close()
 
 
 def test_demo_source_prefers_debian_fashion_mnist(tmp_path, monkeypatch, capsys):
@@ -160,46 +169,84 @@ def test_demo_source_prefers_debian_fashion_mnist(tmp_path, monkeypatch, capsys)
     assert sources.demo_source() == "fashion_mnist" and capsys.readouterr().out == ""
 
 
-def test_demo_source_uses_prepared_tfds(no_debian_fashion_mnist, monkeypatch, capsys):
-    monkeypatch.setattr(sources, "_open_tfds_fashion_mnist", lambda: None)
+def test_demo_source_uses_a_complete_download_cache_without_the_network(no_debian_fashion_mnist, cache_root,
+                                                                       fashion_mnist, monkeypatch, capsys):
+    shutil.copytree(fashion_mnist.directory, cache_root / "fashion_mnist")
     monkeypatch.setattr(sources, "_downloadable", lambda url: pytest.fail("probed the network"))
-    assert sources.demo_source() == "tfds:fashion_mnist" and capsys.readouterr().out == ""
+    monkeypatch.setattr(sources, "_fashion_mnist_urls", lambda: pytest.fail("looked up the download"))
+    spec = sources.demo_source()
+    assert spec == f"fashion_mnist:{cache_root / 'fashion_mnist'}" and capsys.readouterr().out == ""
+    # as configs/demo.py uses it: f"{spec}:train" to cluster, spec (with a split) to evaluate
+    assert len(open_source(f"{spec}:train")) == len(fashion_mnist.labels["train"])
+    np.testing.assert_array_equal(load_arrays(spec, split="test", limit=4)[1], fashion_mnist.labels["test"][:4])
 
 
-def test_demo_source_downloads_with_tfds_when_online(no_debian_fashion_mnist, tfds_unprepared, monkeypatch, capsys):
-    _tensorflow(monkeypatch, installed=True)
+def test_fashion_mnist_urls_are_tfds_registered_ones():
+    """The real addresses come from tfds's builder, and tfds has checksums for all four to verify them."""
+    from tensorflow_datasets.core.download import checksums
+
+    urls = sources._fashion_mnist_urls()
+    assert sorted(urls) == sorted(sources.FASHION_MNIST_FILES)
+    host = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    assert urls["t10k-labels-idx1-ubyte.gz"] == host + "t10k-labels-idx1-ubyte.gz"
+    assert set(urls.values()) <= set(checksums.get_all_url_infos())
+
+
+def test_demo_source_downloads_fashion_mnist_when_online(no_debian_fashion_mnist, cache_root, fashion_mnist,
+                                                         fashion_mnist_host, monkeypatch, capsys):
+    """tfds's download manager fetches the four files from the (local) host into the cache, replacing a
+    partial earlier download, and the next call reuses them."""
+    cache = cache_root / "fashion_mnist"
+    cache.mkdir(parents=True)
+    (cache / "train-images-idx3-ubyte.gz").write_bytes(b"left by an interrupted run")
     probed = []
-    monkeypatch.setattr(sources, "_downloadable", lambda url: probed.append(url) or True)
+    real_probe = sources._downloadable
+    monkeypatch.setattr(sources, "_downloadable", lambda url: probed.append(url) or real_probe(url))
+    spec = sources.demo_source()
+    assert spec == f"fashion_mnist:{cache}"
+    assert probed == [sources._fashion_mnist_urls()["train-labels-idx1-ubyte.gz"]]
+    out = capsys.readouterr().out
+    assert out == f"notice: downloading Fashion-MNIST with tensorflow_datasets into {cache} (once)\n"
+    assert sorted(os.listdir(cache_root)) == ["fashion_mnist"]  # no temporary folder left
+    assert sorted(os.listdir(cache)) == sorted(sources.FASHION_MNIST_FILES)
+    for name in sources.FASHION_MNIST_FILES:
+        assert (cache / name).read_bytes() == (fashion_mnist.directory / name).read_bytes()
+    images, _ = load_arrays(spec, split="train", limit=5)
+    np.testing.assert_array_equal(images[..., 0], fashion_mnist.images["train"][:5])
+    monkeypatch.setattr(sources, "_downloadable", lambda url: pytest.fail("probed the network again"))
+    assert sources.demo_source() == spec and capsys.readouterr().out == ""
 
-    def download_and_prepare(builder, download_config):
-        assert builder.name == "fashion_mnist" and not download_config.try_download_gcs
-        tfds_unprepared.append(builder)
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
-    assert sources.demo_source() == "tfds:fashion_mnist"
-    assert probed == ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-labels-idx1-ubyte.gz"]
-    assert capsys.readouterr().out.startswith("notice: downloading Fashion-MNIST with tensorflow_datasets into ")
-
-
-@pytest.mark.parametrize("tensorflow, online, download_error, reason", [
-    (False, True, None, "tfds cannot prepare fashion_mnist without TensorFlow"),
-    (True, False, None, "no answer from fashion-mnist.s3-website.eu-central-1.amazonaws.com: offline"),
-    (True, True, ConnectionResetError("reset by peer"), "could not download fashion_mnist (ConnectionResetError: reset"),
+@pytest.mark.parametrize("failure, reason", [
+    ("offline", "no answer from 127.0.0.1 (offline)"),
+    ("missing file", "could not download Fashion-MNIST ("),
+    ("bad checksum", "could not download Fashion-MNIST (NonMatchingChecksumError"),
+    ("no tfds builder", "no Fashion-MNIST download address (KeyError"),
 ])
-def test_demo_source_falls_back_to_digits_with_one_notice(no_debian_fashion_mnist, tfds_unprepared, monkeypatch,
-                                                          capsys, tensorflow, online, download_error, reason):
-    _tensorflow(monkeypatch, tensorflow)
-    monkeypatch.setattr(sources, "_downloadable", lambda url: online)
+def test_demo_source_falls_back_to_digits_with_one_notice(no_debian_fashion_mnist, cache_root, fashion_mnist_host,
+                                                          monkeypatch, capsys, failure, reason):
+    """Whatever stops the download leaves no complete-looking cache (nor temporary files) behind."""
+    if failure == "offline":
+        monkeypatch.setattr(sources, "_downloadable", lambda url: False)
+    elif failure == "missing file":  # the other three download, then this one answers 404
+        (fashion_mnist_host / "t10k-images-idx3-ubyte.gz").unlink()
+    elif failure == "bad checksum":
+        from tensorflow_datasets.core.download import checksums
 
-    def download_and_prepare(builder, download_config):
-        assert online and tensorflow, "tried to download"
-        raise download_error
-
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
+        registered = checksums.get_all_url_infos()
+        url = sources._fashion_mnist_urls()["train-images-idx3-ubyte.gz"]
+        registered[url] = checksums.UrlInfo(size=(fashion_mnist_host / "train-images-idx3-ubyte.gz").stat().st_size,
+                                            checksum="0" * 64, filename="train-images-idx3-ubyte.gz")
+        monkeypatch.setattr(checksums, "get_all_url_infos", lambda: dict(registered))
+    else:
+        monkeypatch.setattr(sources, "_fashion_mnist_urls", lambda: {}["no fashion_mnist builder"])
     assert sources.demo_source() == "digits"
     notices = [line for line in capsys.readouterr().out.splitlines() if "the demo uses" in line]
     assert len(notices) == 1 and notices[0].startswith(f"notice: {sources.FASHION_MNIST_DIR} not found")
     assert reason in notices[0] and notices[0].endswith("the demo uses scikit-learn's bundled digits")
+    assert not sources._has_fashion_mnist(str(cache_root / "fashion_mnist"))
+    assert not os.path.exists(cache_root) or os.listdir(cache_root) in ([], ["fashion_mnist"])
+    assert not os.path.exists(cache_root / "fashion_mnist") or os.listdir(cache_root / "fashion_mnist") == []
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

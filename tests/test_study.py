@@ -93,12 +93,19 @@ def test_study_json_holds_runs_summary_and_baselines_once(study):
         assert np.asarray(img.convert("L")).std() > 10  # not a blank canvas
 
 
+def _progress(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("[")]
+
+
+def _expected_progress(status: str) -> list[str]:
+    """One progress line per run, in sweep order: ``[i/total] loss.kind=K seed S: status``."""
+    runs = [(k, s) for k in KINDS for s in SEEDS]
+    return [f"[{i}/{len(runs)}] loss.kind={k} seed {s}: {status}" for i, (k, s) in enumerate(runs, 1)]
+
+
 def test_study_prints_progress_and_the_mean_std_table(study):
     workdir, first, _, _ = study
-    total = len(KINDS) * len(SEEDS)
-    progress = [line for line in first.splitlines() if line.startswith("[")]
-    assert progress == [f"[{i}/{total}] loss.kind={k} seed {s}: training"
-                        for i, (k, s) in enumerate(((k, s) for k in KINDS for s in SEEDS), 1)]
+    assert _progress(first) == _expected_progress("training")
     assert "sample std, ddof=1" in first
     record = json.loads((workdir / "study.json").read_text())
     lines = first.splitlines()
@@ -112,12 +119,9 @@ def test_study_prints_progress_and_the_mean_std_table(study):
 
 def test_rerun_skips_finished_runs_and_cached_baselines(study):
     workdir, _, second, results = study
-    total = len(KINDS) * len(SEEDS)
-    progress = [line for line in second.splitlines() if line.startswith("[")]
-    assert progress == [f"[{i}/{total}] loss.kind={k} seed {s}: done (cached)"
-                        for i, (k, s) in enumerate(((k, s) for k in KINDS for s in SEEDS), 1)]
+    assert _progress(second) == _expected_progress("done (cached)")
     assert "baselines: computing" not in second
-    assert len(results) == total
+    assert len(results) == len(KINDS) * len(SEEDS)
     for path, content in results.items():
         assert path.read_bytes() == content, path
 

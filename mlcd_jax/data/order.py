@@ -5,7 +5,7 @@ epoch from global positions to records (:class:`EpochOrder`), cut into global ba
 batch cut into ``process_count`` contiguous slices. So a 2-process run sees exactly the batches of a
 1-process run (its losses match), every record is read once per epoch by exactly one process, and the
 ``drop-remainder`` tail of an epoch (fewer than a global batch) is the only thing left out. The order
-is computed per position in O(1) memory, never materialised: 400M records cost nothing to shuffle.
+is computed per position in O(1) memory, never materialised (an N-record permutation is 8N bytes).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _MASK64 = (1 << 64) - 1
 _ROUNDS = 6
 
 
-def _mix(value, key: int):
+def _mix(value: int | np.ndarray, key: int) -> int | np.ndarray:
     """splitmix64 finaliser of ``value ^ key``, for Python ints and uint64 arrays alike."""
     z = ((value ^ key) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 31)) * 0x94D049BB133111EB) & _MASK64
@@ -46,7 +46,7 @@ class EpochOrder:
         base = _mix(_mix(seed & _MASK64, 0x9E3779B97F4A7C15) ^ (epoch & _MASK64), 0xD1B54A32D192ED03)
         self._keys = [_mix(base, r) for r in range(_ROUNDS)]
 
-    def _encrypt(self, x):
+    def _encrypt(self, x: int | np.ndarray) -> int | np.ndarray:
         """One pass of the cipher over [0, rows * cols), for a Python int or a uint64 array."""
         row, col = x // self._cols, x % self._cols
         for r, key in enumerate(self._keys):

@@ -40,6 +40,7 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 
 from mlcd_jax import fileio
 from mlcd_jax.data import augment, order, records
@@ -53,15 +54,26 @@ __all__ = [
 _SKIPPED = "skipped"
 
 
+def _glob(pattern: str) -> list[str]:
+    """Sorted paths matching ``pattern``, local or on an object store (``gs://b/shards/*.array_record``)."""
+    parts = pattern.split("/")
+    magic = [i for i, part in enumerate(parts) if glob.has_magic(part)]
+    if not magic:
+        return [pattern] if epath.Path(pattern).exists() else []
+    base = "/".join(parts[: magic[0]]) or ("/" if pattern.startswith("/") else ".")
+    return sorted(str(p) for p in epath.Path(base).glob("/".join(parts[magic[0]:])))
+
+
 def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """(shard paths, manifest or {}) for a clustering output dir, a glob, or a list of paths."""
+    """(shard paths, manifest or {}) for a clustering output dir, a glob, or a list of paths; local or
+    ``gs://`` (read through etils.epath; ArrayRecord reads ``gs://`` shards itself)."""
     if not isinstance(spec, str):
         paths, manifest = list(spec), {}
-    elif os.path.exists(os.path.join(spec, "manifest.json")):
-        manifest = fileio.load_json(os.path.join(spec, "manifest.json"))
-        paths = [os.path.join(spec, s["path"]) for s in manifest["shards"] if s["num_records"]]
+    elif (manifest_path := epath.Path(spec) / "manifest.json").exists():
+        manifest = fileio.load_json(manifest_path)
+        paths = [str(manifest_path.parent / s["path"]) for s in manifest["shards"] if s["num_records"]]
     else:
-        paths, manifest = sorted(glob.glob(spec)), {}
+        paths, manifest = _glob(spec), {}
     if not paths:
         raise FileNotFoundError(f"no record shards at {spec!r}: give a clustering output dir or a glob of shards")
     return paths, manifest

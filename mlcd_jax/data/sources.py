@@ -21,18 +21,19 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)``):
 
 Raw-pixel sources (IDX, digits) store a lossless PNG of exactly their pixels; grayscale stays grayscale.
 
-:func:`demo_source` picks the demo's data: Debian's Fashion-MNIST, else tfds's (downloaded once where
-the machine is online), else digits.
+:func:`demo_source` picks the demo's data: Debian's Fashion-MNIST, else the same IDX files downloaded
+once (where the machine is online) into ``$MLCD_JAX_CACHE/fashion_mnist``, else digits.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
-import importlib.util
 import math
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import urllib.parse
 import urllib.request
@@ -44,8 +45,10 @@ import numpy as np
 from mlcd_jax.data import augment, records
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-TFDS_FASHION_MNIST = "tfds:fashion_mnist"
-ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a tfds download
+FASHION_MNIST_FILES = (  # the IDX reader's names, also the names on Fashion-MNIST's download host
+    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+)
+ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "test", "all")
 DIGITS_TRAIN = 1437
@@ -344,50 +347,84 @@ def _downloadable(url: str, timeout_s: float = ONLINE_TIMEOUT_S) -> bool:
     return answered.wait(timeout_s)
 
 
-def _open_tfds_fashion_mnist() -> None:
-    """Raises SourceError unless tfds has both splits of fashion_mnist prepared (ArrayRecord)."""
-    for split in ("train", "test"):
-        open_source(f"{TFDS_FASHION_MNIST}:{split}")
+def _fashion_mnist_cache() -> str:
+    """Where :func:`demo_source` keeps a downloaded Fashion-MNIST: ``$MLCD_JAX_CACHE/fashion_mnist``
+    (default ``~/.cache/mlcd_jax/fashion_mnist``)."""
+    root = os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
+    return os.path.join(root, "fashion_mnist")
 
 
-def _prepare_tfds_fashion_mnist() -> str | None:
-    """Makes ``tfds:fashion_mnist`` readable (already prepared, or downloaded and prepared now); None
-    when it is, else the reason it is not."""
-    try:
-        _open_tfds_fashion_mnist()
-        return None
-    except SourceError:
-        pass
-    if importlib.util.find_spec("tensorflow") is None:  # tfds's MNIST builders read and encode through TF
-        return "tfds cannot prepare fashion_mnist without TensorFlow (pip install tensorflow)"
+def _has_fashion_mnist(directory: str) -> bool:
+    return all(os.path.isfile(os.path.join(directory, name)) for name in FASHION_MNIST_FILES)
+
+
+def _fashion_mnist_urls() -> dict[str, str]:
+    """File name -> URL of the four IDX files, on the host of tfds's fashion_mnist builder."""
     import tensorflow_datasets as tfds
 
-    url = urllib.parse.urljoin(tfds.builder_cls("fashion_mnist").URL, "train-labels-idx1-ubyte.gz")
-    if not _downloadable(url):
-        return f"tfds could not download fashion_mnist (no answer from {urllib.parse.urlsplit(url).hostname}: offline)"
-    builder = tfds.builder("fashion_mnist", file_format="array_record")
-    print(f"notice: downloading Fashion-MNIST with tensorflow_datasets into {builder.data_dir} (once)", flush=True)
+    base = tfds.builder_cls("fashion_mnist").URL
+    return {name: urllib.parse.urljoin(base, name) for name in FASHION_MNIST_FILES}
+
+
+def _download_fashion_mnist(directory: str) -> None:
+    """Downloads the four IDX files into ``directory`` with tfds's download manager (no TensorFlow
+    needed; it verifies the sizes and sha256 sums tfds registers for these URLs).
+
+    All or nothing: the files download into a temporary sibling folder and move into ``directory``
+    only once all four are there; the temporary folder is removed whatever happens.
+    """
+    import tensorflow_datasets as tfds
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".fashion_mnist-", dir=parent)
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        _open_tfds_fashion_mnist()
-    except Exception as e:  # network, checksum and preparation errors of every kind
-        return f"tfds could not download fashion_mnist ({type(e).__name__}: {e})"
+        manager = tfds.download.DownloadManager(
+            download_dir=os.path.join(stage, "downloads"), dataset_name="fashion_mnist"
+        )
+        # one at a time: a failed download then leaves no other still writing into the folder removed below
+        downloaded = {name: manager.download(url) for name, url in _fashion_mnist_urls().items()}
+        missing = [name for name in FASHION_MNIST_FILES if not os.path.isfile(downloaded.get(name, ""))]
+        if missing:
+            raise SourceError(f"the download manager returned no {', '.join(missing)}")
+        os.makedirs(directory, exist_ok=True)
+        for name in FASHION_MNIST_FILES:  # all four are complete here; each move is atomic
+            os.replace(downloaded[name], os.path.join(directory, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fetch_fashion_mnist(directory: str) -> str | None:
+    """Downloads Fashion-MNIST into ``directory`` when its host answers; None on success, else why not."""
+    try:
+        probe = _fashion_mnist_urls()["train-labels-idx1-ubyte.gz"]
+    except Exception as e:  # tensorflow_datasets missing or without a fashion_mnist builder
+        return f"no Fashion-MNIST download address ({type(e).__name__}: {e})"
+    if not _downloadable(probe):
+        return f"no answer from {urllib.parse.urlsplit(probe).hostname} (offline)"
+    print(f"notice: downloading Fashion-MNIST with tensorflow_datasets into {directory} (once)", flush=True)
+    try:
+        _download_fashion_mnist(directory)
+    except Exception as e:  # network, checksum and file-system errors of every kind
+        return f"could not download Fashion-MNIST ({type(e).__name__}: {' '.join(str(e).split())})"
     return None
 
 
 def demo_source() -> str:
     """The demo's labelled source spec: Fashion-MNIST where it can be had, else scikit-learn's digits.
 
-    ``fashion_mnist`` when Debian's dataset-fashion-mnist is installed (the offline path); else
-    ``tfds:fashion_mnist`` when tensorflow_datasets has it prepared or can download and prepare it now
-    (its download host is probed first, so an offline machine waits ~3 s, not for a download to time
-    out); else ``digits``, with one ``notice:`` line saying why.
+    ``fashion_mnist`` when Debian's dataset-fashion-mnist is installed; else
+    ``fashion_mnist:<cache>`` (see :func:`_fashion_mnist_cache`) when the four IDX files are there
+    (no network access) or can be downloaded now (the download host is probed first, so an offline
+    machine waits ~3 s, not for a download to time out); else ``digits``, with one ``notice:`` line
+    saying why.
     """
     if os.path.isdir(FASHION_MNIST_DIR):
         return "fashion_mnist"
-    why_not = _prepare_tfds_fashion_mnist()
+    cache = _fashion_mnist_cache()
+    why_not = None if _has_fashion_mnist(cache) else _fetch_fashion_mnist(cache)
     if why_not is None:
-        return TFDS_FASHION_MNIST
+        return f"fashion_mnist:{cache}"
     print(
         f"notice: {FASHION_MNIST_DIR} not found (apt-get install dataset-fashion-mnist) and {why_not}; "
         "the demo uses scikit-learn's bundled digits",
