@@ -207,6 +207,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Dispatches on ``config.mode``: ``train`` (cluster if needed, train, evaluate) or ``eval``."""
     if config.mode not in ("train", "eval"):
         raise ConfigError(f"mode={config.mode!r}: choose train or eval")
+    if config.mode == "train":
+        train.checked_mesh(config)  # config mistakes surface before the clustering job runs
     ensure_shards(config)
     out: dict[str, Any] = {}
     if config.mode == "train":

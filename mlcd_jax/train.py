@@ -346,8 +346,25 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
+def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The run's mesh, after :func:`validate`: what a run calls before any expensive stage (clustering)."""
+    try:
+        mesh = sharding.make_mesh(dict(config.mesh))
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from None
+    validate(config, mesh)
+    return mesh
+
+
 def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Config errors reported in one line before anything compiles."""
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={config.model.dtype!r}: choose one of {', '.join(DTYPES)}")
+    for key in ("learning_rate", "batch_size"):
+        if not config[key] > 0:
+            raise ConfigError(f"{key}={config[key]} must be positive")
+    if config.weight_decay < 0:
+        raise ConfigError(f"weight_decay={config.weight_decay} must be >= 0")
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:
         raise ConfigError(
@@ -411,8 +428,7 @@ def train_and_evaluate(
     from mlcd_jax.data.pipeline import make_train_loader
 
     fileio.makedirs(workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    validate(config, mesh)
+    mesh = checked_mesh(config)
     shards, manifest = _dataset_info(config)
     if manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
         raise ConfigError(

@@ -124,6 +124,8 @@ def test_sigterm_checkpoints_and_exits(uninterrupted):
         ("--config.data.image_size=18", "not a multiple of the patch size"),
         ("--config.data.shards=/nonexistent/dir", "/nonexistent/dir"),
         ("--config.loss.top_l=8", "loss.top_l=8 but the shards carry only l=4"),
+        ("--config.learning_rate=-1", "learning_rate=-1.0 must be positive"),
+        ("--config.mesh.fsdp=3", "mesh: "),
     ],
 )
 def test_config_errors_are_one_clear_line(uninterrupted, override, message, tmp_path):
@@ -134,6 +136,8 @@ def test_config_errors_are_one_clear_line(uninterrupted, override, message, tmp_
     errors = [line for line in out.stderr.splitlines() if line.startswith("config error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+    if "shards" not in override and "top_l" not in override:  # need no shards: checked before clustering
+        assert "clustering" not in out.stdout
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(uninterrupted, tmp_path):
