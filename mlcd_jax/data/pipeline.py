@@ -156,6 +156,12 @@ class SkipLog:
         return out
 
 
+def _decode_record(data: bytes, num_channels: int, min_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids); ``ValueError`` if corrupt."""
+    rec = records.decode(data)
+    return augment.to_channels(augment.decode_image(rec["image"], min_side), num_channels), rec["labels"]
+
+
 def decode_all(
     source: grain.sources.RandomAccessDataSource, top_l: int, num_channels: int, max_bytes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]] | None:
@@ -171,8 +177,7 @@ def decode_all(
     errors: dict[int, str] = {}
     for i in range(n):
         try:
-            rec = records.decode(source[i])
-            image = augment.to_channels(augment.decode_image(rec["image"]), num_channels)
+            image, record_labels = _decode_record(source[i], num_channels)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             errors[i] = str(e)
             continue
@@ -185,7 +190,7 @@ def decode_all(
         elif image.shape[:2] != size:
             return None
         images[i, : size[0], : size[1]] = image
-        labels[i] = records.pad_labels(rec["labels"], top_l)
+        labels[i] = records.pad_labels(record_labels, top_l)
         good[i] = True
     if images is None:
         return None
@@ -248,14 +253,12 @@ class ToCanvas(grain.transforms.RandomMap):
     def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, Any]:
         seed = rng.integers(0, 2**32, size=2, dtype=np.uint32)
         try:
-            rec = records.decode(element)
-            image = augment.to_channels(augment.decode_image(rec["image"], self.decode_size), self.num_channels)
+            image, labels = _decode_record(element, self.num_channels, self.decode_size)
             image = augment.shrink_to_fit(image, self.canvas_size)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             logging.warning("skipping a corrupt record: %s", e)
             self.skip_log.add(f"record of {len(element)} bytes", str(e))
             return {_SKIPPED: True}
-        labels = rec["labels"]
         h, w, _ = image.shape
         if (h, w) != (self.canvas_size, self.canvas_size):
             canvas = np.zeros((self.canvas_size, self.canvas_size, image.shape[2]), np.uint8)
