@@ -47,6 +47,9 @@ EXTRAS = {
     # CUDA jax; GPU faiss is not on PyPI for every platform (conda's faiss-gpu is), so it is left
     # to the user: the clustering job uses it automatically when it can be imported.
     "gpu": ["jax[cuda12]"],
+    # `python -m mlcd_jax.aot --topology=v5p-64` compiles for TPU slices on any x86-64 Linux machine.
+    # Pinned to the release tested here with jax 0.10.2 (whose jax[tpu] extra names an older one).
+    "tpu": ['libtpu==0.0.52; platform_system == "Linux" and platform_machine == "x86_64"'],
 }
 
 setup(

@@ -213,7 +213,7 @@ def main() -> None:
         ))
     print(f"cores: {len(os.sched_getaffinity(0))}; {args.images} JPEG records, 448x448, mean {mean_kb:.0f} KiB; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"| workload | old path img/s | new path img/s | new / old |\n| --- | --- | --- | --- |")
+    print("| workload | old path img/s | new path img/s | new / old |\n| --- | --- | --- | --- |")
     for name, old, new_ in rows:
         print(f"| {name} | {old:.0f} | {new_:.0f} | {new_ / old:.2f}x |")
     print(f"on-device augmentation of 224-px crops from 448-px canvases, on this machine's "

@@ -38,8 +38,13 @@ SCRIPT="#!/usr/bin/env bash
 #SBATCH --time=$TIME
 #SBATCH --output=$WORKDIR/slurm-%j.out
 #SBATCH --signal=TERM@120
+#SBATCH --requeue
 ${PARTITION:+#SBATCH --partition=$PARTITION}
-srun $PYTHON -m mlcd_jax.main --config=$CONFIG --workdir=$WORKDIR ${EXTRA[*]:-}"
+srun $PYTHON -m mlcd_jax.main --config=$CONFIG --workdir=$WORKDIR ${EXTRA[*]:-}
+rc=\$?
+# 75: stopped by SIGTERM with a checkpoint (the time limit is near): queue again; the rerun resumes.
+if [ \$rc -eq 75 ]; then scontrol requeue \$SLURM_JOB_ID; fi
+exit \$rc"
 
 if [ -n "$DRY" ]; then
   echo "$SCRIPT"

@@ -17,12 +17,15 @@ backbone for evaluation on any device count.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -59,36 +62,87 @@ def _restore_args(abstract: Any, resizable_rows: int | None = None) -> Any:
     return jax.tree_util.tree_map_with_path(args, abstract)
 
 
-def _step(manager: ocp.CheckpointManager, step: int | None) -> int | None:
-    return manager.latest_step() if step is None else step
+class CheckpointMismatch(ValueError):
+    """The checkpoint is not this run's (another k); no older checkpoint is tried."""
+
+
+def _newest_that_restores(manager: ocp.CheckpointManager, read: Callable[[int], Any], *, move_broken: bool) -> Any:
+    """``read(step)`` of the newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that fails while an older one restores is broken (torn by a crash, a file lost): it is
+    named in one warning line and, with ``move_broken``, moved to ``checkpoints_broken/`` beside the
+    checkpoints, so the run can save that step again. When none restores the newest one's error is
+    raised (a config that does not match the run fails on every checkpoint, and nothing is moved).
+    """
+    failed: list[tuple[int, Exception]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            result = read(step)
+        except CheckpointMismatch:
+            raise
+        except Exception as err:  # noqa: BLE001  (orbax, tensorstore and grain raise many types)
+            failed.append((step, err))
+            continue
+        for bad, err in failed:
+            where = _move_aside(manager, bad) if move_broken else None
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            print(f"warning: checkpoint {bad} in {manager.directory} does not restore ({type(err).__name__}: "
+                  f"{reason}); {f'moved to {where}, ' if where else ''}using checkpoint {step}",
+                  file=sys.stderr, flush=True)
+        if failed and move_broken:
+            manager.reload()
+        return result
+    if failed:
+        raise failed[0][1]
+    return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Moves checkpoint ``step`` to ``<workdir>/checkpoints_broken/<step>[.n]`` (process 0; all wait)."""
+    source = epath.Path(manager.directory) / str(step)
+    target = epath.Path(manager.directory).parent / "checkpoints_broken" / str(step)
+    n = 0
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{step}.{n}")
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    return target
 
 
 def restore(
     manager: ocp.CheckpointManager, abstract_state: Any, iterator: Any = None, step: int | None = None, *,
     num_classes: int,
 ) -> tuple[Any, int] | None:
-    """Restores checkpoint ``step`` (default: the newest) into ``abstract_state``'s shardings, and the
-    iterator in place when one is given. The prototype rows are re-padded for the current device count.
+    """Restores checkpoint ``step`` (default: the newest that restores, see :func:`_newest_that_restores`)
+    into ``abstract_state``'s shardings, and the iterator in place when one is given. The prototype rows
+    are re-padded for the current device count.
 
-    Returns ``(state, step)`` or None when the directory has no checkpoint. Raises when the checkpoint
-    has fewer than ``num_classes`` prototypes (it is not this run's).
+    Returns ``(state, step)`` or None when the directory has no checkpoint. Raises
+    :class:`CheckpointMismatch` when a checkpoint has fewer than ``num_classes`` prototypes (it is not
+    this run's).
     """
-    step = _step(manager, step)
-    if step is None:
-        return None
-    stored = manager.item_metadata(step)["state"]["proto"].shape[0]
-    if stored < num_classes:
-        raise ValueError(
-            f"checkpoint {step} in {manager.directory} holds {stored} prototypes but loss.num_classes="
-            f"{num_classes}: use the run's num_classes or a new workdir"
-        )
-    rows = abstract_state["proto"].shape[0]
-    items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state, rows))}
-    if iterator is not None:
-        items["iter"] = grain.checkpoint.CheckpointRestore(iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info("restored checkpoint of step %d (process %d)", step, jax.process_index())
-    return restored["state"], step
+
+    def read(step: int) -> tuple[Any, int]:
+        stored = manager.item_metadata(step)["state"]["proto"].shape[0]
+        if stored < num_classes:
+            raise CheckpointMismatch(
+                f"checkpoint {step} in {manager.directory} holds {stored} prototypes but loss.num_classes="
+                f"{num_classes}: use the run's num_classes or a new workdir"
+            )
+        rows = abstract_state["proto"].shape[0]
+        items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state, rows))}
+        if iterator is not None:
+            items["iter"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        logging.info("restored checkpoint of step %d (process %d)", step, jax.process_index())
+        return restored["state"], step
+
+    if step is not None:
+        return read(step)
+    return _newest_that_restores(manager, read, move_broken=True)
 
 
 def restore_params(
@@ -99,10 +153,13 @@ def restore_params(
 
     Returns ``(params, step)`` or None when the directory has no checkpoint.
     """
-    step = _step(manager, step)
-    if step is None:
-        return None
     item = {"params": abstract_params}
-    args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))
-    return restored["state"]["params"], step
+
+    def read(step: int) -> tuple[Any, int]:
+        args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+        return restored["state"]["params"], step
+
+    if step is not None:
+        return read(step)
+    return _newest_that_restores(manager, read, move_broken=False)

@@ -8,7 +8,10 @@ trained workdir). Configuration errors are printed as one line and exit with sta
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
@@ -65,16 +68,42 @@ def main(argv: list[str]) -> None:
         jax.devices()[0].device_kind,
     )
     from mlcd_jax import experiment
-    from mlcd_jax.train import ConfigError, TrainingDiverged
 
+    run_or_exit(lambda: experiment.run(FLAGS.config, FLAGS.workdir))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    del frame
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run_or_exit(fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` (a run or a study); a user-facing stop becomes one stderr line and an exit status:
+    config error 2, diverged 3, SIGTERM / SIGINT 75 (EX_TEMPFAIL: finished work is kept and the same
+    command resumes, so schedulers may requeue). During training the trainer checkpoints first; at any
+    other stage (clustering, evaluation) SIGTERM stops like Ctrl-C. Multi-process runs leave SIGTERM to
+    JAX's preemption notice."""
+    import jax
+
+    from mlcd_jax.train import PREEMPTED_EXIT_CODE, ConfigError, Preempted, TrainingDiverged
+
+    if jax.process_count() == 1:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
-        experiment.run(FLAGS.config, FLAGS.workdir)
+        return fn()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:
         print(f"training diverged: {err}", file=sys.stderr)
         sys.exit(3)
+    except Preempted as err:
+        print(f"stopped by {err}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt as err:
+        print(f"stopped by {err.args[0] if err.args else 'SIGINT'} outside training: finished stages and "
+              f"checkpoints are kept; re-run the same command to resume", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

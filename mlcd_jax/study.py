@@ -14,7 +14,8 @@ A run is finished when its ``results.json`` exists and its ``config.json`` recor
 (hence its overrides and seed); a re-run skips finished runs and the trainer resumes an interrupted one
 from its checkpoint. ``DIR/study.json`` is rewritten after every run; at the end the table is printed
 and ``DIR/study.png`` drawn. Spread over seeds is the sample standard deviation (ddof=1; null for a
-single seed). Configuration errors are one ``config error:`` line and exit status 2.
+single seed). Configuration errors are one ``config error:`` line and exit status 2; SIGTERM / Ctrl-C
+checkpoints the run in training and exits with 75 (re-run to go on).
 """
 
 from __future__ import annotations
@@ -330,15 +331,7 @@ def main(argv: list[str]) -> None:
         points, seeds = parse_sweep(FLAGS.config, FLAGS.sweep), parse_seeds(FLAGS.seeds)
     except ValueError as err:
         _config_error(err)
-    from mlcd_jax.train import ConfigError, TrainingDiverged
-
-    try:
-        run_study(FLAGS.config, points, seeds, FLAGS.workdir)
-    except ConfigError as err:
-        _config_error(err)
-    except TrainingDiverged as err:
-        print(f"training diverged: {err}", file=sys.stderr)
-        sys.exit(3)
+    main_lib.run_or_exit(lambda: run_study(FLAGS.config, points, seeds, FLAGS.workdir))
 
 
 if __name__ == "__main__":

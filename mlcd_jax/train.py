@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -314,32 +315,55 @@ def make_train_step(
 
 
 class _Preemption:
-    """Whether to checkpoint and stop now: SIGTERM on one process, or agreed preemption on many.
+    """Whether to checkpoint and stop now: SIGTERM or SIGINT on one process, or agreed preemption on many.
 
     With several processes, every process must stop at the same step, so the decision comes from
-    JAX's preemption sync point (through orbax), which the coordination service sets on SIGTERM.
+    JAX's preemption sync point (through orbax), which the coordination service sets on SIGTERM; there
+    SIGINT keeps Python's default (KeyboardInterrupt, no checkpoint). On one process a second Ctrl-C
+    aborts at once, without the checkpoint.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, manager: Any) -> None:
         self._manager = manager
-        self._signalled = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        del signum, frame
-        logging.warning("SIGTERM: checkpointing and stopping after this step")
-        self._signalled = True
+        del frame
+        if self.signal_name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        hint = " (Ctrl-C again aborts without one)" if signum == signal.SIGINT else ""
+        print(f"{self.signal_name}: checkpointing and stopping after this step{hint}", file=sys.stderr, flush=True)
 
     def requested(self, step: int) -> bool:
         if jax.process_count() == 1:
-            return self._signalled
-        return bool(self._manager.reached_preemption(step))
+            return self.signal_name is not None
+        if self._manager.reached_preemption(step):
+            self.signal_name = "SIGTERM"
+            return True
+        return False
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM / SIGINT with a checkpoint of ``step``; the run's evaluation and
+    baselines are skipped. Entry points exit with :data:`PREEMPTED_EXIT_CODE`; re-running resumes."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"{signal_name}: checkpoint of step {step} written; evaluation skipped; "
+                         f"re-run the same command to resume")
+        self.step, self.signal_name = step, signal_name
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: schedulers (SLURM --requeue, Kubernetes, systemd) retry
 
 
 class TrainingDiverged(RuntimeError):
@@ -456,7 +480,10 @@ def train_and_evaluate(
     )
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-    restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
+    try:
+        restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
+    except checkpointing.CheckpointMismatch as err:
+        raise ConfigError(str(err)) from None
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)
     if start == 0 and jax.process_index() == 0:
@@ -525,9 +552,7 @@ def train_and_evaluate(
                 writer.flush()  # every row up to a checkpoint is on disk before the checkpoint exists
                 checkpointing.save(manager, step, state, iterator, force=preempted or is_last)
             if preempted:
-                print(f"preempted: checkpoint of step {step} written; re-run the same command to resume",
-                      flush=True)
-                break
+                raise Preempted(step, preemption.signal_name or "SIGTERM")
             if is_last:
                 break
     finally:
@@ -537,26 +562,3 @@ def train_and_evaluate(
         writer.close()
         preemption.restore()
     return last
-
-
-def aot_memory(config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> dict[str, int]:
-    """Per-device memory of the train step compiled ahead of time for ``mesh`` (nothing is allocated).
-
-    Works on fake CPU devices for a pod's topology: plan what fits before renting it.
-    """
-    validate(config, mesh)
-    setup = TrainSetup.create(config, mesh, num_train_steps)
-    batch_sharding = sharding.batch_sharding(mesh)
-    size, b = config.data.image_size, config.batch_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=batch_sharding),
-        "labels": jax.ShapeDtypeStruct((b, config.loss.top_l), jnp.int32, sharding=batch_sharding),
-    }
-    compiled = make_train_step(setup).lower(setup.abstract_state, batch).compile()
-    m = compiled.memory_analysis()
-    return {
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "alias_bytes": int(m.alias_size_in_bytes),
-    }

@@ -28,7 +28,7 @@ def test_slurm_dry_run_prints_batch_script():
     assert out.returncode == 0, out.stderr
     for expected in ("#SBATCH --nodes=10", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                      "srun python3 -m mlcd_jax.main --config=configs/vitl14.py --workdir=/shared/run",
-                     "sbatch /shared/run/slurm.sbatch"):
+                     "sbatch /shared/run/slurm.sbatch", "if [ $rc -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; fi"):
         assert expected in out.stdout
 
 

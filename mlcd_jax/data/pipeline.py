@@ -44,7 +44,7 @@ from etils import epath
 
 from mlcd_jax import fileio
 from mlcd_jax.data import augment, order, records
-from mlcd_jax.data.augment import CLIP_MEAN, CLIP_STD
+from mlcd_jax.data.augment import CLIP_MEAN, CLIP_STD, augment_batch
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "GlobalOrderSampler", "TrainLoader", "make_train_loader", "preprocess_eval",
@@ -296,11 +296,20 @@ class TrainLoader(grain.DataLoader):
 
     def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A canvas batch (numpy or sharded jax arrays) -> ``dict(image=float32 [b, S, S, C], labels)``."""
-        image = augment.augment_batch(
-            batch["image"], batch["size"], batch["seed"], image_size=self.image_size,
-            augment=self.augment_images, crop_scale=self.crop_scale, num_channels=self.num_channels,
-        )
-        return {"image": image, "labels": batch["labels"]}
+        return canvas_to_inputs(batch, image_size=self.image_size, augment=self.augment_images,
+                                crop_scale=self.crop_scale, num_channels=self.num_channels)
+
+
+def canvas_to_inputs(
+    batch: dict[str, Any], *, image_size: int, augment: bool = True,
+    crop_scale: tuple[float, float] = (0.08, 1.0), num_channels: int = 3,
+) -> dict[str, Any]:
+    """The train step's preprocessing (jit-able): canvas batch -> ``dict(image=float32 [b, S, S, C], labels)``."""
+    image = augment_batch(
+        batch["image"], batch["size"], batch["seed"], image_size=image_size,
+        augment=augment, crop_scale=tuple(crop_scale), num_channels=num_channels,
+    )
+    return {"image": image, "labels": batch["labels"]}
 
 
 def make_train_loader(

@@ -1,0 +1,106 @@
+"""``python -m mlcd_jax.aot``: the train step compiled ahead of time for TPU slices (libtpu) and fake CPUs."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlcd_jax import aot
+from mlcd_jax.models import flops_per_image, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"topology", "num_chips", "hbm_bytes_per_chip", "per_chip", "fits", "xla_flops_per_step",
+        "model_flops_per_step"}
+PER_CHIP = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"}
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install 'mlcd_jax[tpu]')")
+# A small model with the real head: compiles in seconds, still the trainer's full step.
+TINY = ["--config.model.name=tiny", "--config.data.image_size=32",
+        "--config.loss.num_classes=100000", "--config.model.dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("spec, chips, grid, hbm_gib", [
+    ("v5p-8", 4, (2, 2, 1), 95), ("v5p-64", 32, (2, 4, 4), 95), ("v4-8", 4, (2, 2, 1), 32),
+    ("v5e-16", 16, (4, 4), 16), ("v5litepod-8", 8, (2, 4), 16), ("v6e-4", 4, (2, 2), 32), ("v6e-256", 256, (16, 16), 32),
+])
+def test_slice_names_follow_cloud_tpu(spec, chips, grid, hbm_gib):
+    topology = aot.parse_topology(spec)
+    assert (topology.num_chips, topology.grid, topology.hbm_bytes_per_chip) == (chips, grid, hbm_gib * 2**30)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("v5p-6", "2 per chip"), ("v5e-12", "power-of-two"), ("tpu-8", "use v4-N"), ("cpu:0", "N >= 1"), ("v5p", "use v4-N"), ("v4-4", "smallest v4 slice"),
+])
+def test_bad_topology_is_one_line(spec, message):
+    with pytest.raises(ValueError, match=message):
+        aot.parse_topology(spec)
+
+
+def _run(topology: str, *overrides: str, json_path: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    cmd = [sys.executable, "-m", "mlcd_jax.aot", "--config=configs/vitb16.py", f"--topology={topology}", *TINY,
+           *overrides]
+    if json_path:
+        cmd.append(f"--json={json_path}")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_contract(result: dict, topology: str, chips: int, batch: int) -> None:
+    assert set(result) == KEYS and set(result["per_chip"]) == PER_CHIP
+    assert (result["topology"], result["num_chips"]) == (topology, chips)
+    per = result["per_chip"]
+    assert 0 < per["total_bytes"] <= per["argument_bytes"] + per["output_bytes"] + per["temp_bytes"]
+    # The state alone: W + AdamW moments of 100,000 x 64 prototypes, split over the chips.
+    assert per["argument_bytes"] > 3 * 4 * 100_000 * 64 / chips
+    model = get_preset("tiny", image_size=32)
+    assert result["model_flops_per_step"] == pytest.approx(3 * batch * flops_per_image(model))
+    assert result["xla_flops_per_step"] > 0
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, chips, hbm_gib", [("v5p-8", 4, 95), ("v5e-16", 16, 16)])
+def test_compiles_for_a_tpu_slice_with_libtpu(tmp_path, topology, chips, hbm_gib):
+    out = _run(topology, f"--config.batch_size={8 * chips}", json_path=tmp_path / "plan.json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert json.loads((tmp_path / "plan.json").read_text()) == result
+    _check_contract(result, topology, chips, 8 * chips)
+    assert result["hbm_bytes_per_chip"] == hbm_gib * 2**30 and result["fits"] is True
+    assert "metadata" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr  # libtpu kept quiet
+
+
+@needs_libtpu
+def test_a_step_too_big_for_the_chip_says_so():
+    """libtpu refuses the program; the plan reports the usage it measured instead of a traceback."""
+    out = _run("v5e-16", f"--config.batch_size={16 * 65536}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["fits"] is False and result["per_chip"]["total_bytes"] > 16 * 2**30
+    assert result["per_chip"]["argument_bytes"] is None  # the compiler stopped before the split
+    assert "does not fit: libtpu reports" in out.stderr
+
+
+def test_fake_cpu_devices_keep_the_xla_cpu_plan():
+    out = _run("cpu:4", "--config.batch_size=32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    _check_contract(result, "cpu:4", 4, 32)
+    assert result["hbm_bytes_per_chip"] is None and result["fits"] is None
+
+
+def test_config_errors_are_one_line():
+    out = _run("v5p-6")
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("config error: topology 'v5p-6'")
+    out = _run("cpu:4", "--config.batch_size=30")
+    assert out.returncode == 1 and "not divisible by the 4 data-parallel devices" in out.stderr.splitlines()[-1]
+
+
+def test_a_tpu_slice_without_libtpu_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs libtpu: pip install 'mlcd_jax\[tpu\]'"):
+        aot.devices(aot.parse_topology("v5e-16"))
