@@ -5,7 +5,8 @@ For each model config (k = 1M prototypes, the paper's recipe) and TPU generation
 slice of ``--chips`` chips with full remat, scanned layers and a pure-FSDP mesh (``data = 1``,
 ``fsdp = all``: weights, optimizer state and prototypes split over every chip, the batch over every
 chip too). The per-chip batch is searched over powers of two: the first guess comes from the memory
-per image of an earlier compile (a prior for the first), then it doubles while the step fits and halves while it does not.
+per image of an earlier compile (a prior for the first), then it doubles while the step fits and
+halves while it does not.
 Every compile is printed; the table at the end is the largest fitting power of two per cell and its
 per-chip memory, with the next power of two's refusal as libtpu reported it.
 
@@ -103,6 +104,9 @@ def main() -> None:
             guess = power_of_two_guess(per_image, fixed, topology.hbm_bytes_per_chip)
             row = largest(model, topology, guess, a.remat)
             rows.append(row)
+            if a.json:  # after every cell: a long search keeps what it found
+                with open(a.json, "w") as f:
+                    json.dump(rows, f, indent=2)
             if row["fit"]:  # memory per image from this compile: the state is the fixed part
                 per = row["fit"]["per_chip"]
                 fixed = per["argument_bytes"]
@@ -116,9 +120,6 @@ def main() -> None:
         nxt = (f"refused, ≥ {refused['per_chip']['total_bytes'] / GIB:.1f} GiB" if refused and not refused["fits"]
                else "not tried")
         print(f"| {r['model']} | {r['topology']} | {r['per_chip_batch'] or 'none fits'} | {used} | {nxt} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mlcd_jax import train
+from mlcd_jax import runs, train
 from mlcd_jax.train import ConfigError
 
 RESULT_COLUMNS = ("model", "knn_top1", "linear_top1")
@@ -118,7 +119,7 @@ def baseline_row(config: ml_collections.ConfigDict, baseline: str) -> dict[str, 
         return features_row(config, name, pixel_features)
     if baseline == "teacher":
         return features_row(config, name, load_teacher(config.data.shards))
-    return model_row(config, name, train.build_model(config, config.seed))
+    return model_row(config, name, runs.build_model(config, config.seed))
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -132,14 +133,14 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     train_x, _, test_x, _ = eval_arrays(config)
     print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
     rows = [baseline_row(config, b) for b in BASELINE_MODELS if b in baselines]
-    trained = train.load_model(workdir, config)
+    trained = runs.load_model(workdir, config)
     rows.append(model_row(config, trained_model_name(config), trained))
     if "single_label" in baselines:
         other_dir = str(epath.Path(workdir) / "single_label")
         other = _single_label_config(config)
         print("training the single-label (UNICOM-style softmax) baseline", flush=True)
         train.train_and_evaluate(other, other_dir)
-        rows.append(model_row(config, "single-label ViT (UNICOM)", train.load_model(other_dir, other)))
+        rows.append(model_row(config, "single-label ViT (UNICOM)", runs.load_model(other_dir, other)))
     if jax.process_index() == 0:
         write_pictures(config, workdir, trained, test_x[:8])
         write_results(rows, epath.Path(workdir) / "results.json")
@@ -209,12 +210,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ConfigError(f"mode={config.mode!r}: choose train or eval")
     if config.mode == "train":
         train.checked_mesh(config)  # config mistakes surface before the clustering job runs
+    clock = [("start", time.perf_counter())]
     ensure_shards(config)
+    clock.append(("clustering", time.perf_counter()))  # seconds when cached
     out: dict[str, Any] = {}
     if config.mode == "train":
         eval_fn = knn_eval_fn(config) if config.eval.source and config.eval_every_steps > 0 else None
         out["train"] = train.train_and_evaluate(config, workdir, eval_fn)
+        clock.append(("training", time.perf_counter()))
     if config.eval.source:
         out["eval"] = evaluate_workdir(config, workdir)
+        clock.append(("evaluation" + (" and baselines" if config.eval.baselines else ""), time.perf_counter()))
+    if jax.process_index() == 0:
+        phases = ", ".join(f"{name} {_duration(t - t_prev)}" for (_, t_prev), (name, t) in zip(clock, clock[1:]))
+        print(f"done in {_duration(clock[-1][1] - clock[0][1])}: {phases}", flush=True)
     logging.info("done: %s", json.dumps(out, default=float)[:2000])
     return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"

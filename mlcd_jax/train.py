@@ -9,7 +9,6 @@ shardings derived from the abstract state), never as a full copy on one device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -29,66 +28,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, sharding
-from mlcd_jax.losses import pad_num_classes, partial_fc_loss
+from mlcd_jax.losses import KINDS, l2_normalize, pad_num_classes, partial_fc_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
-from mlcd_jax.models import VisionTransformer, ViTConfig, flops_per_image, get_preset
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
+from mlcd_jax.runs import DTYPES, AbstractModel, build_model, vit_config
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line that names the key and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------- model
-
-
-def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
-    """The ViT preset named by ``config.model.name`` with ``config.model.overrides`` and the data's image size."""
-    overrides = dict(config.model.get("overrides", {}) or {})
-    overrides.setdefault("image_size", config.data.image_size)
-    return get_preset(config.model.name, **overrides)
-
-
-def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> VisionTransformer:
-    """The ViT with the run's compute dtype, attention, remat, scan and drop-path options."""
-    m = config.model
-    return VisionTransformer(
-        vit_config(config),
-        rngs=nnx.Rngs(seed),
-        dtype=DTYPES[m.dtype],
-        attention_impl=m.get("attention") or None,
-        remat=m.get("remat") or None,
-        scan_layers=bool(m.get("scan_layers", False)),
-        drop_path_rate=float(m.get("drop_path", 0.0)),
-    )
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was trained with (``workdir/config.json``, written at its start)."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a mlcd_jax training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
-
-
-def load_model(
-    workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
-) -> VisionTransformer:
-    """The backbone of a trained run (latest checkpoint, or ``step``) on the local devices, for eval/export.
-
-    ``config`` defaults to the one saved in ``workdir``. Only the backbone parameters are read (not the
-    prototypes or the optimizer state), on whatever device count this process has.
-    """
-    config = load_run_config(workdir) if config is None else config
-    mesh = sharding.make_mesh(dict(config.mesh))
-    setup = TrainSetup.create(config, mesh, num_train_steps=1)
-    manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
-    restored = checkpointing.restore_params(manager, setup.abstract_state["params"], step=step)
-    manager.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    return setup.merge(restored[0])
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -177,8 +124,7 @@ class TrainSetup:
 
     config: ml_collections.ConfigDict
     mesh: Mesh
-    graphdef: Any
-    abstract_params: Any  # nnx.State of abstract Variables (carries the logical annotations)
+    model: AbstractModel
     abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
     state_shardings: Any
     tx: optax.GradientTransformation
@@ -192,9 +138,7 @@ class TrainSetup:
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> "TrainSetup":
         model_cfg = vit_config(config)
-        abstract_model = nnx.eval_shape(lambda: build_model(config, 0))
-        graphdef, abstract_params = nnx.split(abstract_model)
-        param_shardings = sharding.state_shardings(abstract_params, mesh).to_pure_dict()
+        model = AbstractModel.create(config, mesh)
         num_classes = int(config.loss.num_classes)
         num_rows = pad_num_classes(num_classes, mesh.size)
         if num_rows != num_classes:
@@ -209,7 +153,7 @@ class TrainSetup:
             model = build_model(config, model_key)
             params = nnx.state(model).to_pure_dict()
             proto = jax.random.normal(proto_key, (num_rows, model_cfg.embed_dim), jnp.float32)
-            proto = proto / jnp.linalg.norm(proto, axis=-1, keepdims=True)
+            proto = l2_normalize(proto)
             trainable = {"params": params, "proto": proto}
             return {
                 "step": jnp.zeros((), jnp.int32),
@@ -219,7 +163,7 @@ class TrainSetup:
             }
 
         abstract_plain = jax.eval_shape(init, 0)
-        trainable_shardings = {"params": param_shardings, "proto": proto_sharding}
+        trainable_shardings = {"params": model.shardings, "proto": proto_sharding}
 
         def masked(x: Any) -> bool:  # each group's state holds the other group's leaves as MaskedNode
             return isinstance(x, optax.MaskedNode)
@@ -235,7 +179,7 @@ class TrainSetup:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_plain, shardings
         )
         return cls(
-            config=config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
+            config=config, mesh=mesh, model=model,
             abstract_state=abstract_state, state_shardings=shardings, tx=tx, schedule=schedule,
             num_classes=num_classes, num_rows=num_rows, embed_dim=model_cfg.embed_dim,
             flops_per_step=3 * config.batch_size * flops_per_image(model_cfg), init_fn=init,
@@ -247,9 +191,7 @@ class TrainSetup:
 
     def merge(self, params: Any) -> VisionTransformer:
         """A model object from pure-dict parameters (inside or outside jit)."""
-        state = jax.tree.map(lambda x: x, self.abstract_params)
-        state.replace_by_pure_dict(params)
-        return nnx.merge(self.graphdef, state)
+        return self.model.merge(params)
 
 
 def make_train_step(
@@ -407,8 +349,8 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             f"data.image_size={config.data.image_size} is not a multiple of the patch size "
             f"{patch} of model {config.model.name!r}"
         )
-    if config.loss.kind not in ("mlcd", "mlc", "softmax"):
-        raise ConfigError(f"loss.kind={config.loss.kind!r}: choose mlcd, mlc or softmax")
+    if config.loss.kind not in KINDS:
+        raise ConfigError(f"loss.kind={config.loss.kind!r}: choose one of {', '.join(KINDS)}")
     if not 0 < config.loss.sample_ratio <= 1:
         raise ConfigError(f"loss.sample_ratio={config.loss.sample_ratio} must be in (0, 1]")
     sampling = config.loss.get("sampling", "paper")

@@ -20,9 +20,9 @@ K, STOP, STEPS = 12, 10, 20
 _INSPECT = """
 import sys
 import jax, numpy as np
-from mlcd_jax import checkpointing, sharding, train
+from mlcd_jax import checkpointing, runs, sharding, train
 workdir, out = sys.argv[1:3]
-config = train.load_run_config(workdir)
+config = runs.load_run_config(workdir)
 setup = train.TrainSetup.create(config, sharding.make_mesh(dict(config.mesh)), config.num_train_steps)
 manager = checkpointing.create_manager(workdir, keep=10, async_save=False)
 arrays = {}
@@ -33,7 +33,7 @@ for step in (%(stop)d, %(steps)d):
             arrays[f"{step}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
 size = config.data.image_size
 images = np.random.default_rng(0).normal(size=(8, size, size, 3)).astype(np.float32)
-arrays["features"] = np.asarray(train.load_model(workdir, step=%(stop)d)(images, deterministic=True)[0])
+arrays["features"] = np.asarray(runs.load_model(workdir, step=%(stop)d)(images, deterministic=True)[0])
 np.savez(out, **arrays)
 """ % {"stop": STOP, "steps": STEPS}
 

@@ -36,7 +36,7 @@ def _rows(path: epath.Path) -> dict[int, dict]:
 
 
 def test_gs_workdir_trains_resumes_evaluates_and_loads(gcs_bucket, tmp_path):
-    from mlcd_jax import train
+    from mlcd_jax import runs
 
     cache, local = tmp_path / "cache", tmp_path / "local"
     _train(local, cache, tmp_path)  # the reference run (and the clustering cache both runs share)
@@ -65,11 +65,11 @@ def test_gs_workdir_trains_resumes_evaluates_and_loads(gcs_bucket, tmp_path):
         assert (run / picture).read_bytes().startswith(b"\x89PNG"), picture
     assert not (tmp_path / "gs:").exists(), "a gs:// path was written as a local folder"
 
-    want_config = train.load_run_config(str(local)).to_dict()
-    assert train.load_run_config(workdir).to_dict() == {**want_config, "stop_after_steps": STOP}
+    want_config = runs.load_run_config(str(local)).to_dict()
+    assert runs.load_run_config(workdir).to_dict() == {**want_config, "stop_after_steps": STOP}
     from flax import nnx
 
-    got_params, want_params = (nnx.state(train.load_model(str(w))) for w in (workdir, local))
+    got_params, want_params = (nnx.state(runs.load_model(str(w))) for w in (workdir, local))
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -99,7 +99,7 @@ def test_metrics_writer_on_gcs_rewrites_at_flush_and_truncates_on_resume(gcs_buc
 
 
 def test_load_run_config_names_a_missing_gs_workdir(gcs_bucket):
-    from mlcd_jax import train
+    from mlcd_jax import runs
 
     with pytest.raises(FileNotFoundError, match="is not a mlcd_jax training workdir"):
-        train.load_run_config(f"{gcs_bucket}/nothing")
+        runs.load_run_config(f"{gcs_bucket}/nothing")

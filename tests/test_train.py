@@ -124,6 +124,26 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted
     assert _checkpoint_steps(workdir)[-1] == STEPS
 
 
+def test_a_trained_run_is_a_clustering_teacher(uninterrupted, tmp_path):
+    """The second clustering round (``teacher=checkpoint:WORKDIR``) embeds with the run's own backbone."""
+    import ml_collections
+
+    from mlcd_jax import cluster, runs
+    from mlcd_jax.data.sources import load_arrays
+    from mlcd_jax.evaluate.features import FeatureExtractor
+
+    _, straight, _, _ = uninterrupted
+    config = ml_collections.ConfigDict(dict(
+        source="digits:test", limit=0, output_dir=str(tmp_path / "round2"), num_clusters=8, top_l=2,
+        kmeans_iters=4, progress=False, teacher=f"checkpoint:{straight}"))
+    manifest = cluster.run(config)
+    assert manifest["num_images"] == 360 and manifest["embedding_dim"] == 64
+    images, _ = load_arrays("digits", split="test", limit=16)
+    run_config = runs.load_run_config(str(straight))
+    want = FeatureExtractor(runs.load_model(str(straight)), run_config.data.image_size)(images)
+    np.testing.assert_allclose(cluster.load_teacher(str(tmp_path / "round2"))(images), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_checkpoints_skips_evaluation_and_exits_75(uninterrupted, signum):
     base, _, cache, _ = uninterrupted

@@ -107,7 +107,7 @@ def _hf(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: Sam
 
 def _checkpoint(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None) -> Teacher:
     from mlcd_jax.evaluate.features import FeatureExtractor
-    from mlcd_jax.train import load_model, load_run_config
+    from mlcd_jax.runs import load_model, load_run_config
 
     try:
         run_config = load_run_config(arg)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlcd_jax.losses import l2_normalize
+
 
 def check_features(name: str, features: np.ndarray) -> np.ndarray:
     """``features`` as a non-empty numeric [N, d] array, or a ValueError naming ``name``."""
@@ -36,15 +38,11 @@ def check_labels(name: str, labels: np.ndarray, n: int) -> np.ndarray:
     return labels
 
 
-def _normalise(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnames=("k",))
 def _top_k_neighbours(test: jax.Array, train: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
     """Cosines and indices [b, k] of the k nearest rows of the L2-normalised ``train`` for one test batch."""
     # HIGHEST: accelerators would otherwise round the cosine to bf16/TF32 and reorder near neighbours.
-    sims = jnp.matmul(_normalise(test), train.T, precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.matmul(l2_normalize(test), train.T, precision=jax.lax.Precision.HIGHEST)
     return jax.lax.top_k(sims, k)
 
 
@@ -95,7 +93,7 @@ def knn_classify(
             f"num_classes={num_classes} is too small for train label {min_classes - 1}; pass >= {min_classes}"
         )
 
-    train = _normalise(jnp.asarray(train_features, jnp.float32))
+    train = l2_normalize(jnp.asarray(train_features, jnp.float32))
     batch_size = min(batch_size, len(test_features))
     preds = []
     for start in range(0, len(test_features), batch_size):
