@@ -37,10 +37,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
-flags.DEFINE_string("topology", None, "TPU slice (v4-8, v5e-16, v5litepod-16, v5p-64, v6e-8, ...) or cpu:N.")
-flags.DEFINE_string("json", None, "Also write the plan to this file.")
-flags.mark_flags_as_required(["config", "topology"])
+
+
+def _define_flags() -> None:
+    """The CLI's flags, defined only when run as a program: importing this module (tests, notebooks,
+    benchmarks) next to ``mlcd_jax.main`` must not define a second ``--config``."""
+    config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice (v4-8, v5e-16, v5litepod-16, v5p-64, v6e-8, ...) or cpu:N.")
+    flags.DEFINE_string("json", None, "Also write the plan to this file.")
+    flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 2**30
 
@@ -256,4 +261,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

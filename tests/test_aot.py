@@ -104,3 +104,10 @@ def test_a_tpu_slice_without_libtpu_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(ValueError, match=r"needs libtpu: pip install 'mlcd_jax\[tpu\]'"):
         aot.devices(aot.parse_topology("v5e-16"))
+
+
+def test_importing_aot_defines_no_flags_next_to_main():
+    """Both modules in one process (a pytest worker, a notebook): no duplicate --config."""
+    from mlcd_jax import main, study  # noqa: F401  (they define the run's flags)
+
+    assert "topology" not in main.FLAGS
