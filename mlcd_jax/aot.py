@@ -179,7 +179,7 @@ def plan(config: Any, topology: Topology) -> dict[str, Any]:
     steps = config.num_train_steps if config.num_train_steps > 0 else 10_000  # shapes only
     setup = train.TrainSetup.create(config, mesh, steps)
     size, b, canvas = config.data.image_size, config.batch_size, 2 * config.data.image_size
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh, setup.rules)
 
     def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)

@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0 = evaluate only at the end (when eval sources are configured)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # Overrides of the logical-axis -> mesh-axes table (mlcd_jax.sharding.LOGICAL_RULES), e.g.
+    # "embed=;proto=data,fsdp": parameters' embed dim replicated, prototype rows split over data x fsdp.
+    c.mesh_rules = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.source = ""  # e.g. "fashion_mnist": kNN / linear probe on its train -> test split

@@ -45,6 +45,11 @@ def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> Vis
     )
 
 
+def sharding_rules(config: ml_collections.ConfigDict) -> sharding.Rules:
+    """The run's logical-axis rules: the one table with ``config.mesh_rules``' overrides applied."""
+    return sharding.parse_rules(config.get("mesh_rules", "") or "")
+
+
 @dataclasses.dataclass(frozen=True)
 class AbstractModel:
     """The model's structure without arrays: its graph, abstract parameters and their shardings."""
@@ -56,7 +61,8 @@ class AbstractModel:
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "AbstractModel":
         graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config, 0)))
-        return cls(graphdef, params, sharding.state_shardings(params, mesh).to_pure_dict())
+        shardings = sharding.state_shardings(params, mesh, sharding_rules(config))
+        return cls(graphdef, params, shardings.to_pure_dict())
 
     def abstract_arrays(self) -> dict[str, Any]:
         """Pure dict of ShapeDtypeStruct in their shardings (what a restore reads into)."""

@@ -5,7 +5,12 @@ Models annotate every parameter with *logical* axis names (``"embed"``, ``"mlp"`
 through :func:`constrain`; nothing else in the code base names mesh axes for parameters or
 activations. :data:`LOGICAL_RULES` is the single place that decides how those names land on the mesh
 axes ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded parameters) and ``model``
-(tensor parallel). The prototype matrix (``"proto"``) is row-sharded over *all* devices.
+(tensor parallel). The prototype matrix (``"proto"``) is row-sharded over the mesh axes of its rule
+(all of them by default: every device holds k / devices rows).
+
+A run may override rules from its config (``config.mesh_rules = "embed=;proto=data,fsdp"``, see
+:func:`parse_rules`); :func:`use_rules` makes a table the active one for everything traced inside it,
+and every function here that takes ``rules`` defaults to the active table.
 
 Activations keep the batch split over ``data`` *and* ``fsdp`` (each device computes only its share
 of the batch) while the ``embed`` dim of every weight is split over ``fsdp``; pinning both makes XLA
@@ -14,9 +19,11 @@ all-gather each layer's weights over ``fsdp`` instead of all-gathering the activ
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +56,41 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+_ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar("mlcd_jax_rules", default=LOGICAL_RULES)
+
+
+def parse_rules(overrides: str) -> Rules:
+    """:data:`LOGICAL_RULES` with a config's overrides, ``"name=axis,axis;name="`` (empty = replicated).
+
+    An unknown logical name or mesh axis raises ``ValueError`` naming it.
+    """
+    table = dict(LOGICAL_RULES)
+    for entry in filter(None, (e.strip() for e in overrides.split(";"))):
+        name, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or name not in table:
+            raise ValueError(f"mesh rule {entry!r}: use NAME=AXIS[,AXIS] with NAME one of {sorted(table)}")
+        axes = tuple(a.strip() for a in target.split(",") if a.strip())
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"mesh rule {entry!r}: unknown mesh axes {unknown}; known: {list(MESH_AXES)}")
+        table[name] = axes or None
+    return tuple(table.items())
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """Makes ``rules`` the table that :func:`constrain` and the other defaults use inside the block."""
+    token = _ACTIVE_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def active_rules(rules: Rules | None = None) -> Rules:
+    """``rules``, or the table of the innermost :func:`use_rules` (default :data:`LOGICAL_RULES`)."""
+    return _ACTIVE_RULES.get() if rules is None else rules
 
 
 def logical(init: Callable[..., jax.Array], *axes: str | None) -> Callable[..., jax.Array]:
@@ -112,13 +154,13 @@ def make_mesh(
     return Mesh(grid, tuple(shape.keys()))
 
 
-def logical_to_mesh_spec(logical_axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> P:
+def logical_to_mesh_spec(logical_axes: Sequence[str | None], rules: Rules | None = None) -> P:
     """Maps a tuple of logical axis names to a ``PartitionSpec`` through ``rules``.
 
     Unknown logical names raise, so a typo in a model's annotation cannot silently replicate a
     parameter. A mesh axis is used at most once per spec (later dims that would reuse it replicate).
     """
-    table = dict(rules)
+    table = dict(active_rules(rules))
     used: set[str] = set()
     out: list[Any] = []
     for name in logical_axes:
@@ -151,7 +193,7 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh | AbstractMesh) -> P:
     return P(*fitted)
 
 
-def constrain(x: jax.Array, *logical_axes: str | None, rules: Rules = LOGICAL_RULES) -> jax.Array:
+def constrain(x: jax.Array, *logical_axes: str | None, rules: Rules | None = None) -> jax.Array:
     """Pins activation ``x``'s sharding by logical axis names (one per dim) when traced under a mesh.
 
     The mesh is the one set by ``jax.set_mesh`` (outside jit) or ``jax.sharding.use_abstract_mesh``
@@ -166,7 +208,7 @@ def constrain(x: jax.Array, *logical_axes: str | None, rules: Rules = LOGICAL_RU
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """NamedShardings for an (abstract) NNX state or any pytree of ``nnx.Variable``s.
 
     Variables annotated through :func:`logical` are mapped through ``rules``; unannotated leaves
@@ -184,24 +226,34 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULE
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_axes(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> tuple[str, ...]:
-    """The mesh axes a global batch's leading dimension is split over (those of the ``batch`` rule)."""
-    target = dict(rules)["batch"]
+def rule_axes(name: str, mesh: Mesh | AbstractMesh, rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes (present in ``mesh``) that the rule of logical axis ``name`` maps to."""
+    target = dict(active_rules(rules))[name]
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     return tuple(a for a in axes if a in mesh.shape)
 
 
-def data_parallel_size(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
+def batch_axes(mesh: Mesh, rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes a global batch's leading dimension is split over (those of the ``batch`` rule)."""
+    return rule_axes("batch", mesh, rules)
+
+
+def proto_axes(mesh: Mesh, rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes the prototype matrix's rows are split over (those of the ``proto`` rule)."""
+    return rule_axes("proto", mesh, rules)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules | None = None) -> int:
     """How many ways a global batch is split (the product of the batch axes' sizes)."""
     return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
     """Sharding of a global batch: leading dim over the mesh axes the ``batch`` rule names."""
     return NamedSharding(mesh, P(batch_axes(mesh, rules)))
 
 
-def host_to_global(local: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+def host_to_global(local: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """Assembles host-local numpy batches (leading dim = this host's share) into global jax Arrays."""
     sharding = batch_sharding(mesh, rules)
     return jax.tree.map(

@@ -31,7 +31,7 @@ from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, sharding
 from mlcd_jax.losses import KINDS, l2_normalize, pad_num_classes, partial_fc_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
-from mlcd_jax.runs import DTYPES, AbstractModel, build_model, vit_config
+from mlcd_jax.runs import DTYPES, AbstractModel, build_model, sharding_rules, vit_config
 
 
 class ConfigError(ValueError):
@@ -124,13 +124,15 @@ class TrainSetup:
 
     config: ml_collections.ConfigDict
     mesh: Mesh
+    rules: sharding.Rules  # logical axis -> mesh axes, config.mesh_rules applied
+    proto_axes: tuple[str, ...]  # mesh axes the prototype rows are split over (the "proto" rule)
     model: AbstractModel
     abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
     state_shardings: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     num_classes: int
-    num_rows: int  # prototype rows, padded to a multiple of the device count
+    num_rows: int  # prototype rows, padded to a multiple of the prototype shards
     embed_dim: int
     flops_per_step: float
     init_fn: Callable[[int], dict[str, Any]]  # seed -> state (unsharded; see init_state)
@@ -139,13 +141,16 @@ class TrainSetup:
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> "TrainSetup":
         model_cfg = vit_config(config)
         model = AbstractModel.create(config, mesh)
+        rules = sharding_rules(config)
+        proto_axes = sharding.proto_axes(mesh, rules)
+        shards = math.prod(mesh.shape[a] for a in proto_axes)
         num_classes = int(config.loss.num_classes)
-        num_rows = pad_num_classes(num_classes, mesh.size)
+        num_rows = pad_num_classes(num_classes, shards)
         if num_rows != num_classes:
-            logging.info("prototype rows padded %d -> %d for %d devices (padding masked)",
-                         num_classes, num_rows, mesh.size)
+            logging.info("prototype rows padded %d -> %d for %d shards (padding masked)",
+                         num_classes, num_rows, shards)
         tx, schedule = make_optimizer(config, num_train_steps)
-        proto_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names), None))
+        proto_sharding = NamedSharding(mesh, P(proto_axes or None, None))
         replicated = NamedSharding(mesh, P())
 
         def init(seed: jax.Array) -> dict[str, Any]:
@@ -179,7 +184,7 @@ class TrainSetup:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_plain, shardings
         )
         return cls(
-            config=config, mesh=mesh, model=model,
+            config=config, mesh=mesh, rules=rules, proto_axes=proto_axes, model=model,
             abstract_state=abstract_state, state_shardings=shardings, tx=tx, schedule=schedule,
             num_classes=num_classes, num_rows=num_rows, embed_dim=model_cfg.embed_dim,
             flops_per_step=3 * config.batch_size * flops_per_image(model_cfg), init_fn=init,
@@ -206,7 +211,7 @@ def make_train_step(
     config, mesh = setup.config, setup.mesh
     loss_cfg = config.loss
     compute_dtype = DTYPES[config.model.dtype]
-    axes = sharding.batch_axes(mesh)
+    axes = sharding.batch_axes(mesh, setup.rules)
     histograms = bool(loss_cfg.get("histograms", True))
 
     def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
@@ -217,7 +222,8 @@ def make_train_step(
 
         def loss_fn(trainable):
             model = setup.merge(trainable["params"])
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the model pins its activations on it
+            # The model pins its activations on the mesh, through the run's rules.
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(setup.rules):
                 pooled, _ = model(
                     batch["image"].astype(compute_dtype), deterministic=False,
                     rngs=nnx.Rngs(dropout=dropout_key),
@@ -227,7 +233,7 @@ def make_train_step(
                 sample_ratio=loss_cfg.sample_ratio, sampling=loss_cfg.get("sampling", "paper"),
                 kind=loss_cfg.kind, scale=loss_cfg.scale,
                 margin=loss_cfg.margin, margin_type=loss_cfg.get("margin_type") or None,
-                num_classes=setup.num_classes, batch_axes=axes,
+                num_classes=setup.num_classes, batch_axes=axes, proto_axes=setup.proto_axes,
                 max_rows=loss_cfg.get("max_rows") or None, return_metrics=True, histograms=histograms,
             )
 
@@ -244,7 +250,7 @@ def make_train_step(
         }
         return new_state, metrics
 
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh, setup.rules)
     return jax.jit(
         step_fn,
         in_shardings=(setup.state_shardings, batch_sharding),  # every batch array: split over the batch axes
@@ -331,7 +337,11 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             raise ConfigError(f"{key}={config[key]} must be positive")
     if config.weight_decay < 0:
         raise ConfigError(f"weight_decay={config.weight_decay} must be >= 0")
-    dp = sharding.data_parallel_size(mesh)
+    try:
+        rules = sharding_rules(config)
+    except ValueError as err:
+        raise ConfigError(f"mesh_rules: {err}") from None
+    dp = sharding.data_parallel_size(mesh, rules)
     if config.batch_size % dp:
         raise ConfigError(
             f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel devices "
@@ -445,7 +455,7 @@ def train_and_evaluate(
             t0 = time.perf_counter()
             local = next(iterator)
             data_wait += time.perf_counter() - t0
-            batch = sharding.host_to_global(local, mesh)
+            batch = sharding.host_to_global(local, mesh, setup.rules)
             state, metrics = step_fn(state, batch)
             window_steps += 1
             preempted = preemption.requested(step)

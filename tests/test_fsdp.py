@@ -134,27 +134,51 @@ def test_fsdp_and_data_parallel_give_the_same_step():
     images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(0, 1024, (16, 2)).astype(np.int32)
 
-    def one_step(mesh_spec: tuple[tuple[str, int], ...]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    def one_step(mesh_spec: tuple[tuple[str, int], ...], rules: str = "") -> tuple[dict[str, np.ndarray], dict[str, object]]:
         c = _config(mesh_spec, scan=True, remat="full", model=tiny, image=32, batch=16)
+        c.mesh_rules = rules
         c.loss.sample_ratio, c.warmup_steps, c.grad_clip, c.weight_decay = 1.0, 0, 0.0, 0.0
         c.learning_rate, c.eps = 1e3, 1e3
         mesh = sharding.make_mesh(dict(c.mesh))
         setup = train.TrainSetup.create(c, mesh, num_train_steps=10)
         state = setup.init_state(0)
+        if rules:  # the overridden rules place the prototypes (and the loss follows them)
+            assert state["proto"].sharding.spec == P("data", None) and setup.proto_axes == ("data",)
         before = jax.device_get({"params": state["params"], "proto": state["proto"]})
         state, metrics = train.make_train_step(setup)(
-            state, sharding.host_to_global({"image": images, "labels": labels}, mesh)
+            state, sharding.host_to_global({"image": images, "labels": labels}, mesh, setup.rules)
         )
         after = jax.device_get({"params": state["params"], "proto": state["proto"]})
         return jax.device_get(metrics), jax.tree.map(np.subtract, before, after)
 
     data_metrics, data_grads = one_step(DATA8)
-    fsdp_metrics, fsdp_grads = one_step(FSDP8)
-    for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose(fsdp_metrics[key], data_metrics[key], rtol=1e-5)
     assert float(data_metrics["grad_norm"]) > 0
-    for a, b in zip(jax.tree.leaves(fsdp_grads), jax.tree.leaves(data_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # fsdp, and a config that overrides the rules: prototypes over "data" only, embed replicated.
+    others = [one_step(FSDP8), one_step((("data", 2), ("fsdp", 2), ("model", 2)), "proto=data;embed=")]
+    for metrics, grads in others:
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(metrics[key], data_metrics[key], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(data_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_rules_override_the_table_and_reject_unknown_names():
+    rules = sharding.parse_rules("proto=data, fsdp; kv=model;mlp=")
+    table = dict(rules)
+    assert table["proto"] == ("data", "fsdp") and table["kv"] == ("model",) and table["mlp"] is None
+    assert table["embed"] == dict(sharding.LOGICAL_RULES)["embed"]
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    with sharding.use_rules(rules):
+        assert sharding.logical_to_mesh_spec(("mlp", "proto")) == P(None, ("data", "fsdp"))
+    assert sharding.logical_to_mesh_spec(("mlp",)) == P("model")  # the default table outside the block
+    assert sharding.proto_axes(mesh, rules) == ("data", "fsdp")
+    for bad, word in (("protos=data", "protos"), ("proto=dat", "dat"), ("proto", "NAME=AXIS")):
+        with pytest.raises(ValueError, match=word):
+            sharding.parse_rules(bad)
+    c = _config(DATA8, scan=False, remat="")
+    c.mesh_rules = "proto=dat"
+    with pytest.raises(train.ConfigError, match="mesh_rules: .*unknown mesh axes"):
+        train.checked_mesh(c)
 
 
 def test_constrain_pins_under_a_mesh_and_is_a_no_op_without():

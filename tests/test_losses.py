@@ -140,6 +140,29 @@ def test_sharded_equals_dense_at_ratio_one(shape, kind, sampling):
             np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("proto_axes", [("x",), ("y",), ()])
+def test_prototypes_on_some_mesh_axes_equal_dense(proto_axes):
+    """The ``proto`` rule may split the rows over a subset of the axes (replicas on the others, or no
+    split at all) while the batch is split over all of them: same value, gradients and metrics."""
+    mesh = make_mesh({"x": 4, "y": 2})
+    e, w, y = _data(seed=5)
+    batch = NamedSharding(mesh, P(("x", "y")))
+    args = (jax.device_put(e, batch), jax.device_put(w, NamedSharding(mesh, P(proto_axes or None, None))),
+            jax.device_put(y, batch))
+
+    def sharded(e_, w_, y_):
+        return partial_fc_loss(e_, w_, y_, jax.random.key(1), mesh=mesh, sample_ratio=1.0, batch_axes=("x", "y"),
+                               proto_axes=proto_axes, return_metrics=True)
+
+    (v_s, m_s), g_s = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1), has_aux=True))(*args)
+    (v_d, m_d), g_d = jax.value_and_grad(lambda a, b: dense_loss(a, b, y, return_metrics=True), argnums=(0, 1),
+                                         has_aux=True)(e, w)
+    np.testing.assert_allclose(float(v_s), float(v_d), rtol=1e-5)
+    assert int(m_s["num_sampled"]) == K
+    for gs, gd in zip(g_s, g_d):
+        np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_metrics_match_dense_at_ratio_one():
     mesh = make_mesh({"x": 4, "y": 2})
     e, w, y = _data(seed=3)

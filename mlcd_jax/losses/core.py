@@ -62,6 +62,14 @@ def task_labels(labels: jax.Array, kind: str) -> jax.Array:
     return labels[:, :1] if kind == "softmax" else labels
 
 
+def local_rows(labels: jax.Array, offset: int | jax.Array, num_rows: int) -> jax.Array:
+    """Each label's row in the shard ``[offset, offset + num_rows)``; ``num_rows`` for padding (-1) and ids
+    outside it, so an ``.at[...].set(..., mode="drop")`` or a lookup in a table of ``num_rows + 1``
+    entries ignores them. The one place that decides which labels a shard owns."""
+    local = labels - offset
+    return jnp.where((labels >= 0) & (local >= 0) & (local < num_rows), local, num_rows)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Row-wise L2 normalisation in fp32 (bf16 inputs are upcast first)."""
     x = x.astype(jnp.float32)

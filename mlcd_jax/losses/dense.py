@@ -19,10 +19,8 @@ def label_mask(labels: jax.Array, num_rows: int, offset: int | jax.Array = 0) ->
     ``-1`` (padding) and ids outside ``[offset, offset + num_rows)`` mark nothing; a repeated id in a
     row marks its prototype once.
     """
-    local = labels - offset
-    inside = (labels >= 0) & (local >= 0) & (local < num_rows)
     rows = jnp.broadcast_to(jnp.arange(labels.shape[0])[:, None], labels.shape)
-    cols = jnp.where(inside, local, num_rows)  # out of range -> dropped
+    cols = core.local_rows(labels, offset, num_rows)  # out of range -> dropped
     return jnp.zeros((labels.shape[0], num_rows), bool).at[rows, cols].set(True, mode="drop")
 
 

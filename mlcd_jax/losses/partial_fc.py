@@ -1,7 +1,7 @@
 """The sharded prototype head: sampled negatives (the paper's or PartialFC's) and the MLCD/MLC/softmax losses.
 
-The prototype matrix W [k, d] is row-sharded over all devices of the mesh (in mesh order), so device n owns
-rows ``[n·k/N, (n+1)·k/N)``. In one step every device
+The prototype matrix W [k, d] is row-sharded over the mesh axes of the ``proto`` sharding rule (by default
+all devices, in mesh order), so shard n of N owns rows ``[n·k/N, (n+1)·k/N)``. In one step every device
 
 1. gathers the global batch of embeddings and labels (all-gather over the batch axes; cheap, B x d);
 2. keeps every row of its range that is a positive of some sample in the global batch, plus uniformly
@@ -118,9 +118,7 @@ def _select_rows(
     if budget == rows_per_shard:  # r ~ 1: every real row in both modes, no sampling
         rows = jnp.arange(rows_per_shard)
         return rows, rows < real_rows
-    local = labels - lo
-    inside = (labels >= 0) & (local >= 0) & (local < rows_per_shard)
-    is_pos = jnp.zeros(rows_per_shard, bool).at[jnp.where(inside, local, rows_per_shard)].set(
+    is_pos = jnp.zeros(rows_per_shard, bool).at[core.local_rows(labels, lo, rows_per_shard)].set(
         True, mode="drop"
     )
     row_ids = jnp.arange(rows_per_shard)
@@ -153,6 +151,7 @@ def partial_fc_loss(
     margin_type: str | None = None,
     num_classes: int | None = None,
     batch_axes: tuple[str, ...] | None = None,
+    proto_axes: tuple[str, ...] | None = None,
     max_rows: int | None = None,
     return_metrics: bool = False,
     histograms: bool = False,
@@ -161,56 +160,59 @@ def partial_fc_loss(
 
     Args:
       embeddings: [B, d] global batch, sharded over ``batch_axes`` or replicated.
-      prototypes: [k_pad, d], row-sharded over all mesh axes (``P(mesh.axis_names, None)``).
-        ``k_pad`` must be divisible by ``mesh.size``; pad with :func:`pad_num_classes` and pass the real
+      prototypes: [k_pad, d], row-sharded over ``proto_axes`` (``P(proto_axes, None)``).
+        ``k_pad`` must be divisible by the number of shards; pad with :func:`pad_num_classes` and pass the real
         ``num_classes`` so the padding rows are never used.
       labels: int [B, l] positive prototype ids, ``-1`` = padding; sharded like ``embeddings``.
       rng: PRNG key, replicated; each shard folds in its index so shards sample independently.
-      mesh: the device mesh; prototypes are split over all of its axes in mesh order.
+      mesh: the device mesh.
       sample_ratio: r, the fraction sampled per step (1 = no sampling): of each shard's negatives with
         ``sampling="paper"``, of each shard's rows (positives included) with ``"partial_fc"``.
       sampling: ``"paper"`` (the MLCD paper) or ``"partial_fc"``; see the module docstring.
       kind, scale, margin, margin_type, histograms: as in :func:`mlcd_jax.losses.dense_loss`.
       batch_axes: mesh axes the batch is split over; default the mesh's first axis, ``()`` = replicated.
+      proto_axes: mesh axes the prototype rows are split over, in that order (the ``proto`` sharding
+        rule); default all of the mesh's axes. Devices that differ only on other axes hold the same rows.
       max_rows: optional cap on the static per-shard capacity (see the module docstring).
       return_metrics: also return loss_pos / loss_neg / mean_pos_cos / mean_neg_cos / num_sampled.
     """
     core.check_labels(embeddings, prototypes, labels)
     margin_kind = core.check_kind(kind, margin_type)
     labels = core.task_labels(labels, kind)
-    axes = tuple(mesh.axis_names)
-    num_shards = mesh.size
+    axes = tuple(mesh.axis_names) if proto_axes is None else tuple(proto_axes)
+    num_shards = math.prod(mesh.shape[a] for a in axes)
     k_pad, _ = prototypes.shape
     if k_pad % num_shards:
         raise ValueError(
-            f"{k_pad} prototypes cannot be split evenly over {num_shards} devices: allocate "
+            f"{k_pad} prototypes cannot be split evenly over {num_shards} shards: allocate "
             f"pad_num_classes({k_pad}, {num_shards}) = {pad_num_classes(k_pad, num_shards)} rows and pass "
             f"num_classes={k_pad} (padding rows are masked out)"
         )
     num_classes = k_pad if num_classes is None else num_classes
     if not 0 < num_classes <= k_pad:
         raise ValueError(f"num_classes={num_classes} must be in (0, {k_pad}] (the prototype rows)")
-    batch_axes = (axes[0],) if batch_axes is None else tuple(batch_axes)
+    batch_axes = (mesh.axis_names[0],) if batch_axes is None else tuple(batch_axes)
     dp = math.prod(mesh.shape[a] for a in batch_axes)
     if embeddings.shape[0] % dp:
         raise ValueError(
             f"batch of {embeddings.shape[0]} does not split over batch axes {batch_axes} ({dp} ways)"
         )
     rows_per_shard = k_pad // num_shards
+    copies = tuple(a for a in batch_axes if a not in axes)  # after the gather, the same values there
     capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, max_rows, sampling)
     compute_dtype = jnp.promote_types(embeddings.dtype, prototypes.dtype)
 
     def pmax(x: jax.Array) -> jax.Array:
-        return jax.lax.pmax(x, axes)
+        return jax.lax.pmax(x, axes) if axes else x
 
     def psum(x: jax.Array) -> jax.Array:
-        return jax.lax.psum(x, axes)
+        return jax.lax.psum(x, axes) if axes else x
 
     def shard_fn(e_local, w_local, y_local, key):
         if batch_axes:
             e_local = jax.lax.all_gather(e_local, batch_axes, tiled=True)
             y_local = jax.lax.all_gather(y_local, batch_axes, tiled=True)
-        shard = jax.lax.axis_index(axes)
+        shard = jax.lax.axis_index(axes) if axes else 0
         lo = shard * rows_per_shard
         rows, valid = _select_rows(
             y_local, jax.random.fold_in(key, shard), lo, rows_per_shard, num_classes, sample_ratio,
@@ -218,11 +220,10 @@ def partial_fc_loss(
         )
         e = core.l2_normalize(e_local)
         c = core.cosine(e, w_local[rows], compute_dtype)
-        # Position of each selected row in ``rows``, to mark each sample's positives among them.
-        slot = jnp.full(rows_per_shard, capacity, jnp.int32).at[rows].set(jnp.arange(capacity))
-        local = y_local - lo
-        inside = (y_local >= 0) & (local >= 0) & (local < rows_per_shard)
-        pos_slot = jnp.where(inside, slot[jnp.clip(local, 0, rows_per_shard - 1)], -1)
+        # Position of each selected row in ``rows`` (-1: not selected, or not this shard's label), to mark
+        # each sample's positives among them.
+        slot = jnp.full(rows_per_shard + 1, -1, jnp.int32).at[rows].set(jnp.arange(capacity))
+        pos_slot = slot[core.local_rows(y_local, lo, rows_per_shard)]
         pos = label_mask(pos_slot, capacity) & valid[None, :]
         neg = valid[None, :] & ~pos
         loss, metrics = core.loss_from_cosines(
@@ -230,6 +231,9 @@ def partial_fc_loss(
             pmax=pmax, psum=psum, histograms=histograms,
         )
         metrics["num_sampled"] = psum(jnp.sum(valid, dtype=jnp.int32))
+        if copies:  # equal on devices that differ only on batch axes outside the proto axes: say so
+            loss = jax.lax.pmean(loss, copies)
+            metrics = jax.tree.map(lambda m: jax.lax.pmax(jax.lax.stop_gradient(m), copies), metrics)
         return loss, metrics
 
     batch_spec = P(batch_axes or None)
