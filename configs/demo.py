@@ -16,7 +16,7 @@ learn 10x faster than the backbone (README, "What the demo shows", has the seede
 
 import ml_collections
 
-from mlcd_jax.cluster import default_config as cluster_config
+from mlcd_jax.cluster.config import default_config as cluster_config
 from mlcd_jax.config_lib import base_config
 from mlcd_jax.data import sources
 

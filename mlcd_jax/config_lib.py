@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import ml_collections
 
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line that names the key and the fix."""
+
+
 # Table 9 of the paper.
 PAPER_LEARNING_RATE = {"B/32": 5e-4, "B/16": 5e-4, "L/14": 4e-4, "L/14-336": 4e-4, "bigG/14": 4e-4}
 
@@ -87,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
-    c.eval_every_steps = 0  # 0 = evaluate only at the end (when eval sources are configured)
+    # A jax.profiler trace of this many steps (from the 5th step of a launch, after compiling) under
+    # workdir/plugins/profile, for TensorBoard's profile tab; 0 = none.
+    c.profile_steps = 0
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     # Overrides of the logical-axis -> mesh-axes table (mlcd_jax.sharding.LOGICAL_RULES), e.g.
@@ -95,14 +101,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh_rules = ""
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.source = ""  # e.g. "fashion_mnist": kNN / linear probe on its train -> test split
+    c.eval.source = ""  # e.g. "fashion_mnist": the labelled images (train -> test split) evaluators use
     c.eval.train_limit = 0
     c.eval.test_limit = 0
-    c.eval.linear_probe = True
-    c.eval.knn_k = 20
     # Extra rows of the results table: pixels, teacher, random_init, single_label (trains a second
     # model with loss.kind = softmax, the UNICOM baseline, under workdir/single_label).
     c.eval.baselines = ""
+    # Evaluators (mlcd_jax.evaluate.evaluators): every > 0 also during training every that many steps,
+    # 0 = after training only, < 0 = off. They run when eval.source is set.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.knn = dict(type="knn", every=0, k=20)
+    c.evals.linear = dict(type="linear_probe", every=0)
+    c.evals.pictures = dict(type="pictures", every=0)
     return c
 
 

@@ -7,6 +7,7 @@ trained workdir). Configuration errors are printed as one line and exit with sta
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sys
@@ -47,9 +48,13 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
         ).strip()
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], mode: str | None = None) -> None:
+    """The run of ``--config`` (with ``mode``, when given, in place of the config's ``mode``)."""
     del argv
-    prepare_process(FLAGS.config)
+    config = copy.deepcopy(FLAGS.config)
+    if mode is not None:
+        config.mode = mode
+    prepare_process(config)
     import jax
 
     if FLAGS.coordinator_address or FLAGS.num_processes:
@@ -69,7 +74,7 @@ def main(argv: list[str]) -> None:
     )
     from mlcd_jax import experiment
 
-    run_or_exit(lambda: experiment.run(FLAGS.config, FLAGS.workdir))
+    run_or_exit(lambda: experiment.run(config, FLAGS.workdir))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -85,7 +90,8 @@ def run_or_exit(fn: Callable[[], Any]) -> Any:
     JAX's preemption notice."""
     import jax
 
-    from mlcd_jax.train import PREEMPTED_EXIT_CODE, ConfigError, Preempted, TrainingDiverged
+    from mlcd_jax.config_lib import ConfigError
+    from mlcd_jax.train import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
 
     if jax.process_count() == 1:
         signal.signal(signal.SIGTERM, _interrupt)

@@ -129,7 +129,7 @@ def parse_seeds(seeds: str) -> list[int]:
 
 def plan(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: Sequence[int], workdir: str) -> list[Run]:
     """Every point × seed as a run: ``base`` with the point's overrides, ``seed`` and no per-run baselines."""
-    from mlcd_jax.train import ConfigError
+    from mlcd_jax.config_lib import ConfigError
 
     if not base.eval.source:
         raise ConfigError("eval.source is empty: a study compares kNN / linear-probe accuracy on a labelled source")
@@ -212,7 +212,7 @@ def study_baselines(base: ml_collections.ConfigDict, seeds: Sequence[int], workd
         config = copy.deepcopy(base)
         config.seed = seed
         if baseline == "teacher":
-            experiment.ensure_shards(config)
+            config = experiment.with_shards(config)
         row = experiment.baseline_row(config, baseline)
         if baseline == "random_init":
             rows.setdefault("random_init", {})[str(seed)] = row

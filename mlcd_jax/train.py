@@ -13,8 +13,7 @@ import logging
 import math
 import signal
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,15 +26,12 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, sharding
+from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
+from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.losses import KINDS, l2_normalize, pad_num_classes, partial_fc_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
 from mlcd_jax.runs import DTYPES, AbstractModel, build_model, sharding_rules, vit_config
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line that names the key and the fix."""
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -391,15 +387,41 @@ def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int
     return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
 
 
+def _log_step(
+    config: ml_collections.ConfigDict, setup: TrainSetup, writer: Any, step: int, total_steps: int,
+    metrics: dict[str, Any], timing: dict[str, float], peak: float | None,
+) -> dict[str, Any]:
+    """Writes one step's metrics (and throughput of the window) and prints its line; returns the scalars."""
+    step_time = timing["step_time_s"]
+    scalars = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+    scalars.update(timing, images_per_s=config.batch_size / step_time,
+                   flops_per_s=setup.flops_per_step / step_time)
+    if peak:
+        scalars["mfu"] = setup.flops_per_step / step_time / (peak * jax.device_count())
+    writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
+    print(
+        f"step {step}/{total_steps} loss {scalars['loss']:.4f} (pos {scalars['loss_pos']:.3f}"
+        f" neg {scalars['loss_neg']:.3f}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
+        f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
+        f"{scalars['images_per_s']:.1f} img/s, data wait {100 * scalars['data_wait_frac']:.0f}%"
+        + (f", MFU {100 * scalars['mfu']:.1f}%" if peak else f", {scalars['flops_per_s'] / 1e9:.1f} GFLOP/s"),
+        flush=True,
+    )
+    return scalars
+
+
+PeriodicEval = tuple[int, Callable[[VisionTransformer], dict[str, float]]]
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
-    eval_fn: Callable[[VisionTransformer], dict[str, float]] | None = None,
+    evals: Sequence[PeriodicEval] = (),
 ) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` when it holds a checkpoint) and returns the last logged metrics.
 
-    ``eval_fn(model) -> scalars`` runs every ``config.eval_every_steps`` steps (if > 0) and its
-    results are logged with the training metrics.
+    ``evals``: ``(every, fn)`` pairs; ``fn(model) -> scalars`` runs every ``every`` steps and its results
+    are logged with the training metrics (the caller builds them from ``config.evals``).
     """
     from mlcd_jax.data.pipeline import make_train_loader
 
@@ -446,23 +468,23 @@ def train_and_evaluate(
     peak = metrics_lib.device_peak_flops()
     preemption = _Preemption(manager)
     stop_after = min(config.get("stop_after_steps", 0) or total_steps, total_steps)
+    timer = periodic.StepTimer()
+    profiler = periodic.Profiler(workdir, int(config.get("profile_steps", 0)), first=start + 5)
     last: dict[str, Any] = {}
     if start >= stop_after:
         print(f"{workdir} already holds step {start} (>= {stop_after}): nothing to train", flush=True)
-    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
     try:
         for step in range(start + 1, stop_after + 1):  # empty when the workdir is already there
-            t0 = time.perf_counter()
-            local = next(iterator)
-            data_wait += time.perf_counter() - t0
-            batch = sharding.host_to_global(local, mesh, setup.rules)
-            state, metrics = step_fn(state, batch)
-            window_steps += 1
+            with timer.data_wait():
+                local = next(iterator)
+            profiler.before(step)
+            state, metrics = step_fn(state, sharding.host_to_global(local, mesh, setup.rules))
+            profiler.after(step, metrics)
             preempted = preemption.requested(step)
             is_last = step >= stop_after
-            eval_now = eval_fn is not None and config.eval_every_steps > 0 and step % config.eval_every_steps == 0
-            log_now = step % config.log_every_steps == 0 or is_last or eval_now
-            ckpt_now = step % config.checkpoint_every_steps == 0 or is_last or preempted
+            evals_now = [fn for every, fn in evals if periodic.due(step, every)]
+            log_now = periodic.due(step, config.log_every_steps, last=is_last) or bool(evals_now)
+            ckpt_now = periodic.due(step, config.checkpoint_every_steps, last=is_last or preempted)
             if log_now or ckpt_now:
                 metrics = jax.device_get(metrics)
                 for name in ("loss", "grad_norm"):
@@ -472,34 +494,17 @@ def train_and_evaluate(
                             f"(step {manager.latest_step()}) is kept"
                         )
             if log_now:
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
-                scalars = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
-                scalars.update(
-                    step_time_s=step_time,
-                    images_per_s=config.batch_size / step_time,
-                    data_wait_frac=data_wait / elapsed,
-                    flops_per_s=setup.flops_per_step / step_time,
-                )
-                if peak:
-                    scalars["mfu"] = setup.flops_per_step / step_time / (peak * jax.device_count())
-                if eval_now:
-                    results = eval_fn(setup.merge(state["params"]))
-                    scalars.update(results)
+                timing = timer.report()
+                results: dict[str, float] = {}
+                if evals_now:
+                    writer.flush()  # evaluators may read metrics.jsonl (the training curves)
+                for fn in evals_now:
+                    results.update(fn(setup.merge(state["params"])))
+                if results:
                     print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
                           flush=True)
-                writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
-                print(
-                    f"step {step}/{total_steps} loss {scalars['loss']:.4f} (pos {scalars['loss_pos']:.3f}"
-                    f" neg {scalars['loss_neg']:.3f}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
-                    f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
-                    f"{scalars['images_per_s']:.1f} img/s, data wait {100 * scalars['data_wait_frac']:.0f}%"
-                    + (f", MFU {100 * scalars['mfu']:.1f}%" if peak else
-                       f", {scalars['flops_per_s'] / 1e9:.1f} GFLOP/s"),
-                    flush=True,
-                )
-                last = scalars
-                window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+                last = _log_step(config, setup, writer, step, total_steps, {**metrics, **results}, timing, peak)
+                timer.reset()  # the next window starts after logging and evaluation
             if ckpt_now:
                 writer.flush()  # every row up to a checkpoint is on disk before the checkpoint exists
                 checkpointing.save(manager, step, state, iterator, force=preempted or is_last)
@@ -508,6 +513,7 @@ def train_and_evaluate(
             if is_last:
                 break
     finally:
+        profiler.close()
         manager.wait_until_finished()
         manager.close()
         writer.flush()

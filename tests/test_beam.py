@@ -12,7 +12,7 @@ import pytest
 from etils import epath
 
 from mlcd_jax import cluster
-from mlcd_jax.cluster import job as job_lib
+from mlcd_jax.cluster import runners, stages
 from test_cluster import _bytes, _png_folder, _records
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -68,7 +68,7 @@ def test_failed_chunks_are_redone_exactly_once(local, tmp_path, monkeypatch):
     """A worker dies before writing chunk 2's embeddings, another after writing chunk 3's shard; the re-run
     (what a runner's bundle retry amounts to) re-does what is missing and skips what is complete."""
     out = tmp_path / "retried"
-    real_embed, real_assign = job_lib.Job.embed_chunk, job_lib.Job.assign_chunk
+    real_embed, real_assign = stages.Embed.run_chunk, stages.Assign.run_chunk
     attempts = {"embed": [], "assign": []}
 
     def embed_dies_once(self, chunk, *args, **kwargs):
@@ -84,8 +84,8 @@ def test_failed_chunks_are_redone_exactly_once(local, tmp_path, monkeypatch):
             raise RuntimeError("worker died (assign, chunk 3, after its output was complete)")
         return written
 
-    monkeypatch.setattr(job_lib.Job, "embed_chunk", embed_dies_once)
-    monkeypatch.setattr(job_lib.Job, "assign_chunk", assign_dies_once_after_writing)
+    monkeypatch.setattr(stages.Embed, "run_chunk", embed_dies_once)
+    monkeypatch.setattr(stages.Assign, "run_chunk", assign_dies_once_after_writing)
     with pytest.raises(Exception, match="worker died \\(embed, chunk 2\\)"):
         cluster.run(_beam(out))
     assert not (out / "embeddings" / "00002.npz").exists() and not (out / "centroids.npy").exists()
@@ -154,8 +154,8 @@ def test_bad_runner_settings_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(cluster.ClusterError, match="runner=beam spreads the chunks .* num_workers=1"):
         cluster.run(_beam(tmp_path, num_workers=2))
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if apache-beam were not installed
-    monkeypatch.delitem(sys.modules, "mlcd_jax.cluster.beam", raising=False)
-    monkeypatch.delattr(cluster, "beam", raising=False)
+    monkeypatch.delitem(sys.modules, "mlcd_jax.cluster.runners.beam", raising=False)
+    monkeypatch.delattr(runners, "beam", raising=False)
     with pytest.raises(cluster.ClusterError, match=r"pip install 'mlcd_jax\[beam\]'"):
         cluster.run(_beam(tmp_path))
 

@@ -12,8 +12,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from mlcd_jax import cluster
-from mlcd_jax.cluster import job as job_lib
-from mlcd_jax.cluster import kmeans
+from mlcd_jax.cluster import kmeans, stages
 from mlcd_jax.data import augment, records
 from mlcd_jax.data.sources import load_arrays
 
@@ -120,7 +119,7 @@ def test_killed_job_resumes_to_identical_output(reference, fm_config, tmp_path, 
     with np.load(out / "kmeans" / "state.npz") as z:
         assert int(z["iteration"]) == 3
 
-    real_write, writes = job_lib.write_shard, []
+    real_write, writes = stages.write_shard, []
 
     def dying_write(path, encoded):  # then dies while writing the third shard
         writes.append(path)
@@ -130,13 +129,13 @@ def test_killed_job_resumes_to_identical_output(reference, fm_config, tmp_path, 
         return real_write(path, encoded)
 
     calls.clear()
-    monkeypatch.setattr(job_lib, "write_shard", dying_write)
+    monkeypatch.setattr(stages, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         cluster.run(fm_config(out))
     assert len(calls) == 6 - 3, "k-means resumed from its checkpoint"
     assert len(glob.glob(f"{out}/shards/*.array_record")) == 2 and not (out / "manifest.json").exists()
 
-    monkeypatch.setattr(job_lib, "write_shard", real_write)
+    monkeypatch.setattr(stages, "write_shard", real_write)
     m = cluster.run(fm_config(out))
     assert m["num_images"] == 3000
     assert _bytes(out, "shards/*") == _bytes(ref, "shards/*")

@@ -47,7 +47,7 @@ def test_gs_workdir_trains_resumes_evaluates_and_loads(gcs_bucket, tmp_path):
     assert _checkpoint_steps(run) == [STOP]
     assert sorted(_rows(run / "metrics.jsonl")) == list(range(1, STOP + 1))
 
-    _train(workdir, cache, tmp_path, "--config.eval.source=digits", "--config.eval.linear_probe=False",
+    _train(workdir, cache, tmp_path, "--config.eval.source=digits", "--config.evals.linear.every=-1",
            "--config.eval.baselines=pixels", "--config.eval.train_limit=500", "--config.eval.test_limit=200")
     assert _checkpoint_steps(run) == [STOP, STEPS]
     want, got = _rows(local / "metrics.jsonl"), _rows(run / "metrics.jsonl")

@@ -149,7 +149,7 @@ def test_sigterm_or_ctrl_c_checkpoints_skips_evaluation_and_exits_75(uninterrupt
     base, _, cache, _ = uninterrupted
     workdir = base / f"stopped_{signum.name}"
     proc = subprocess.Popen(_cmd(workdir, cache, "--config.checkpoint_every_steps=1000", "--config.eval.source=digits",
-                                 "--config.eval.linear_probe=False"),
+                                 "--config.evals.linear.every=-1"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
@@ -213,7 +213,7 @@ def test_aot_compile_vitl14_with_1m_prototypes_memory_plan():
 
 def test_evaluate_cli_on_a_trained_run(uninterrupted):
     _, workdir, cache, _ = uninterrupted
-    cmd = _cmd(workdir, cache, "--config.eval.source=digits", "--config.eval.linear_probe=False",
+    cmd = _cmd(workdir, cache, "--config.eval.source=digits", "--config.evals.linear.every=-1",
                "--config.eval.baselines=pixels")
     cmd[2] = "mlcd_jax.evaluate"
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ Outputs go to ``gs://BUCKET/mlcd_cluster``. Set the rest as usual, e.g. ``--conf
 64-per-centroid sample (64M x d float32 in its memory; 8 parts, each fits one GPU). See launch/README.md, "Clustering on Dataflow / Flink / Spark".
 """
 
-from mlcd_jax.cluster.job import default_config
+from mlcd_jax.cluster.config import default_config
 
 _KEYS = ("project", "bucket", "region", "workers", "gpu", "image")
 CPU_MACHINE = "n2-standard-16"  # the pixels teacher and assignment: CPU-bound, one process per core

@@ -8,7 +8,7 @@ Every key of ``mlcd_jax.cluster.default_config()`` can be overridden with ``--co
 part of the sample fits one GPU) and, with GPU faiss, ``--config.kmeans_fp16=True``.
 """
 
-from mlcd_jax.cluster.job import default_config
+from mlcd_jax.cluster.config import default_config
 
 
 def get_config():

@@ -2,8 +2,8 @@
 
 Prints the manifest's summary; bad settings or inputs exit with status 1 and a one-line error.
 ``--config.runner=beam --config.beam_options='--runner=...'`` runs the embed and assign stages on Apache
-Beam (``mlcd_jax.cluster.beam``); ``--dry-run`` (= ``--config.dry_run=True``) prints the plan (and the
-pipeline options) instead, writing nothing.
+Beam (``mlcd_jax.cluster.runners.beam``); ``--dry-run`` (= ``--config.dry_run=True``) prints the plan
+(and the pipeline options) instead, writing nothing.
 """
 
 import json
@@ -12,7 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlcd_jax.cluster.job import ClusterError, run
+from mlcd_jax.cluster.config import ClusterError
+from mlcd_jax.cluster.job import run
 from mlcd_jax.cluster.teachers import TeacherError
 from mlcd_jax.data.records import RecordError
 from mlcd_jax.data.sources import SourceError

@@ -10,6 +10,10 @@ Two k-means methods (the job's ``kmeans_method``):
   it buys is that each part fits one accelerator (or one machine) on its own and parts are
   independent. Parts run one after another here; each is checkpointed, so a killed job resumes.
 
+Checkpoints (this module's format, ``state_paths``): one ``.npz`` per level with the centroids after the
+last finished Lloyd iteration, how many iterations are done, the objectives so far and the seconds since
+the run started; a run given the same files resumes after the last finished iteration.
+
 On a GPU build of faiss every index (k-means assignment and top-l search) is spread over all visible
 GPUs (centroids sharded when there are several), optionally storing the centroids in float16
 (``fp16``: half the GPU memory of a 1M x 768 index, a little precision).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 
 import faiss
@@ -27,10 +32,6 @@ import numpy as np
 from mlcd_jax import fileio
 from mlcd_jax.cluster import storage
 from mlcd_jax.data import records
-
-# save_state(path, centroids, iterations done, objectives so far): writes a resumable checkpoint.
-SaveState = Callable[[str, np.ndarray, int, list[float]], None]
-METHODS = ("flat", "hierarchical")
 
 
 def gpu_available() -> bool:
@@ -83,6 +84,27 @@ def lloyd_step(
     return l2_normalize(new), float(clus.iteration_stats.at(0).obj)
 
 
+def state_paths(state_dir: str, parts: int) -> list[str]:
+    """The checkpoint files of a k-means run in ``state_dir``: one per part (``parts`` > 0 for the
+    hierarchical method), then the last level's ``state.npz``."""
+    return [os.path.join(state_dir, f"part-{p:04d}.npz") for p in range(parts)] + [os.path.join(state_dir, "state.npz")]
+
+
+def _save_state(path: str, centroids: np.ndarray, iteration: int, objectives: list[float], seconds: float) -> None:
+    """Checkpoints one level after ``iteration`` finished Lloyd iterations (atomically)."""
+    storage.save_npz(path, centroids=centroids, iteration=np.int64(iteration),
+                     objectives=np.asarray(objectives), seconds=np.float64(seconds))
+
+
+def iterations_done(state_dir: str, parts: int) -> int:
+    """Lloyd iterations, over all levels, that the checkpoints in ``state_dir`` hold (a resumed run's progress)."""
+    done = 0
+    for path in fileio.existing(state_paths(state_dir, parts)):
+        with storage.load_npz(path) as z:
+            done += int(z["iteration"])
+    return done
+
+
 def spherical_kmeans(
     x: np.ndarray,
     k: int,
@@ -93,16 +115,18 @@ def spherical_kmeans(
     use_gpu: bool = False,
     fp16: bool = False,
     state_path: str | None = None,
-    save_state: SaveState | None = None,
+    started: float | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """``iters`` Lloyd iterations; resumes from / checkpoints to ``state_path`` after every iteration.
 
     Iteration ``i`` uses seed ``seed + i``, so a resumed run computes the same centroids as an
-    uninterrupted one.
+    uninterrupted one. A checkpoint's seconds count from ``started`` (a ``time.perf_counter()``; default:
+    this call). ``progress(iterations done, objective)`` is called after every iteration.
     """
     if k > len(x):
         raise ValueError(f"num_clusters={k} is more than the {len(x)} sampled embeddings")
+    started = time.perf_counter() if started is None else started
     centroids, objectives, start = None, [], 0
     if state_path and fileio.exists(state_path):
         with storage.load_npz(state_path) as z:
@@ -110,17 +134,11 @@ def spherical_kmeans(
     for i in range(start, iters):
         centroids, obj = lloyd_step(x, centroids, k, seed + i, use_gpu, weights=weights, fp16=fp16)
         objectives.append(obj)
-        if state_path and save_state:
-            save_state(state_path, centroids, i + 1, objectives)
+        if state_path:
+            _save_state(state_path, centroids, i + 1, objectives, time.perf_counter() - started)
         if progress:
             progress(i + 1, obj)
     return centroids, objectives
-
-
-def state_paths(state_dir: str, parts: int) -> list[str]:
-    """The checkpoint files of a k-means run in ``state_dir``: one per part (``parts`` > 0 for the
-    hierarchical method), then the last level's ``state.npz``."""
-    return [os.path.join(state_dir, f"part-{p:04d}.npz") for p in range(parts)] + [os.path.join(state_dir, "state.npz")]
 
 
 def hierarchical_kmeans(
@@ -133,7 +151,7 @@ def hierarchical_kmeans(
     use_gpu: bool = False,
     fp16: bool = False,
     state_dir: str | None = None,
-    save_state: SaveState | None = None,
+    started: float | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """Two-level k-means: each of ``parts`` contiguous parts of ``x`` to k, then the weighted union to k.
@@ -148,6 +166,7 @@ def hierarchical_kmeans(
             f"hierarchical k-means with {parts} parts of {len(x)} points leaves {len(x) // max(parts, 1)} "
             f"per part, fewer than k={k}: lower the number of parts or sample more points"
         )
+    started = time.perf_counter() if started is None else started
     bounds = np.linspace(0, len(x), parts + 1).astype(int)
     paths = state_paths(state_dir, parts) if state_dir else [None] * (parts + 1)
     union, counts = [], []
@@ -155,8 +174,7 @@ def hierarchical_kmeans(
         part = x[bounds[p] : bounds[p + 1]]
         centroids, _ = spherical_kmeans(
             part, k, iters, seed + (p + 1) * iters, use_gpu=use_gpu, fp16=fp16,
-            state_path=paths[p],
-            save_state=save_state, progress=progress,
+            state_path=paths[p], started=started, progress=progress,
         )
         _, nearest = build_index(centroids, "flat", use_gpu=use_gpu, fp16=fp16).search(part, 1)
         union.append(centroids)
@@ -165,8 +183,7 @@ def hierarchical_kmeans(
     keep = weights > 0  # a centroid that holds no point carries no information
     return spherical_kmeans(
         np.concatenate(union)[keep], k, iters, seed, weights=weights[keep], use_gpu=use_gpu, fp16=fp16,
-        state_path=paths[-1],
-        save_state=save_state, progress=progress,
+        state_path=paths[-1], started=started, progress=progress,
     )
 
 
@@ -200,8 +217,13 @@ def build_index(
     return _to_gpu(index, fp16) if use_gpu else index
 
 
+def write_index(index: faiss.Index, path: str) -> None:
+    """Saves a CPU ``index`` (the job's IVF index) to the local file ``path``."""
+    faiss.write_index(index, path)
+
+
 def read_index(path: str, *, use_gpu: bool = False, fp16: bool = False) -> faiss.Index:
-    """An index saved by ``faiss.write_index`` (the job's IVF index), optionally moved to the GPU(s)."""
+    """An index saved by ``write_index``, optionally moved to the GPU(s)."""
     index = faiss.read_index(path)
     return _to_gpu(index, fp16) if use_gpu else index
 

@@ -1,20 +1,15 @@
 """``python -m mlcd_jax.evaluate --config=configs/<name>.py --workdir=DIR``: evaluate a trained run.
 
-The same as ``python -m mlcd_jax.main ... --config.mode=eval``: kNN and linear probe of the newest
-checkpoint's frozen features (and the configured baselines) on ``config.eval.source``; writes
+The same as ``python -m mlcd_jax.main ... --config.mode=eval``: the evaluators of ``config.evals`` on the
+newest checkpoint's frozen features (and the configured baselines) on ``config.eval.source``; writes
 ``DIR/results.json`` and prints the table.
 """
+
+import functools
 
 from absl import app
 
 from mlcd_jax import main as main_lib
 
-
-def _main(argv: list[str]) -> None:
-    with main_lib.FLAGS.config.unlocked():
-        main_lib.FLAGS.config.mode = "eval"
-    main_lib.main(argv)
-
-
 if __name__ == "__main__":
-    app.run(_main)
+    app.run(functools.partial(main_lib.main, mode="eval"))

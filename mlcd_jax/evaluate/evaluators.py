@@ -1,0 +1,161 @@
+"""Evaluators as a registry driven by the config: the same objects run during training and after it.
+
+As big_vision's ``config.evals``: each entry ``config.evals.<name> = dict(type=..., every=..., **options)``
+names one of :data:`EVALUATORS`. ``every > 0`` runs it every that many training steps (its scalars go into
+``metrics.jsonl`` / TensorBoard with the training metrics) and after training; ``every = 0`` only after
+training (``results.json``); ``every < 0`` turns it off (``--config.evals.linear.every=-1``).
+
+An evaluator looks at a :class:`Target`: a named feature function (a trained or random-init ViT, raw
+pixels, the clustering teacher) and, for a trained run, its model and workdir. The labelled images come
+from ``config.eval.source`` (train split -> test split), read once per process.
+
+- ``knn`` (option ``k``): cosine k-NN top-1, ``knn_top1``.
+- ``linear_probe``: CLIP-protocol logistic regression top-1, ``linear_top1``.
+- ``pictures``: ``patch_pca.png`` (patch-feature PCA of 8 test images, paper Fig. 6) and
+  ``cosine_curves.png`` (loss terms and cosines over training, Fig. 3) in the workdir; trained runs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from mlcd_jax.config_lib import ConfigError
+
+Embed = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class Target:
+    """What evaluators look at: ``embed`` (uint8 images -> features) under a row name, and for a trained
+    run its ``model`` and ``workdir`` (pictures need them). Features of each split are computed once."""
+
+    name: str
+    embed: Embed
+    model: nnx.Module | None = None
+    workdir: str | None = None
+    _features: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """``embed(images)``, cached per (read-only, shared) image array."""
+        if id(images) not in self._features:
+            self._features[id(images)] = self.embed(images)
+        return self._features[id(images)]
+
+
+@functools.cache
+def _eval_split(source: str, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """One split's (images, labels), read once per process and shared read-only by every caller."""
+    from mlcd_jax.data.sources import load_arrays
+
+    arrays = load_arrays(source, split=split, limit=limit or None)
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied."""
+    if not config.eval.source:
+        raise ConfigError("eval.source is empty: name a labelled source, e.g. fashion_mnist or digits")
+    train_x, train_y = _eval_split(config.eval.source, "train", config.eval.train_limit)
+    test_x, test_y = _eval_split(config.eval.source, "test", config.eval.test_limit)
+    return train_x, train_y, test_x, test_y
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """One configured evaluator: ``name`` (its config key), ``every`` (see the module docstring)."""
+
+    name: str
+    every: int
+    config: ml_collections.ConfigDict  # the run's config (eval data, image size, seed)
+
+    def __call__(self, target: Target) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class Knn(Evaluator):
+    k: int = 20
+
+    def __call__(self, target: Target) -> dict[str, float]:
+        from mlcd_jax.evaluate.knn import knn_accuracy
+
+        train_x, train_y, test_x, test_y = eval_arrays(self.config)
+        top1 = knn_accuracy(target.features(train_x), train_y, target.features(test_x), test_y, k=self.k)
+        return {"knn_top1": top1}
+
+
+@dataclasses.dataclass
+class LinearProbe(Evaluator):
+    def __call__(self, target: Target) -> dict[str, float]:
+        from mlcd_jax.evaluate.linear_probe import linear_probe
+
+        train_x, train_y, test_x, test_y = eval_arrays(self.config)
+        result = linear_probe(target.features(train_x), train_y, target.features(test_x), test_y,
+                              seed=self.config.seed)
+        return {"linear_top1": result["top1"]}
+
+
+@dataclasses.dataclass
+class Pictures(Evaluator):
+    num_images: int = 8
+
+    def __call__(self, target: Target) -> dict[str, float]:
+        if target.model is None or target.workdir is None:
+            return {}  # baselines have no patch tokens or training curves
+        from mlcd_jax.evaluate.features import FeatureExtractor
+        from mlcd_jax.evaluate.pictures import cosine_curves_png, patch_pca_image, pca_grid_png
+
+        images = eval_arrays(self.config)[2][: self.num_images]
+        size = self.config.data.image_size
+        tokens = FeatureExtractor(target.model, size, batch_size=len(images), tokens=True)(images)
+        grid = size // target.model.config.patch_size
+        out = epath.Path(target.workdir)
+        pca_grid_png(images, patch_pca_image(tokens, (grid, grid), upscale=1), out / "patch_pca.png")
+        curves = {self.config.loss.kind.upper(): out / "metrics.jsonl",
+                  "single-label": out / "single_label" / "metrics.jsonl"}
+        curves = {name: path for name, path in curves.items() if path.exists()}
+        if curves:
+            cosine_curves_png(curves, out / "cosine_curves.png")
+        print(f"pictures: {out / 'patch_pca.png'}, {out / 'cosine_curves.png'}", flush=True)
+        return {}
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {"knn": Knn, "linear_probe": LinearProbe, "pictures": Pictures}
+
+
+def build_evaluators(config: ml_collections.ConfigDict) -> list[Evaluator]:
+    """The enabled evaluators of ``config.evals`` in config order; a bad entry is a ConfigError."""
+    out = []
+    for name, entry in config.get("evals", {}).items():
+        options = dict(entry)
+        kind = options.pop("type", None)
+        if kind not in EVALUATORS:
+            raise ConfigError(f"evals.{name}.type={kind!r}: choose one of {', '.join(EVALUATORS)}")
+        every = int(options.pop("every", 0))
+        if every < 0:
+            continue
+        known = [f.name for f in dataclasses.fields(EVALUATORS[kind])][3:]  # after name, every, config
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"evals.{name}: {kind} has no options {unknown}; its options: {known}")
+        out.append(EVALUATORS[kind](name=name, every=every, config=config, **options))
+    return out
+
+
+def evaluate(evaluators: list[Evaluator], target: Target) -> dict[str, Any]:
+    """One results row: ``{"model": target.name, **every evaluator's scalars}``, printed as it lands."""
+    row: dict[str, Any] = {"model": target.name}
+    for evaluator in evaluators:
+        row.update(evaluator(target))
+    print(f"  {target.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "model"), flush=True)
+    return row

@@ -1,0 +1,78 @@
+"""The evaluator registry (config.evals): what it builds, the rows it gives, and the same evaluators during
+training (their scalars in metrics.jsonl at their cadence), with a profiler trace of a few steps."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from ml_collections.config_flags import config_path
+
+from mlcd_jax import experiment, train
+from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.evaluate import evaluators as ev
+from mlcd_jax.evaluate.features import pixel_features
+from mlcd_jax.evaluate.knn import knn_accuracy
+from mlcd_jax.evaluate.linear_probe import linear_probe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(**overrides):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("digits")
+    c.eval.train_limit, c.eval.test_limit = 400, 150
+    for key, value in overrides.items():
+        config_path.set_value(key, c, value)
+    return c
+
+
+def test_registry_builds_the_configured_evaluators_and_rejects_bad_entries():
+    c = _config()
+    built = ev.build_evaluators(c)
+    assert [(e.name, type(e).__name__, e.every) for e in built] == [
+        ("knn", "Knn", 0), ("linear", "LinearProbe", 0), ("pictures", "Pictures", 0)]
+    assert built[0].k == 20
+    c.evals.linear.every = -1
+    assert [e.name for e in ev.build_evaluators(c)] == ["knn", "pictures"]
+    c.evals.knn.type = "knnn"
+    with pytest.raises(ConfigError, match=r"evals.knn.type='knnn': choose one of knn, linear_probe, pictures"):
+        ev.build_evaluators(c)
+    c = _config()
+    with c.evals.knn.unlocked():
+        c.evals.knn.kk = 3
+    with pytest.raises(ConfigError, match=r"evals.knn: knn has no options \['kk'\]; its options: \['k'\]"):
+        ev.build_evaluators(c)
+
+
+def test_a_baseline_row_is_what_the_metrics_give_on_the_eval_split():
+    c = _config(**{"evals.pictures.every": -1})
+    row = experiment.baseline_row(c, "pixels")
+    train_x, train_y, test_x, test_y = ev.eval_arrays(c)
+    f_train, f_test = pixel_features(train_x), pixel_features(test_x)
+    assert row == {
+        "model": "raw pixels",
+        "knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=20),
+        "linear_top1": linear_probe(f_train, train_y, f_test, test_y, seed=c.seed)["top1"],
+    }
+    c.evals.knn.k = 1
+    assert experiment.baseline_row(c, "pixels")["knn_top1"] == knn_accuracy(f_train, train_y, f_test, test_y, k=1)
+
+
+def test_evaluators_run_during_training_at_their_cadence_and_a_profile_is_written(tmp_path):
+    c = _config(**{
+        "num_train_steps": 12, "batch_size": 32, "log_every_steps": 100, "checkpoint_every_steps": 100,
+        "loss.num_classes": 32, "data.cluster.num_clusters": 32, "loss.top_l": 2, "data.cluster.top_l": 2,
+        "data.cache_dir": str(tmp_path / "cache"), "evals.knn.every": 5, "evals.linear.every": -1,
+        "evals.pictures.every": 10, "profile_steps": 2,
+    })
+    c = experiment.with_shards(c)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(c, str(workdir), experiment.periodic_evals(c, str(workdir)))
+    rows = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [5, 10, 12]  # the evaluators' steps are logged, and the last one
+    assert all(0.0 < rows[s]["knn_top1"] <= 1.0 for s in (5, 10)) and "knn_top1" not in rows[12]
+    assert (workdir / "patch_pca.png").stat().st_size > 0  # pictures at step 10
+    assert list((workdir / "plugins" / "profile").glob("*/*.xplane.pb")), "profile of steps 5-6"
