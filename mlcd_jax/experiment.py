@@ -138,6 +138,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     train_x, _, test_x, _ = eval_arrays(config)
     print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
     evaluators = build_evaluators(config)
+    if "teacher" in baselines and not config.data.shards:
+        print("notice: no clustering output (data.shards, or a finished cluster cache): no teacher row", flush=True)
+        baselines.remove("teacher")
     rows = [baseline_row(config, b) for b in BASELINE_MODELS if b in baselines]
     trained = runs.load_model(workdir, config)
     rows.append(evaluate(evaluators, model_target(config, trained_model_name(config), trained, workdir)))
@@ -159,8 +162,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.mode == "train":
         train.checked_mesh(config)  # config mistakes surface before the clustering job runs
     clock = [("start", time.perf_counter())]
-    config = with_shards(config)
-    clock.append(("clustering", time.perf_counter()))  # seconds when cached
+    if config.mode == "train":
+        config = with_shards(config)
+        clock.append(("clustering", time.perf_counter()))  # seconds when cached
+    else:  # evaluation never clusters: it reads a finished cluster cache when there is one
+        if not (epath.Path(workdir) / "checkpoints").exists():
+            raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
+        if not config.data.shards and epath.Path(cluster_cache_dir(config), "manifest.json").exists():
+            config = copy.deepcopy(config)
+            config.data.shards = cluster_cache_dir(config)
     out: dict[str, Any] = {}
     if config.mode == "train":
         out["train"] = train.train_and_evaluate(config, workdir, periodic_evals(config, workdir))

@@ -70,6 +70,13 @@ def existing(paths: Iterable[str]) -> set[str]:
     return found
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yields a local temporary path; it becomes ``path`` (renamed or uploaded) only if the block succeeds."""
@@ -86,6 +93,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide shared outputs from the team
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -48,10 +49,47 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
         ).strip()
 
 
+_CONFIG_MISTAKES = (OSError, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _config_mistake(err: Exception) -> NoReturn:
+    """Exits with status 2 and one line for a ``--config`` file that does not load or a wrong override."""
+    text = str(err).replace("\\n", "\n")
+    lines = [line.strip("'\"\\ ") for line in text.splitlines() if line.strip("'\"\\ ")]
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    if isinstance(err, OSError):  # "Failed loading config file ... Attempted ... <path> <reason>"
+        message = text.strip().splitlines()[-1].strip()
+    elif suggestion:
+        message = f"unknown key {suggestion.group(2)!r}; did you mean {suggestion.group(1)!r}?"
+    elif isinstance(err, (AttributeError, KeyError)):
+        message = f"unknown key {' '.join(lines)!r}"
+    else:
+        message = " ".join(lines)
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run(..., flags_parser=parse_flags)``), where ``--config.key=value``
+    overrides are applied: a mistake there is one ``config error:`` line, not a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except _CONFIG_MISTAKES as err:
+        _config_mistake(err)
+
+
+def loaded_config() -> ml_collections.ConfigDict:
+    """A copy of ``--config`` with its overrides applied; a config file that does not load is one line."""
+    try:
+        return copy.deepcopy(FLAGS.config)
+    except _CONFIG_MISTAKES as err:
+        _config_mistake(err)
+
+
 def main(argv: list[str], mode: str | None = None) -> None:
     """The run of ``--config`` (with ``mode``, when given, in place of the config's ``mode``)."""
     del argv
-    config = copy.deepcopy(FLAGS.config)
+    config = loaded_config()
     if mode is not None:
         config.mode = mode
     prepare_process(config)
@@ -113,4 +151,4 @@ def run_or_exit(fn: Callable[[], Any]) -> Any:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

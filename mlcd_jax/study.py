@@ -324,15 +324,16 @@ def _config_error(err: Exception) -> NoReturn:
 
 def main(argv: list[str]) -> None:
     del argv
-    main_lib.prepare_process(FLAGS.config)
+    config = main_lib.loaded_config()
+    main_lib.prepare_process(config)
     try:
         if FLAGS.coordinator_address or FLAGS.num_processes:
             raise ValueError("a study runs in one process: drop --coordinator_address / --num_processes")
-        points, seeds = parse_sweep(FLAGS.config, FLAGS.sweep), parse_seeds(FLAGS.seeds)
+        points, seeds = parse_sweep(config, FLAGS.sweep), parse_seeds(FLAGS.seeds)
     except ValueError as err:
         _config_error(err)
-    main_lib.run_or_exit(lambda: run_study(FLAGS.config, points, seeds, FLAGS.workdir))
+    main_lib.run_or_exit(lambda: run_study(config, points, seeds, FLAGS.workdir))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=main_lib.parse_flags)

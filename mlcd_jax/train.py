@@ -1,7 +1,7 @@
 """The training loop: sharded state, one jitted step, checkpoints, metrics. No model or loss details here.
 
 State (a plain pytree, checkpointed whole): ``step``, ``rng`` (raw key data), ``params`` (the ViT's NNX
-parameters as a pure dict), ``proto`` (the [k_pad, d] prototype matrix, row-sharded over all devices)
+parameters as a pure dict), ``proto`` (the [k_pad, d] prototype matrix, rows split over the ``proto`` rule's mesh axes)
 and ``opt_state``. The state is created directly sharded (``jax.jit(init, out_shardings=...)`` on
 shardings derived from the abstract state), never as a full copy on one device.
 """
@@ -30,7 +30,7 @@ from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sh
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.losses import KINDS, l2_normalize, pad_num_classes, partial_fc_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
-from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
+from mlcd_jax.models import VisionTransformer, flops_per_image
 from mlcd_jax.runs import DTYPES, AbstractModel, build_model, sharding_rules, vit_config
 
 
@@ -127,8 +127,8 @@ class TrainSetup:
     state_shardings: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    num_classes: int
-    num_rows: int  # prototype rows, padded to a multiple of the prototype shards
+    num_classes: int  # k, the clusters (config.loss.num_classes)
+    k_pad: int  # prototype rows, padded to a multiple of the prototype shards
     embed_dim: int
     flops_per_step: float
     init_fn: Callable[[int], dict[str, Any]]  # seed -> state (unsharded; see init_state)
@@ -141,10 +141,10 @@ class TrainSetup:
         proto_axes = sharding.proto_axes(mesh, rules)
         shards = math.prod(mesh.shape[a] for a in proto_axes)
         num_classes = int(config.loss.num_classes)
-        num_rows = pad_num_classes(num_classes, shards)
-        if num_rows != num_classes:
+        k_pad = pad_num_classes(num_classes, shards)
+        if k_pad != num_classes:
             logging.info("prototype rows padded %d -> %d for %d shards (padding masked)",
-                         num_classes, num_rows, shards)
+                         num_classes, k_pad, shards)
         tx, schedule = make_optimizer(config, num_train_steps)
         proto_sharding = NamedSharding(mesh, P(proto_axes or None, None))
         replicated = NamedSharding(mesh, P())
@@ -153,7 +153,7 @@ class TrainSetup:
             model_key, proto_key, rng = jax.random.split(jax.random.key(seed), 3)
             model = build_model(config, model_key)
             params = nnx.state(model).to_pure_dict()
-            proto = jax.random.normal(proto_key, (num_rows, model_cfg.embed_dim), jnp.float32)
+            proto = jax.random.normal(proto_key, (k_pad, model_cfg.embed_dim), jnp.float32)
             proto = l2_normalize(proto)
             trainable = {"params": params, "proto": proto}
             return {
@@ -182,7 +182,7 @@ class TrainSetup:
         return cls(
             config=config, mesh=mesh, rules=rules, proto_axes=proto_axes, model=model,
             abstract_state=abstract_state, state_shardings=shardings, tx=tx, schedule=schedule,
-            num_classes=num_classes, num_rows=num_rows, embed_dim=model_cfg.embed_dim,
+            num_classes=num_classes, k_pad=k_pad, embed_dim=model_cfg.embed_dim,
             flops_per_step=3 * config.batch_size * flops_per_image(model_cfg), init_fn=init,
         )
 
@@ -345,16 +345,10 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} must split over {jax.process_count()} processes")
-    overrides = {k: v for k, v in dict(config.model.get("overrides", {}) or {}).items() if k != "image_size"}
     try:
-        patch = get_preset(config.model.name, **overrides).patch_size
+        vit_config(config)  # the preset, its overrides and data.image_size: a patch-size mismatch raises
     except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"model: {err}") from None
-    if config.data.image_size % patch:
-        raise ConfigError(
-            f"data.image_size={config.data.image_size} is not a multiple of the patch size "
-            f"{patch} of model {config.model.name!r}"
-        )
+        raise ConfigError(f"model {config.model.name!r} with data.image_size={config.data.image_size}: {err}") from None
     if config.loss.kind not in KINDS:
         raise ConfigError(f"loss.kind={config.loss.kind!r}: choose one of {', '.join(KINDS)}")
     if not 0 < config.loss.sample_ratio <= 1:
@@ -445,7 +439,7 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         print(f"training {config.model.name} with {config.loss.kind} on mesh {dict(mesh.shape)} "
               f"({jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices): "
-              f"{total_steps} steps of {config.batch_size}, prototypes {setup.num_rows} x {setup.embed_dim}",
+              f"{total_steps} steps of {config.batch_size}, prototypes {setup.k_pad} x {setup.embed_dim}",
               flush=True)
     loader = make_train_loader(
         shards, global_batch_size=config.batch_size, image_size=config.data.image_size,

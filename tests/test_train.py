@@ -169,7 +169,7 @@ def test_sigterm_or_ctrl_c_checkpoints_skips_evaluation_and_exits_75(uninterrupt
     "override,message",
     [
         ("--config.batch_size=30", "batch_size=30 is not divisible by the 8 data-parallel devices"),
-        ("--config.data.image_size=18", "not a multiple of the patch size"),
+        ("--config.data.image_size=18", "image_size 18 is not a multiple of patch_size 4"),
         ("--config.data.shards=/nonexistent/dir", "/nonexistent/dir"),
         ("--config.loss.top_l=8", "loss.top_l=8 but the shards carry only l=4"),
         ("--config.learning_rate=-1", "learning_rate=-1.0 must be positive"),

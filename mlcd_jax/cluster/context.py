@@ -24,10 +24,11 @@ from mlcd_jax import fileio
 from mlcd_jax.cluster import kmeans, storage
 from mlcd_jax.cluster.config import IVF_FROM_K, OUTPUT_SETTINGS, ClusterError, complete, default_config
 from mlcd_jax.data import augment
-from mlcd_jax.data.sources import Source, open_source
+from mlcd_jax.data.sources import Source, open_source, source_identity
 
 # (source key, image resized for the teacher or None when undecodable, the error or None)
 Loaded = tuple[str, np.ndarray | None, str | None]
+SOURCE_IDENTITY = "source_identity"  # job.json's record of the source (sources.source_identity)
 
 
 class Context:
@@ -91,17 +92,29 @@ class Context:
             time.sleep(2.0)
 
     def claim(self) -> None:
-        """Writes ``job.json`` or checks that the one there has the same settings."""
+        """Writes ``job.json`` (the settings and the source's identity) or checks that the one there has
+        the same settings and source: chunk c's records pair the source's images of chunk c with labels
+        computed earlier, so a source that gained, lost or renamed images must not be resumed."""
+        identity = source_identity(self.source, self.num_images)
         if fileio.exists(self.layout.job):
-            have = {**{k: default_config()[k] for k in OUTPUT_SETTINGS}, **fileio.load_json(self.layout.job)}
+            recorded = fileio.load_json(self.layout.job)
+            have = {**{k: default_config()[k] for k in OUTPUT_SETTINGS}, **recorded}
             diff = {k: (have.get(k), v) for k, v in self.settings.items() if have.get(k) != v}
             if diff:
                 raise ClusterError(
                     f"{self.cfg.output_dir} holds a job with other settings {diff} (theirs, yours): "
                     "use a new output_dir"
                 )
+            then = recorded.get(SOURCE_IDENTITY)
+            if then is not None and then != identity:
+                raise ClusterError(
+                    f"the source {self.cfg.source!r} changed since {self.cfg.output_dir} was started "
+                    f"({then['num_images']} images then, {identity['num_images']} now; names or files differ): "
+                    "its records would get other images' labels; use a new output_dir, or delete this one "
+                    "to start fresh"
+                )
         else:
-            storage.save_json(self.layout.job, self.settings)
+            storage.save_json(self.layout.job, {**self.settings, SOURCE_IDENTITY: identity})
         if self.cfg.num_workers == 1:  # nobody else writes here: drop temp files of a killed run
             for stale in glob.glob(os.path.join(self.cfg.output_dir, "**", ".*.tmp"), recursive=True):
                 os.remove(stale)

@@ -4,7 +4,8 @@
 ``config.stages`` (``all`` or a comma list of embed, kmeans, assign, finalize). What it writes under
 ``output_dir``:
 
-- ``job.json``: the output settings (a re-run with other settings is refused);
+- ``job.json``: the output settings and the source's identity (a re-run with other settings, or against
+  a source that gained, lost or renamed images, is refused);
 - ``teacher.npz`` (a fitted teacher, its fit time in ``timings/``) and ``embeddings/<c>.npz`` per chunk:
   the embed stage;
 - ``kmeans/`` (checkpoints, ``info.json``, the IVF index) and ``centroids.npy``: the kmeans stage;

@@ -21,7 +21,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
-    """Encoded bytes -> uint8 [H, W, C]; grayscale stays 1 channel, everything else becomes RGB.
+    """Encoded bytes -> uint8 [H, W, C]; grayscale stays 1 channel, everything else becomes RGB. 16-bit
+    grayscale is scaled to 8 bits (x * 255 / 65535), as PIL already does for 16-bit RGB.
 
     ``min_side`` > 0 lets a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side
     is still at least ``min_side`` pixels (PIL's draft mode: several times faster for large JPEGs).
@@ -35,7 +36,10 @@ def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
                 shorter = min(w, h)
                 img.draft(img.mode, (max(1, min_side * w // shorter), max(1, min_side * h // shorter)))
             img.load()
-            if img.mode in ("L", "I;16", "I", "F", "1"):
+            if img.mode.startswith("I"):  # 16-bit (I;16*, or I from a 16-bit PNG): scaled, not clipped
+                wide = np.asarray(img, np.float64)
+                return np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8)[:, :, None]
+            if img.mode in ("L", "F", "1"):
                 return np.asarray(img.convert("L"))[:, :, None]
             return np.asarray(img.convert("RGB"))
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ... for bad input

@@ -5,7 +5,7 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)``):
 - ``folder:DIR`` — every image file under DIR (recursive; .jpg .jpeg .png .bmp .gif .webp .tif .tiff),
   in sorted relative-path order; the key is the relative path, the bytes are the file's own bytes. If
   images sit in class sub-folders (``DIR/<class>/...``) the label is the index of ``<class>`` among the
-  sorted class folders, else None. A sibling ``<stem>.txt`` is the caption. ``load_arrays`` reads
+  sorted class folders, else None. A sibling ``<stem>.txt`` is the caption (UTF-8, else read as Latin-1). ``load_arrays`` reads
   ``DIR/<split>/<class>/...`` and needs all images of one size.
 - ``fashion_mnist[:DIR][:SPLIT]`` — the IDX files of Debian's ``dataset-fashion-mnist``
   (default DIR /usr/share/datasets/fashion-mnist); SPLIT is ``train`` (60,000, the default), ``test``
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import math
 import os
 import shutil
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,6 +66,29 @@ class Source(Protocol):
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
+    def identity_parts(self, num_images: int) -> Iterable[str]:
+        """What tells the first ``num_images`` items apart from another set (see :func:`source_identity`)."""
+        ...
+
+
+def source_identity(source: Source, num_images: int) -> dict[str, Any]:
+    """The image count and a SHA-256 of what names the first ``num_images`` items: a folder's sorted
+    relative paths, ArrayRecord files' names and sizes, a dataset's name and split. A clustering job
+    records it, so that resuming against a changed source is refused instead of mislabelling records."""
+    digest = hashlib.sha256()
+    for part in source.identity_parts(num_images):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\n")
+    return {"num_images": num_images, "sha256": digest.hexdigest()}
+
+
+def decode_caption(data: bytes) -> str:
+    """A caption file's text: UTF-8 (a BOM dropped), or Latin-1 when the bytes are not UTF-8 (every byte
+    is a Latin-1 character, so a caption is never lost; Windows-1252 quotes come out as control chars)."""
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return data.decode("latin-1").strip()
+
 
 def _item(key: str, image: bytes, label: int | None = None, caption: str | None = None) -> dict[str, Any]:
     return {"key": key, "image": image, "label": label, "caption": caption}
@@ -82,6 +106,9 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = None if self.labels is None else int(self.labels[index])
         return _item(f"{self.name}/{index:08d}", augment.encode_png(self.images[index]), label)
+
+    def identity_parts(self, num_images: int) -> Iterable[str]:
+        return [self.name, str(num_images), str(self.images.shape[1:])]
 
     def __repr__(self) -> str:
         return f"ArraySource({self.name!r}, n={len(self)})"
@@ -106,6 +133,9 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def identity_parts(self, num_images: int) -> Iterable[str]:
+        return self.paths[:num_images]
+
     def label(self, index: int) -> int | None:
         """Index of the image's class folder, or None for images directly under the root."""
         rel = self.paths[index]
@@ -119,8 +149,8 @@ class FolderSource:
         caption_path = os.path.splitext(path)[0] + ".txt"
         caption = None
         if os.path.exists(caption_path):
-            with open(caption_path, encoding="utf-8") as f:
-                caption = f.read().strip()
+            with open(caption_path, "rb") as f:
+                caption = decode_caption(f.read())
         return _item(rel, image, self.label(index), caption)
 
     def __repr__(self) -> str:
@@ -154,6 +184,9 @@ class TfdsSource:
         label = int(example[self.label_key]) if self.label_key else None
         return _item(f"{self.name}/{self.split}/{index:08d}", bytes(example[self.image_key]), label)
 
+    def identity_parts(self, num_images: int) -> Iterable[str]:
+        return [self.name, self.split, str(num_images)]
+
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
 
@@ -167,7 +200,7 @@ class ArrayRecordSource:
         paths = sorted(glob.glob(pattern))
         if not paths:
             raise SourceError(f"arrayrecord:{pattern} matches no files")
-        self.pattern, self.source = pattern, grain.sources.ArrayRecordDataSource(paths)
+        self.pattern, self.paths, self.source = pattern, paths, grain.sources.ArrayRecordDataSource(paths)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -175,6 +208,9 @@ class ArrayRecordSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = records.decode(self.source[index])
         return _item(rec["key"], rec["image"], None, rec["caption"])
+
+    def identity_parts(self, num_images: int) -> Iterable[str]:
+        return [*(f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.paths), str(num_images)]
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.pattern!r}, n={len(self)})"

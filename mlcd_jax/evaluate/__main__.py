@@ -12,4 +12,4 @@ from absl import app
 from mlcd_jax import main as main_lib
 
 if __name__ == "__main__":
-    app.run(functools.partial(main_lib.main, mode="eval"))
+    app.run(functools.partial(main_lib.main, mode="eval"), flags_parser=main_lib.parse_flags)

@@ -1,0 +1,128 @@
+"""Faults and mistakes a real user hits, each as it failed before its fix: a changed source under a resumed
+clustering job, 16-bit and Latin-1 inputs, outputs hidden by mkstemp's 0600, and command-line mistakes
+that printed a traceback (or, for evaluation, clustered first)."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlcd_jax import cluster, fileio
+from mlcd_jax.cluster import ClusterError
+from mlcd_jax.data import augment
+from mlcd_jax.data.sources import FolderSource, load_arrays
+from test_cluster import _png_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(output_dir, folder, **kw):
+    return ml_collections.ConfigDict(dict(
+        source=f"folder:{folder}", output_dir=str(output_dir), num_clusters=8, top_l=2, kmeans_iters=3,
+        shard_size=20, progress=False, pixels_dim=16, teacher_fit_samples=100, **kw,
+    ))
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "renamed"])
+def test_a_changed_source_is_refused_when_the_job_resumes(tmp_path, change):
+    """Killed after the embed stage, the source edited, re-run: before, exit 0 with most records carrying
+    another image's labels (or an IndexError); now one ClusterError that says how to start fresh."""
+    images, labels = load_arrays("digits", split="all", limit=41)
+    folder = tmp_path / "images"
+    _png_folder(folder, images, labels, [f"img{i:03d}.png" for i in range(41)])
+    out = tmp_path / "out"
+    cluster.run(_job(out, folder, stages="embed"))
+    first = sorted(folder.glob("class*/*.png"))[0]
+    if change == "added":
+        (first.parent / "img000a.png").write_bytes(first.read_bytes())
+    elif change == "removed":
+        first.unlink()
+    else:
+        first.rename(first.parent / "renamed.png")
+    with pytest.raises(ClusterError, match="changed since .* use a new output_dir, or delete this one"):
+        cluster.run(_job(out, folder))
+    assert not (out / "manifest.json").exists()
+
+
+def test_an_unchanged_source_resumes_to_the_same_shards(tmp_path):
+    images, labels = load_arrays("digits", split="all", limit=41)
+    folder = tmp_path / "images"
+    _png_folder(folder, images, labels, [f"img{i:03d}.png" for i in range(41)])
+    straight = cluster.run(_job(tmp_path / "straight", folder))
+    cluster.run(_job(tmp_path / "resumed", folder, stages="embed"))
+    resumed = cluster.run(_job(tmp_path / "resumed", folder))
+    assert resumed["num_images"] == straight["num_images"] == 41
+    for shard in straight["shards"]:
+        assert (tmp_path / "resumed" / shard["path"]).read_bytes() == (tmp_path / "straight" / shard["path"]).read_bytes()
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    """A 0..65535 gradient became [0, 255, 255, ...] (clipped to 8 bits)."""
+    gradient = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    decoded = augment.decode_image(buf.getvalue())
+    assert decoded.shape == (4, 4, 1) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[:, :, 0].ravel(), np.arange(16) * 17)
+
+
+def test_a_latin1_caption_is_read_not_fatal(tmp_path):
+    """One caption file in Latin-1 killed the clustering job with a UnicodeDecodeError naming no file."""
+    images, labels = load_arrays("digits", split="all", limit=2)
+    _png_folder(tmp_path, images, labels, ["a.png", "b.png"])
+    (tmp_path / f"class{labels[0]}" / "a.txt").write_bytes("café crème".encode("latin-1"))
+    (tmp_path / f"class{labels[1]}" / "b.txt").write_bytes("\ufeffnaïve\n".encode("utf-8"))
+    source = FolderSource(str(tmp_path))
+    assert sorted(source[i]["caption"] for i in range(2)) == ["café crème", "naïve"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_respect_the_umask(tmp_path, umask, mode):
+    """Shards, manifest and config.json were written 0600 whatever the umask (mkstemp's mode)."""
+    previous = os.umask(umask)
+    try:
+        fileio.write_atomic(tmp_path / "manifest.json", "{}")
+        with fileio.atomic_path(tmp_path / "shard.array_record") as tmp:
+            Path(tmp).write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    for name in ("manifest.json", "shard.array_record"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--config=configs/nope.py",), "config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    (("--config=configs/demo.py:digits", "--config.num_train_step=3"),
+     "config error: unknown key 'num_train_step'; did you mean 'num_train_steps'?"),
+    (("--config=configs/demo.py:digits", "--config.mesh_rules=proto=dat"),
+     "config error: mesh_rules: mesh rule 'proto=dat': unknown mesh axes ['dat']"),
+])
+def test_config_mistakes_are_one_line_before_anything_runs(tmp_path, args, message):
+    out = _cli(*args, f"--workdir={tmp_path / 'w'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr.splitlines()[-1] and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "clustering" not in out.stdout
+
+
+def test_evaluating_an_empty_workdir_is_one_line_and_neither_clusters_nor_writes(tmp_path):
+    """It created W/checkpoints and ran the clustering job before failing."""
+    workdir = tmp_path / "empty"
+    workdir.mkdir()
+    out = _cli("--config=configs/demo.py:digits", f"--workdir={workdir}",
+               f"--config.data.cache_dir={tmp_path / 'cache'}", module="mlcd_jax.evaluate")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1] == (f"config error: --workdir={workdir} holds no checkpoints: nothing to "
+                                           "evaluate (train there first)")
+    assert list(workdir.iterdir()) == [] and not (tmp_path / "cache").exists()
