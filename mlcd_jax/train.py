@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -445,6 +446,8 @@ def train_and_evaluate(
         shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
         top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
         num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
+        # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)
+        skip_log_dir=None if fileio.is_remote(workdir) else os.path.join(workdir, "skipped_records"),
     )
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
@@ -497,7 +500,8 @@ def train_and_evaluate(
                 if results:
                     print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
                           flush=True)
-                last = _log_step(config, setup, writer, step, total_steps, {**metrics, **results}, timing, peak)
+                extra = {**results, "skipped_records": loader.skipped_records}  # corrupt records, this process
+                last = _log_step(config, setup, writer, step, total_steps, {**metrics, **extra}, timing, peak)
                 timer.reset()  # the next window starts after logging and evaluation
             if ckpt_now:
                 writer.flush()  # every row up to a checkpoint is on disk before the checkpoint exists

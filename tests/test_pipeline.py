@@ -143,6 +143,25 @@ def test_corrupt_records_are_skipped_and_counted(digits, tmp_path, path):
     assert len(seen) == len(batches) * 50 and not {5, 6, 400} & set(seen.tolist())
     assert loader.skipped_records == 3
     assert all(reason for _, reason in loader.skipped())
+    assert sorted(where for where, _ in loader.skipped()) == [  # N // 2 records per shard
+        "a.array_record record 5", "a.array_record record 6", "b.array_record record 100"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_damaged_shard_is_skipped_with_its_file_named(digits, tmp_path, path):
+    """64 bytes flipped inside a shard stopped training at the same step on every re-run with riegeli's
+    'Corrupted ... records file', naming no file."""
+    paths = _write(tmp_path, digits)
+    data = bytearray(open(paths[0], "rb").read())
+    middle = len(data.rstrip(b"\0")) // 2  # inside the records, not the zero padding after them
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    open(paths[0], "wb").write(bytes(data))
+    loader = make_train_loader(paths, global_batch_size=50, image_size=8, top_l=3, seed=0, num_epochs=1,
+                               **PATHS[path])
+    batches = list(iter(loader))
+    assert len(batches) >= (N - 10) // 50
+    skipped = loader.skipped()
+    assert 1 <= len(skipped) <= 3 and all(where.startswith("a.array_record record ") for where, _ in skipped)
 
 
 def test_example_seeds_depend_on_seed_epoch_and_position_only():

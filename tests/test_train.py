@@ -63,7 +63,7 @@ def test_smoke_run_writes_metrics_tensorboard_and_checkpoints(uninterrupted):
     assert sorted(losses) == list(range(1, STEPS + 1))
     row = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "loss_pos", "loss_neg", "mean_pos_cos", "mean_neg_cos", "lr", "grad_norm",
-                "images_per_s", "data_wait_frac", "flops_per_s", "pos_cos_hist", "neg_cos_hist"):
+                "images_per_s", "data_wait_frac", "flops_per_s", "pos_cos_hist", "neg_cos_hist", "skipped_records"):
         assert key in row, key
     assert len(row["pos_cos_hist"]) == 40
     assert np.mean([losses[s] for s in range(STEPS - 4, STEPS + 1)]) < np.mean([losses[s] for s in range(1, 6)])

@@ -1,6 +1,6 @@
 """grain input pipelines: MLCD record shards -> host-local training batches; arrays -> eval inputs.
 
-Training: ``ArrayRecordDataSource`` over the shards -> ``GlobalOrderSampler`` (the seeded global order
+Training: ``ShardSource`` (grain's ``ArrayRecordDataSource`` naming each record's shard) over the shards -> ``GlobalOrderSampler`` (the seeded global order
 of ``mlcd_jax.data.order``, cut by JAX process) -> **decode only** -> batch. The host does no
 resampling: each example becomes a uint8 canvas ``[M, M, C]`` holding the decoded image in its
 top-left ``size`` = (h, w) pixels and a per-example ``seed`` (uint32 [2]) drawn from the example's
@@ -16,8 +16,9 @@ example; JPEGs use PIL's draft mode (DCT scaling) to the smallest size whose sho
 covers ``decode_size`` pixels (default: the training size), and images larger than the canvas are
 shrunk to fit it.
 
-Corrupt records (undecodable record or image) are dropped, logged, and counted: every skip is appended
-to a per-loader log that all worker processes share, read with ``TrainLoader.skipped_records`` (a
+Corrupt records (unreadable from a damaged shard, undecodable record or image) are dropped, logged with
+their shard and position, and counted: every skip is appended to a per-loader log (the trainer keeps it in
+``workdir/skipped_records``) that all worker processes share, read with ``TrainLoader.skipped_records`` (a
 count) or ``TrainLoader.skipped()`` (record ids and reasons). A dropped record is replaced by the next
 one of the same process, so only a run with corrupt records departs from the process-count-invariant
 order. Records whose positives are fewer than ``top_l`` are padded with label -1; records with more
@@ -156,8 +157,27 @@ class SkipLog:
         return out
 
 
-def _decode_record(data: bytes, num_channels: int, min_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids); ``ValueError`` if corrupt."""
+class ShardSource(grain.sources.ArrayRecordDataSource):
+    """ArrayRecord shards as one source of ``(where, record bytes)``: ``where`` names the shard file and
+    the record's position in it, for the skip log. A record that cannot be read (a damaged shard: riegeli
+    raises) comes back with ``None`` bytes and is skipped like an undecodable one, instead of stopping
+    every re-run at the same step with an error that names no file."""
+
+    def __getitem__(self, key: Any) -> tuple[str, bytes | None]:
+        reader, position = self._reader_idx_and_position(key)
+        where = f"{os.path.basename(str(self.paths[reader]))} record {position}"
+        try:
+            return where, super().__getitem__(key)
+        except Exception as e:  # riegeli / array_record raise RuntimeError, OSError, ... for damage
+            logging.warning("unreadable record (%s): %s", where, e)
+            return where, None
+
+
+def _decode_record(data: bytes | None, num_channels: int, min_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids); ``ValueError`` if corrupt
+    (or unreadable: ``None``)."""
+    if data is None:
+        raise ValueError("unreadable record (damaged shard)")
     rec = records.decode(data)
     return augment.to_channels(augment.decode_image(rec["image"], min_side), num_channels), rec["labels"]
 
@@ -176,10 +196,11 @@ def decode_all(
     good = np.zeros(n, bool)
     errors: dict[int, str] = {}
     for i in range(n):
+        where, data = source[i]
         try:
-            image, record_labels = _decode_record(source[i], num_channels)
+            image, record_labels = _decode_record(data, num_channels)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
-            errors[i] = str(e)
+            errors[i] = f"{where}: {e}"
             continue
         if images is None:
             side = max(image.shape[:2])
@@ -250,14 +271,15 @@ class ToCanvas(grain.transforms.RandomMap):
         self.top_l, self.decode_size, self.canvas_size = top_l, decode_size, canvas_size
         self.num_channels, self.skip_log = num_channels, skip_log
 
-    def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, Any]:
+    def random_map(self, element: tuple[str, bytes | None], rng: np.random.Generator) -> dict[str, Any]:
         seed = rng.integers(0, 2**32, size=2, dtype=np.uint32)
+        where, data = element
         try:
-            image, labels = _decode_record(element, self.num_channels, self.decode_size)
+            image, labels = _decode_record(data, self.num_channels, self.decode_size)
             image = augment.shrink_to_fit(image, self.canvas_size)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
-            logging.warning("skipping a corrupt record: %s", e)
-            self.skip_log.add(f"record of {len(element)} bytes", str(e))
+            logging.warning("skipping a corrupt record (%s): %s", where, e)
+            self.skip_log.add(where, str(e))
             return {_SKIPPED: True}
         h, w, _ = image.shape
         if (h, w) != (self.canvas_size, self.canvas_size):
@@ -352,7 +374,7 @@ def make_train_loader(
         # parsed them, so take the defaults.
         flags.FLAGS.mark_as_parsed()
     paths, _ = resolve_shards(shard_paths_or_glob)
-    source = grain.sources.ArrayRecordDataSource(paths)
+    source = ShardSource(paths)
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     count = shard_options.shard_count
     if global_batch_size % count:
@@ -366,9 +388,10 @@ def make_train_loader(
     decoded = decode_all(source, top_l, num_channels, in_memory_bytes) if in_memory_bytes else None
     if decoded is not None:
         images, size, labels, errors = decoded
-        for index, error in errors.items():  # dropped before the order is drawn: all processes agree
-            logging.warning("skipping corrupt record %d: %s", index, error)
-            skip_log.add(f"record {index}", error)
+        for error in errors.values():  # dropped before the order is drawn: all processes agree
+            where, _, why = error.partition(": ")
+            logging.warning("skipping a corrupt record (%s): %s", where, why)
+            skip_log.add(where, why)
         batches = DecodedBatches(
             images, size, labels, global_batch_size=global_batch_size, seed=seed,
             process_index=shard_options.shard_index, process_count=count, num_epochs=num_epochs,
