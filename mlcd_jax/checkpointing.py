@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mlcd_jax.data.pipeline import ResumeMismatch
+
 
 def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     """A CheckpointManager under ``workdir/checkpoints`` (local paths or ``gs://``) keeping ``keep``."""
@@ -66,6 +68,27 @@ class CheckpointMismatch(ValueError):
     """The checkpoint is not this run's (another k); no older checkpoint is tried."""
 
 
+def _param_name(path: tuple[Any, ...]) -> str:
+    """``blocks.0.attn.qkv_kernel``: the same for a stored tree (lists saved as dicts) and a live one."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _check_shapes(stored: Any, wanted: Any, where: str) -> None:
+    """``CheckpointMismatch`` naming the first backbone parameter whose stored shape is not this run's
+    (another model size), instead of orbax's advice to restore non-strictly."""
+    have = {_param_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(wanted)[0]:
+        name = _param_name(path)
+        if name not in have:
+            raise CheckpointMismatch(f"{where} has no parameter {name}: it holds another model (its config.json "
+                                     "says which); resume with that model or use a new workdir")
+        if have[name] != tuple(leaf.shape):
+            raise CheckpointMismatch(
+                f"{where} has parameter {name} of shape {list(have[name])} but this run's model needs "
+                f"{list(leaf.shape)}: resume with the model config the run was started with (its config.json) "
+                "or use a new workdir")
+
+
 def _newest_that_restores(manager: ocp.CheckpointManager, read: Callable[[int], Any], *, move_broken: bool) -> Any:
     """``read(step)`` of the newest checkpoint that restores, or None when there is none.
 
@@ -78,7 +101,7 @@ def _newest_that_restores(manager: ocp.CheckpointManager, read: Callable[[int], 
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             result = read(step)
-        except CheckpointMismatch:
+        except (CheckpointMismatch, ResumeMismatch):  # the run's, not the checkpoint's, fault
             raise
         except Exception as err:  # noqa: BLE001  (orbax, tensorstore and grain raise many types)
             failed.append((step, err))
@@ -126,12 +149,14 @@ def restore(
     """
 
     def read(step: int) -> tuple[Any, int]:
-        stored = manager.item_metadata(step)["state"]["proto"].shape[0]
+        metadata = manager.item_metadata(step)["state"]
+        stored = metadata["proto"].shape[0]
         if stored < num_classes:
             raise CheckpointMismatch(
                 f"checkpoint {step} in {manager.directory} holds {stored} prototypes but loss.num_classes="
                 f"{num_classes}: use the run's num_classes or a new workdir"
             )
+        _check_shapes(metadata["params"], abstract_state["params"], f"checkpoint {step} in {manager.directory}")
         rows = abstract_state["proto"].shape[0]
         items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state, rows))}
         if iterator is not None:

@@ -418,7 +418,7 @@ def train_and_evaluate(
     ``evals``: ``(every, fn)`` pairs; ``fn(model) -> scalars`` runs every ``every`` steps and its results
     are logged with the training metrics (the caller builds them from ``config.evals``).
     """
-    from mlcd_jax.data.pipeline import make_train_loader
+    from mlcd_jax.data.pipeline import ResumeMismatch, make_train_loader
 
     fileio.makedirs(workdir)
     mesh = checked_mesh(config)
@@ -453,7 +453,7 @@ def train_and_evaluate(
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
     try:
         restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
-    except checkpointing.CheckpointMismatch as err:
+    except (checkpointing.CheckpointMismatch, ResumeMismatch) as err:
         raise ConfigError(str(err)) from None
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)

@@ -3,6 +3,8 @@ once into memory (the default for small data) and streamed per record (``in_memo
 the on-device augmentation."""
 
 import io
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from PIL import Image
 
 from mlcd_jax.cluster.writer import write_shard
 from mlcd_jax.data import augment, order, records
-from mlcd_jax.data.pipeline import CLIP_MEAN, CLIP_STD, make_train_loader, preprocess_eval
+from mlcd_jax.data.pipeline import CLIP_MEAN, CLIP_STD, ResumeMismatch, make_train_loader, preprocess_eval
 from mlcd_jax.data.sources import load_arrays
 
 N = 600
@@ -94,6 +96,35 @@ def test_restored_iterator_gives_the_same_next_batches(shards, path):
     fresh.set_state(state)
     for a, b in zip(want, _take(fresh, 4)):
         _same(a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("workers", [(0, 2), (2, 0), (2, 3)])
+def test_a_state_resumes_under_another_worker_count_and_from_moved_shards(shards, tmp_path, path, workers):
+    """grain refused both ('Worker count in checkpoint does not match', 'DataSource ... hash_of_paths')."""
+    kw = dict(global_batch_size=32, image_size=12, top_l=3, seed=1, **PATHS[path])
+    it = iter(make_train_loader(shards, num_workers=workers[0], **kw))
+    _take(it, 5)
+    state = it.get_state()
+    want = _take(it, 4)
+    moved = [str(tmp_path / os.path.basename(p)) for p in shards]
+    for src, dst in zip(shards, moved):
+        shutil.copyfile(src, dst)
+    fresh = iter(make_train_loader(moved, num_workers=workers[1], **kw))
+    fresh.set_state(state)
+    for a, b in zip(want, _take(fresh, 4)):
+        _same(a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_state_of_another_data_order_is_refused_in_one_line(shards, path):
+    kw = dict(global_batch_size=32, image_size=12, top_l=3, **PATHS[path])
+    it = iter(make_train_loader(shards, seed=1, **kw))
+    _take(it, 2)
+    with pytest.raises(ResumeMismatch, match="the checkpoint's data( order)?: .*seed=1.*; this run's: .*seed=2"):
+        iter(make_train_loader(shards, seed=2, **kw)).set_state(it.get_state())
+    with pytest.raises(ResumeMismatch, match="the checkpoint's data: .*; this run's: "):
+        iter(make_train_loader(shards[:1], seed=1, **kw)).set_state(it.get_state())
 
 
 @pytest.mark.parametrize("path", PATHS)

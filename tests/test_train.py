@@ -73,6 +73,7 @@ def test_smoke_run_writes_metrics_tensorboard_and_checkpoints(uninterrupted):
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(uninterrupted):
+    """Killed, then resumed from a copy of the shards with 2 grain workers: the uninterrupted run's losses."""
     base, straight, cache, _ = uninterrupted
     workdir = base / "killed"
     proc = subprocess.Popen(_cmd(workdir, cache), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,7 +84,11 @@ def test_kill_9_then_resume_matches_uninterrupted_run(uninterrupted):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = _checkpoint_steps(workdir)[-1]
     assert killed_at < STEPS
-    out = subprocess.run(_cmd(workdir, cache), env=_env(), capture_output=True, text=True, timeout=600)
+    # Resumed from the shards copied elsewhere and with grain worker processes: neither changes the data.
+    moved = base / "cache_moved"
+    shutil.copytree(cache, moved)
+    out = subprocess.run(_cmd(workdir, moved, "--config.data.num_workers=2"), env=_env(), capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     want, got = _losses(straight), _losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -101,6 +106,12 @@ def test_relaunch_after_stop_after_steps_trains_nothing(uninterrupted, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already holds step 10 (>= 10): nothing to train" in again.stdout
     assert _checkpoint_steps(tmp_path / "w")[-1] == 10 and max(_losses(tmp_path / "w")) == 10
+    other_model = subprocess.run(cmd + ["--config.model.overrides.depth=3"], env=_env(), capture_output=True,
+                                 text=True, timeout=600)
+    assert other_model.returncode == 2, other_model.stderr[-3000:]
+    assert other_model.stderr.splitlines()[-1].startswith("config error: checkpoint 10 in ")
+    assert "has no parameter blocks.2." in other_model.stderr and "Traceback" not in other_model.stderr
+    assert _checkpoint_steps(tmp_path / "w")[-1] == 10  # nothing moved aside
 
 
 def test_a_broken_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):

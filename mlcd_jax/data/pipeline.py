@@ -28,8 +28,11 @@ keep their best ``top_l``.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -163,6 +166,13 @@ class ShardSource(grain.sources.ArrayRecordDataSource):
     raises) comes back with ``None`` bytes and is skipped like an undecodable one, instead of stopping
     every re-run at the same step with an error that names no file."""
 
+    def __repr__(self) -> str:
+        """What the data order depends on (grain compares it on resume): each shard's file name and record
+        count, not where the shards live, so a run resumes from shards copied elsewhere."""
+        shards = [(os.path.basename(str(r.filename)), r.num_records) for r in self._read_instructions]
+        digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+        return f"ShardSource(num_shards={len(shards)}, num_records={len(self)}, names_and_counts={digest})"
+
     def __getitem__(self, key: Any) -> tuple[str, bytes | None]:
         reader, position = self._reader_idx_and_position(key)
         where = f"{os.path.basename(str(self.paths[reader]))} record {position}"
@@ -295,6 +305,66 @@ class DropSkipped(grain.transforms.Filter):
         return _SKIPPED not in element
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint's data order is not this run's (other shards, seed, batch size or process count)."""
+
+
+_WORKER_COUNT_RE = re.compile(r",? ?worker_count=\d+")
+
+
+class PortableIterator:
+    """grain's DataLoader iterator whose saved state resumes under another ``num_workers``.
+
+    grain refuses a state saved with another worker count, although :class:`GlobalOrderSampler` makes
+    the batches the same for any count. The state records, per worker ``w`` of ``W``, the last sampler
+    index it read (``w``, ``w + W``, ... in turn; ``w - W`` before its first): from it follows the
+    number of batches served, and from that the state of ``W'`` workers that have served as many.
+    The data source and sampler (worker count aside) must still match: :class:`ResumeMismatch` says
+    which differs.
+    """
+
+    def __init__(self, inner: Any, elements_per_batch: int) -> None:
+        self._inner, self._per_batch = inner, elements_per_batch
+
+    def __next__(self) -> Any:
+        return next(self._inner)
+
+    def __iter__(self) -> PortableIterator:
+        return self
+
+    def get_state(self) -> bytes:
+        return self._inner.get_state()
+
+    def start_prefetch(self) -> None:
+        self._inner.start_prefetch()
+
+    def set_state(self, state: bytes) -> None:
+        saved, here = json.loads(state), json.loads(self._inner.get_state())
+        for key, what in (("data_source", "data"), ("sampler", "data order")):
+            if _WORKER_COUNT_RE.sub("", saved[key]) != _WORKER_COUNT_RE.sub("", here[key]):
+                raise ResumeMismatch(f"the checkpoint's {what}: {saved[key]}; this run's: {here[key]} "
+                                     "(resume with the run's shards and settings, or use a new workdir)")
+        if saved["worker_count"] != here["worker_count"]:
+            saved = {**saved, **self._layout(self._batches_served(saved), here["worker_count"]),
+                     "worker_count": here["worker_count"], "sampler": here["sampler"]}
+        self._inner.set_state(json.dumps(saved).encode())
+
+    def _batches_served(self, state: dict[str, Any]) -> int:
+        workers = max(state["worker_count"], 1)
+        read = sum((last - int(w)) // workers + 1 for w, last in state["last_seen_indices"].items())
+        return read // self._per_batch
+
+    def _layout(self, batches: int, worker_count: int) -> dict[str, Any]:
+        """``last_seen_indices`` / ``last_worker_index`` of ``worker_count`` workers after ``batches``."""
+        workers = max(worker_count, 1)
+        last_seen = {}
+        for w in range(workers):
+            served = max(0, -(-(batches - w) // workers))  # batches w, w + W, ... below ``batches``
+            last_seen[str(w)] = w + (served * self._per_batch - 1) * workers
+        last_worker = (batches - 1) % workers if worker_count and batches else -1
+        return {"last_seen_indices": last_seen, "last_worker_index": last_worker}
+
+
 class TrainLoader(grain.DataLoader):
     """A grain DataLoader that also reports the corrupt records its transforms skipped.
 
@@ -302,6 +372,7 @@ class TrainLoader(grain.DataLoader):
     """
 
     skip_log: SkipLog
+    elements_per_batch: int  # sampler elements per local batch (examples when streamed, 1 in memory)
     image_size: int
     augment_images: bool
     crop_scale: tuple[float, float]
@@ -315,6 +386,9 @@ class TrainLoader(grain.DataLoader):
     def skipped(self) -> list[tuple[str, str]]:
         """(record description, reason) of each skipped record."""
         return self.skip_log.entries()
+
+    def __iter__(self) -> PortableIterator:
+        return PortableIterator(super().__iter__(), self.elements_per_batch)
 
     def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A canvas batch (numpy or sharded jax arrays) -> ``dict(image=float32 [b, S, S, C], labels)``."""
@@ -422,6 +496,7 @@ def make_train_loader(
             read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=global_batch_size // count),
         )
     loader.skip_log, loader.image_size, loader.augment_images = skip_log, image_size, augment
+    loader.elements_per_batch = 1 if decoded is not None else global_batch_size // count
     loader.crop_scale, loader.num_channels = tuple(crop_scale), num_channels
     if owned:
         weakref.finalize(loader, shutil.rmtree, skip_log_dir, True)
