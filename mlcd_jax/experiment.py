@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from mlcd_jax import runs, train
+from mlcd_jax import fileio, runs, train
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.evaluate.evaluators import Target, build_evaluators, eval_arrays, evaluate
 
@@ -161,6 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ConfigError(f"mode={config.mode!r}: choose train or eval")
     if config.mode == "train":
         train.checked_mesh(config)  # config mistakes surface before the clustering job runs
+        _check_workdir(workdir)
     clock = [("start", time.perf_counter())]
     if config.mode == "train":
         config = with_shards(config)
@@ -186,6 +188,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"done in {_duration(clock[-1][1] - clock[0][1])}: {phases}", flush=True)
     logging.info("done: %s", json.dumps(out, default=float)[:2000])
     return out
+
+
+def _check_workdir(workdir: str) -> None:
+    """Creates ``workdir``; a path that is a file, or a directory this process cannot write, is one
+    ConfigError line before anything runs."""
+    try:
+        fileio.makedirs(workdir)
+        if not fileio.is_remote(workdir):
+            with tempfile.TemporaryFile(dir=workdir):
+                pass
+    except OSError as err:
+        raise ConfigError(f"--workdir={workdir} is not a writable directory ({err.strerror or err})") from None
 
 
 def _duration(seconds: float) -> str:

@@ -3,6 +3,7 @@ clustering job, 16-bit and Latin-1 inputs, outputs hidden by mkstemp's 0600, and
 that printed a traceback (or, for evaluation, clustered first)."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,21 @@ def test_an_unchanged_source_resumes_to_the_same_shards(tmp_path):
         assert (tmp_path / "resumed" / shard["path"]).read_bytes() == (tmp_path / "straight" / shard["path"]).read_bytes()
 
 
+def test_symlinks_in_a_folder_source_are_followed_and_a_broken_one_is_named(tmp_path):
+    """A broken symlink was listed in the manifest as key '0'; folder symlinks were skipped silently."""
+    images, labels = load_arrays("digits", split="all", limit=30)
+    _png_folder(tmp_path / "elsewhere", images[:10], labels[:10], [f"x{i}.png" for i in range(10)])
+    folder = tmp_path / "images"
+    _png_folder(folder, images[10:], labels[10:], [f"img{i:02d}.png" for i in range(20)])
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    (folder / "loop").symlink_to(folder)  # a cycle is walked once
+    (folder / "aaa_broken.png").symlink_to(tmp_path / "gone.png")
+    manifest = cluster.run(_job(tmp_path / "out", folder))
+    assert manifest["num_source_images"] == 31 and manifest["num_images"] == 30
+    assert [s["key"] for s in manifest["skipped"]] == ["aaa_broken.png"]
+    assert manifest["skipped"][0]["error"] == "unreadable (No such file or directory)"
+
+
 def test_16_bit_grayscale_is_scaled_not_clipped():
     """A 0..65535 gradient became [0, 255, 255, ...] (clipped to 8 bits)."""
     gradient = (np.arange(16, dtype=np.uint16) * 4369).reshape(4, 4)
@@ -96,6 +112,43 @@ def test_outputs_respect_the_umask(tmp_path, umask, mode):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
 
 
+@pytest.fixture
+def hf_dir(tmp_path):
+    from flax import nnx
+
+    from mlcd_jax.interop.hf import save_vision
+    from mlcd_jax.models import VisionTransformer, get_preset
+
+    save_vision(VisionTransformer(get_preset("tiny"), rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("config_not_json", r"config.json is not JSON"),
+    ("truncated_weights", r"model.safetensors is not a readable safetensors file"),
+    ("hidden_size", r"the weights in .* do not fit its config.json \(CLIPVisionModel, width 96"),
+])
+def test_a_damaged_hf_checkpoint_is_one_error_naming_the_file(hf_dir, damage, message):
+    """A non-JSON config.json, a truncated safetensors file or a config whose hidden size differs from the
+    weights ('cannot reshape array of size 4096 ...') raised without naming the file."""
+    from mlcd_jax.cluster.teachers import TeacherError, build_teacher
+    from mlcd_jax.interop.hf import InteropError, load_vision
+
+    config_path, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
+    if damage == "config_not_json":
+        config_path.write_text("{not json")
+    elif damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        config = json.loads(config_path.read_text())
+        config["hidden_size"] = 96
+        config_path.write_text(json.dumps(config))
+    with pytest.raises(InteropError, match=message):
+        load_vision(str(hf_dir))
+    with pytest.raises(TeacherError, match="teacher 'hf:.*': .*" + message):  # the clustering job's one line
+        build_teacher(f"hf:{hf_dir}", cluster.default_config(), str(hf_dir))
+
+
 def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
@@ -108,12 +161,24 @@ def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProce
      "config error: unknown key 'num_train_step'; did you mean 'num_train_steps'?"),
     (("--config=configs/demo.py:digits", "--config.mesh_rules=proto=dat"),
      "config error: mesh_rules: mesh rule 'proto=dat': unknown mesh axes ['dat']"),
+    (("--config=configs/demo.py:digits", "--config.batch_size=12"),
+     "config error: batch_size=12 is not divisible by the 8 data-parallel devices"),
 ])
 def test_config_mistakes_are_one_line_before_anything_runs(tmp_path, args, message):
-    out = _cli(*args, f"--workdir={tmp_path / 'w'}")
+    """Including batch_size=12 on 8 devices, reported only after the whole clustering job had run."""
+    out = _cli(*args, f"--workdir={tmp_path / 'w'}", f"--config.data.cache_dir={tmp_path / 'cache'}")
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr.splitlines()[-1] and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "clustering" not in out.stdout
+    assert "clustering" not in out.stdout and not (tmp_path / "cache").exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "w").write_text("a file")
+    out = _cli("--config=configs/demo.py:digits", f"--workdir={tmp_path / 'w' / 'run'}",
+               f"--config.data.cache_dir={tmp_path / 'cache'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1] == f"config error: --workdir={tmp_path / 'w' / 'run'} is not a writable directory (Not a directory)"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_evaluating_an_empty_workdir_is_one_line_and_neither_clusters_nor_writes(tmp_path):

@@ -5,6 +5,8 @@ the on-device augmentation."""
 import io
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +142,35 @@ def test_two_processes_split_each_global_batch(shards, path):
         assert parts[0][t]["image"].shape[0] == 16
         for key in ("image", "labels", "seed"):  # seeds (so crops and flips) follow the global position
             np.testing.assert_array_equal(np.concatenate([parts[0][t][key], parts[1][t][key]]), single[t][key])
+
+
+_PROCESS_SCRIPT = """
+import sys, numpy as np, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from mlcd_jax.data.pipeline import make_train_loader
+it = iter(make_train_loader(sys.argv[3:5], global_batch_size=32, image_size=12, top_l=3, seed=2))
+np.save(sys.argv[5], np.stack([next(it)["labels"] for _ in range(3)]))
+"""
+
+
+def test_two_real_processes_read_their_halves_of_each_global_batch(shards, tmp_path):
+    """Two JAX processes (jax.distributed on localhost), the default ShardByJaxProcess split and the real
+    sampler: together they read exactly the one-process batches."""
+    import portpicker
+
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, address, str(p), *shards,
+                               str(tmp_path / f"p{p}.npy")], env=env, stderr=subprocess.PIPE, text=True)
+             for p in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    halves = [np.load(tmp_path / f"p{p}.npy") for p in range(2)]
+    single = _take(iter(make_train_loader(shards, global_batch_size=32, image_size=12, top_l=3, seed=2,
+                                          shard_options=sharding.NoSharding())), 3)
+    for t in range(3):
+        np.testing.assert_array_equal(np.concatenate([halves[0][t], halves[1][t]]), single[t]["labels"])
 
 
 @pytest.mark.parametrize("path", PATHS)

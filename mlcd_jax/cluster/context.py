@@ -123,8 +123,8 @@ class Context:
         """One source image prepared for the teacher; never raises on bad data."""
         try:
             item = self.source[index]
-        except OSError as e:
-            return str(index), None, f"unreadable ({e})"
+        except OSError as e:  # e.g. a broken symlink in a folder source
+            return self.source.key(index), None, f"unreadable ({e.strerror or e})"
         try:
             image = augment.decode_image(item["image"])
         except ValueError as e:

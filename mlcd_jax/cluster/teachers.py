@@ -96,12 +96,15 @@ def _hf(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: Sam
     if not arg or not os.path.isdir(arg):
         raise TeacherError(f"teacher 'hf:{arg}': {arg!r} is not a directory with config.json + safetensors")
     try:
-        from mlcd_jax.interop.hf import load_vision
+        from mlcd_jax.interop.hf import InteropError, load_vision
     except ImportError as e:
         raise TeacherError(f"teacher 'hf:{arg}' needs mlcd_jax.interop.hf.load_vision ({e})") from e
     from mlcd_jax.evaluate.features import FeatureExtractor
 
-    model, cfg = load_vision(arg)
+    try:
+        model, cfg = load_vision(arg)
+    except (InteropError, FileNotFoundError) as e:
+        raise TeacherError(f"teacher 'hf:{arg}': {e}") from None
     return FeatureExtractor(model, int(cfg.image_size), batch_size=config.batch_size)
 
 

@@ -66,6 +66,10 @@ class Source(Protocol):
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
+    def key(self, index: int) -> str:
+        """Item ``index``'s key without reading it (what a job lists when reading fails)."""
+        ...
+
     def identity_parts(self, num_images: int) -> Iterable[str]:
         """What tells the first ``num_images`` items apart from another set (see :func:`source_identity`)."""
         ...
@@ -103,15 +107,30 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def key(self, index: int) -> str:
+        return f"{self.name}/{index:08d}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = None if self.labels is None else int(self.labels[index])
-        return _item(f"{self.name}/{index:08d}", augment.encode_png(self.images[index]), label)
+        return _item(self.key(index), augment.encode_png(self.images[index]), label)
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         return [self.name, str(num_images), str(self.images.shape[1:])]
 
     def __repr__(self) -> str:
         return f"ArraySource({self.name!r}, n={len(self)})"
+
+
+def _walk_following_links(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` into symlinked folders too (each real folder once, so a link cycle ends)."""
+    seen: set[str] = set()
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        yield directory, subdirs, files
 
 
 class FolderSource:
@@ -123,7 +142,7 @@ class FolderSource:
         self.root = root
         self.paths = sorted(
             os.path.relpath(os.path.join(d, f), root)
-            for d, _, files in os.walk(root)
+            for d, _, files in _walk_following_links(root)
             for f in files
             if f.lower().endswith(IMAGE_EXTENSIONS)
         )
@@ -135,6 +154,9 @@ class FolderSource:
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         return self.paths[:num_images]
+
+    def key(self, index: int) -> str:
+        return self.paths[index]
 
     def label(self, index: int) -> int | None:
         """Index of the image's class folder, or None for images directly under the root."""
@@ -182,7 +204,10 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.source[index]
         label = int(example[self.label_key]) if self.label_key else None
-        return _item(f"{self.name}/{self.split}/{index:08d}", bytes(example[self.image_key]), label)
+        return _item(self.key(index), bytes(example[self.image_key]), label)
+
+    def key(self, index: int) -> str:
+        return f"{self.name}/{self.split}/{index:08d}"
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         return [self.name, self.split, str(num_images)]
@@ -211,6 +236,9 @@ class ArrayRecordSource:
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         return [*(f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.paths), str(num_images)]
+
+    def key(self, index: int) -> str:
+        return f"record {index}"  # a record's own key is inside it
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.pattern!r}, n={len(self)})"

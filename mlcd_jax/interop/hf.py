@@ -137,6 +137,10 @@ def config_to_hf(cfg: ViTConfig, arch: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- tensors
 
 
+class InteropError(ValueError):
+    """An HF checkpoint directory that cannot be read as it says: the message names the file and why."""
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of ``path`` (one file, or a directory with ``model.safetensors`` or a sharded index)."""
     from safetensors import safe_open
@@ -156,9 +160,12 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         for file in files:
-            with safe_open(file, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key))
+            try:
+                with safe_open(file, framework="flax") as f:
+                    for key in f.keys():
+                        tensors[key] = np.asarray(f.get_tensor(key))
+            except Exception as err:  # noqa: BLE001  (safetensors' SafetensorError derives from Exception only)
+                raise InteropError(f"{file} is not a readable safetensors file ({type(err).__name__}: {err})") from None
     return tensors
 
 
@@ -288,10 +295,21 @@ def load_vision(
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"no config.json in {path}; expected a transformers save_pretrained directory")
-    with open(config_path) as f:
-        cfg, arch = config_from_hf(json.load(f))
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            hf_config = json.load(f)
+        except ValueError as err:
+            raise InteropError(f"{config_path} is not JSON ({err})") from None
+    try:
+        cfg, arch = config_from_hf(hf_config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InteropError(f"{config_path}: {err}") from None
     tensors = _strip(read_safetensors(path))
-    params = params_from_hf(tensors, cfg, scan_layers=scan_layers)
+    try:
+        params = params_from_hf(tensors, cfg, scan_layers=scan_layers)
+    except (KeyError, ValueError) as err:  # missing / unused tensors, or shapes config.json does not fit
+        raise InteropError(f"the weights in {path} do not fit its config.json ({arch}, width {cfg.width}, "
+                           f"depth {cfg.depth}, patch {cfg.patch_size}): {str(err)[:300]}") from None
     if image_size is not None and image_size != cfg.image_size:
         cfg = dataclasses.replace(cfg, image_size=image_size)
         if not cfg.rope:
