@@ -149,6 +149,21 @@ def test_a_damaged_hf_checkpoint_is_one_error_naming_the_file(hf_dir, damage, me
         build_teacher(f"hf:{hf_dir}", cluster.default_config(), str(hf_dir))
 
 
+def test_an_unsharded_save_over_a_sharded_one_leaves_no_stale_shards(tmp_path):
+    """Sharded, then unsharded, to one path left 15 stale model-000xx-of-00015.safetensors files."""
+    from flax import nnx
+
+    from mlcd_jax.interop.hf import load_vision, save_vision
+    from mlcd_jax.models import VisionTransformer, get_preset
+
+    model = VisionTransformer(get_preset("tiny"), rngs=nnx.Rngs(0))
+    save_vision(model, str(tmp_path), max_shard_bytes=100_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    save_vision(model, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert load_vision(str(tmp_path))[1] == model.config
+
+
 def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
