@@ -1,6 +1,9 @@
 """Faults and mistakes a real user hits, each as it failed before its fix: a changed source under a resumed
-clustering job, 16-bit and Latin-1 inputs, outputs hidden by mkstemp's 0600, and command-line mistakes
-that printed a traceback (or, for evaluation, clustered first)."""
+clustering job, 16-bit, Latin-1 and symlinked inputs, outputs hidden by mkstemp's 0600, damaged HF
+checkpoints and damaged newest checkpoints, stale safetensors shards, and command-line mistakes that
+printed a traceback (or, for evaluation, clustered first). The trainer's own faults (SIGTERM / Ctrl-C,
+resume from moved shards with other workers, another model size, config errors) are in test_train.py;
+damaged shards and resume identity of the data state in test_pipeline.py."""
 
 import io
 import json
@@ -164,6 +167,50 @@ def test_an_unsharded_save_over_a_sharded_one_leaves_no_stale_shards(tmp_path):
     assert load_vision(str(tmp_path))[1] == model.config
 
 
+@pytest.mark.parametrize("damage", ["arrays_deleted", "iterator_json_overwritten", "ocdbt_manifest_emptied"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
+    """A data file deleted, the iterator JSON overwritten or ``manifest.ocdbt`` emptied never fell back to
+    the previous step; the real DATA_LOSS sat at line 249 of 349 lines of noise."""
+    import jax
+    import jax.numpy as jnp
+
+    from mlcd_jax import checkpointing
+    from mlcd_jax.data.pipeline import make_train_loader
+    from test_pipeline import _write
+
+    loader = make_train_loader(_write(tmp_path, load_arrays("digits", split="all", limit=200)[0]),
+                               global_batch_size=20, image_size=8, top_l=3, seed=0)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    manager = checkpointing.create_manager(str(tmp_path / "w"), keep=3, async_save=False)
+    iterator = iter(loader)
+    for step in (1, 2):
+        next(iterator)
+        state = {"params": {"w": jnp.full(3, float(step))}, "proto": jnp.full((8, 4), float(step))}
+        checkpointing.save(manager, step, state, iterator, force=True)
+    manager.close()
+    newest = tmp_path / "w" / "checkpoints" / "2"
+    if damage == "arrays_deleted":
+        for data in (newest / "state" / "d").iterdir():
+            data.unlink()
+    elif damage == "iterator_json_overwritten":
+        next((newest / "iter").glob("*.json")).write_text("{}")
+    else:
+        (newest / "state" / "manifest.ocdbt").write_bytes(b"")
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=device)},
+                "proto": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=device)}
+    manager = checkpointing.create_manager(str(tmp_path / "w"), keep=3, async_save=False)
+    fresh = iter(loader)
+    state, step = checkpointing.restore(manager, abstract, fresh, num_classes=8)
+    manager.close()
+    assert step == 1 and float(state["proto"][0, 0]) == 1.0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: checkpoint 2 ")]
+    assert len(warnings) == 1 and "using checkpoint 1" in warnings[0]
+    assert (tmp_path / "w" / "checkpoints_broken" / "2").is_dir()
+    reference = iter(loader)
+    next(reference)
+    np.testing.assert_array_equal(next(fresh)["labels"], next(reference)["labels"])  # the data state of step 1
+
+
 def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
@@ -176,6 +223,8 @@ def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProce
      "config error: unknown key 'num_train_step'; did you mean 'num_train_steps'?"),
     (("--config=configs/demo.py:digits", "--config.mesh_rules=proto=dat"),
      "config error: mesh_rules: mesh rule 'proto=dat': unknown mesh axes ['dat']"),
+    (("--config=configs/demo.py:digits", "--config.model.dtype=float64"),
+     "config error: model.dtype='float64': choose one of float32, bfloat16, float16"),
     (("--config=configs/demo.py:digits", "--config.batch_size=12"),
      "config error: batch_size=12 is not divisible by the 8 data-parallel devices"),
 ])
