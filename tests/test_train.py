@@ -210,6 +210,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(uninterrupted, 
         assert step < STEPS
 
 
+@pytest.mark.slow  # the default suite compiles the plan for TPU slices in test_aot.py and for CPU there too
 def test_aot_compile_vitl14_with_1m_prototypes_memory_plan():
     """Compiles the ViT-L/14 + 1M-class step for 8 devices without allocating anything."""
     from mlcd_jax import aot

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +22,8 @@ class FeatureExtractor:
     channels = 3
 
     def __init__(self, model: nnx.Module, image_size: int, *, batch_size: int = 256, tokens: bool = False):
-        graphdef, self._state = nnx.split(model)
-        self.input_size, self.batch_size = image_size, batch_size
-
-        @jax.jit
-        def forward(state, x):
-            pooled, hidden = nnx.merge(graphdef, state)(x, deterministic=True)
-            return (hidden if tokens else pooled).astype(jnp.float32)
-
-        self._forward = forward
+        self._graphdef, self._state = nnx.split(model)
+        self.input_size, self.batch_size, self._tokens = image_size, batch_size, tokens
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out = []
@@ -37,10 +32,18 @@ class FeatureExtractor:
             n = len(chunk)
             if n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self._forward(self._state, chunk))[:n])
+            out.append(np.asarray(_forward(self._graphdef, self._state, chunk, self._tokens))[:n])
         if not out:
             raise ValueError("no images to embed")
         return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, tokens: bool) -> jax.Array:
+    """One compiled forward per architecture and batch shape, shared by every extractor (evaluations
+    during training build one per evaluation, with new weights but the same program)."""
+    pooled, hidden = nnx.merge(graphdef, state)(x, deterministic=True)
+    return (hidden if tokens else pooled).astype(jnp.float32)
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
