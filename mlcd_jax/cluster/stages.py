@@ -138,16 +138,24 @@ class Embed(ChunkStage):
         t0 = time.perf_counter()
         parts, kept, skipped = [], [], []
         rng = self.ctx.chunk_range(chunk)
-        for start in range(rng.start, rng.stop, c.batch_size):
-            indices = range(start, min(start + c.batch_size, rng.stop))
-            loaded = self.ctx.load_images(indices, pool, self.teacher.input_size, self.teacher.channels)
-            emb, ok, bad = embed_batch(self.teacher, loaded)
-            if len(emb):
-                parts.append(emb.astype(c.embedding_dtype))
-            kept.extend(np.asarray(indices)[ok].tolist())
-            skipped.extend(bad)
-            if progress:
-                progress(len(indices))
+        batches = [range(s, min(s + c.batch_size, rng.stop)) for s in range(rng.start, rng.stop, c.batch_size)]
+
+        def load(indices: range) -> list[Loaded]:
+            return self.ctx.load_images(indices, pool, self.teacher.input_size, self.teacher.channels)
+
+        # The next batch decodes on the pool's threads while the teacher embeds this one.
+        with concurrent.futures.ThreadPoolExecutor(1) as ahead:
+            upcoming = ahead.submit(load, batches[0]) if batches else None
+            for i, indices in enumerate(batches):
+                loaded = upcoming.result()
+                upcoming = ahead.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+                emb, ok, bad = embed_batch(self.teacher, loaded)
+                if len(emb):
+                    parts.append(emb.astype(c.embedding_dtype))
+                kept.extend(np.asarray(indices)[ok].tolist())
+                skipped.extend(bad)
+                if progress:
+                    progress(len(indices))
         storage.save_npz(
             self.output(chunk),
             embeddings=np.concatenate(parts) if parts else np.zeros((0, 0), c.embedding_dtype),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax.data.pipeline import preprocess_eval
 
@@ -17,24 +18,40 @@ class FeatureExtractor:
 
     Images are resized / centre-cropped / normalised as at eval time, then run through one jitted
     forward in fixed-size batches (the last one padded), so a single compiled program serves every call.
+    The forward is data-parallel over this process's devices (``devices``, default all local ones: the
+    weights replicated, each batch split), and the host prepares batch i + 1 while the devices run
+    batch i. ``batch_size`` is rounded up to a multiple of the device count.
     """
 
     channels = 3
 
-    def __init__(self, model: nnx.Module, image_size: int, *, batch_size: int = 256, tokens: bool = False):
-        self._graphdef, self._state = nnx.split(model)
-        self.input_size, self.batch_size, self._tokens = image_size, batch_size, tokens
+    def __init__(
+        self, model: nnx.Module, image_size: int, *, batch_size: int = 256, tokens: bool = False,
+        devices: list[jax.Device] | None = None,
+    ):
+        devices = list(devices or jax.local_devices())
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self._graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state, NamedSharding(mesh, P()))
+        self._batch = NamedSharding(mesh, P("batch"))
+        self.input_size, self._tokens = image_size, tokens
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = []
+        out: list[np.ndarray] = []
+        pending: tuple[jax.Array, int] | None = None
         for start in range(0, len(images), self.batch_size):
             chunk = preprocess_eval(images[start : start + self.batch_size], self.input_size)
             n = len(chunk)
             if n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(_forward(self._graphdef, self._state, chunk, self._tokens))[:n])
-        if not out:
+            result = _forward(self._graphdef, self._state, jax.device_put(chunk, self._batch), self._tokens)
+            if pending is not None:  # dispatch is asynchronous: fetch the previous batch only now
+                out.append(np.asarray(pending[0])[: pending[1]])
+            pending = (result, n)
+        if pending is None:
             raise ValueError("no images to embed")
+        out.append(np.asarray(pending[0])[: pending[1]])
         return np.concatenate(out)
 
 

@@ -1,0 +1,110 @@
+"""Teacher throughput of the clustering job's embed stage: images/s of a ViT teacher, per device and over
+all of this process's devices, and the FLOPs per image it runs.
+
+Measured in one process, as ratios to the one-device baseline:
+  * ``forward``: the jitted forward on prepared (normalised) batches only: the device's rate;
+  * ``extractor``: ``FeatureExtractor`` end to end on uint8 images of the teacher's size (host resize /
+    normalise overlapped with the device), what the embed stage calls per batch after decoding.
+``--teacher`` names a preset (random weights: throughput does not depend on them). FLOPs per image are the
+model's count (``flops_per_image``) and XLA's for the compiled forward.
+
+Usage: python benchmarks/teacher.py [--teacher L/14] [--batch 256] [--iters 10] [--dtype bfloat16] [--json OUT]
+       python benchmarks/teacher.py --quick     (tiny teacher, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mlcd_jax.data.pipeline import preprocess_eval
+from mlcd_jax.evaluate import features
+from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
+from mlcd_jax.runs import DTYPES
+
+
+def _forward_rate(model: VisionTransformer, batch: np.ndarray, devices: list[jax.Device], iters: int) -> tuple[float, float | None]:
+    """(images/s of the compiled forward over ``devices``, XLA's FLOPs per image or None)."""
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    x = jax.device_put(batch, NamedSharding(mesh, P("batch")))
+    compiled = jax.jit(features._forward, static_argnums=(0, 3)).lower(graphdef, state, x, False).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_flops = float(cost["flops"]) * len(devices) / len(batch) if cost and "flops" in cost else None
+    compiled(state, x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = compiled(state, x)
+    out.block_until_ready()
+    return iters * len(batch) / (time.perf_counter() - start), xla_flops
+
+
+def _extractor_rate(model: VisionTransformer, images: np.ndarray, size: int, batch: int,
+                    devices: list[jax.Device]) -> float:
+    extractor = features.FeatureExtractor(model, size, batch_size=batch, devices=devices)
+    extractor(images[:batch])  # compile
+    start = time.perf_counter()
+    extractor(images)
+    return len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="L/14", help="a ViT preset name")
+    parser.add_argument("--batch", type=int, default=256, help="images per forward (all devices together)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--quick", action="store_true", help="tiny teacher at 32 px, batch 64")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+    if args.quick:
+        args.teacher, args.batch, args.iters = "tiny", 64, 3
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    cfg = get_preset(args.teacher, **({"image_size": 32} if args.quick else {}))
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[dtype])
+    devices = jax.local_devices()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch * max(args.iters // 2, 2), cfg.image_size, cfg.image_size, 3), np.uint8)
+    batch = preprocess_eval(images[: args.batch], cfg.image_size)
+
+    result: dict[str, Any] = {
+        "teacher": args.teacher, "image_size": cfg.image_size, "dtype": dtype, "batch": args.batch,
+        "device": devices[0].device_kind, "num_devices": len(devices), "backend": jax.default_backend(),
+        "model_flops_per_image": flops_per_image(cfg),
+    }
+    one, result["xla_flops_per_image"] = _forward_rate(model, batch, devices[:1], args.iters)
+    result["forward_images_per_s_1_device"] = one
+    result["extractor_images_per_s_1_device"] = _extractor_rate(model, images, cfg.image_size, args.batch, devices[:1])
+    print(f"{args.teacher} @ {cfg.image_size} px, {dtype}, {devices[0].device_kind}: "
+          f"{flops_per_image(cfg) / 1e9:.3g} GFLOPs/image (model count), "
+          f"{(result['xla_flops_per_image'] or 0) / 1e9:.3g} (XLA)", flush=True)
+    print(f"  forward, 1 device: {one:.1f} images/s", flush=True)
+    print(f"  extractor (host resize + normalise overlapped), 1 device: "
+          f"{result['extractor_images_per_s_1_device']:.1f} images/s", flush=True)
+    if len(devices) > 1 and args.batch % len(devices) == 0:
+        every, _ = _forward_rate(model, batch, devices, args.iters)
+        result["forward_images_per_s_all_devices"] = every
+        result["extractor_images_per_s_all_devices"] = _extractor_rate(model, images, cfg.image_size, args.batch,
+                                                                       devices)
+        print(f"  forward, {len(devices)} devices: {every:.1f} images/s ({every / one:.2f}x one device)", flush=True)
+        print(f"  extractor, {len(devices)} devices: {result['extractor_images_per_s_all_devices']:.1f} images/s "
+              f"({result['extractor_images_per_s_all_devices'] / result['extractor_images_per_s_1_device']:.2f}x)",
+              flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
