@@ -2,9 +2,10 @@
 all of this process's devices, and the FLOPs per image it runs.
 
 Measured in one process, as ratios to the one-device baseline:
-  * ``forward``: the jitted forward on prepared (normalised) batches only: the device's rate;
-  * ``extractor``: ``FeatureExtractor`` end to end on uint8 images of the teacher's size (host resize /
-    normalise overlapped with the device), what the embed stage calls per batch after decoding.
+  * ``forward``: the jitted forward (CLIP normalisation included) on uint8 batches already on the
+    device: the device's rate;
+  * ``extractor``: ``FeatureExtractor`` end to end on uint8 host images of the teacher's size (the
+    transfer overlapped with the device), what the embed stage calls per batch after decoding.
 ``--teacher`` names a preset (random weights: throughput does not depend on them). FLOPs per image are the
 model's count (``flops_per_image``) and XLA's for the compiled forward.
 
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mlcd_jax.data.pipeline import preprocess_eval
+from mlcd_jax.data.pipeline import eval_pixels
 from mlcd_jax.evaluate import features
 from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
 from mlcd_jax.runs import DTYPES
@@ -75,7 +76,7 @@ def main() -> None:
     devices = jax.local_devices()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch * max(args.iters // 2, 2), cfg.image_size, cfg.image_size, 3), np.uint8)
-    batch = preprocess_eval(images[: args.batch], cfg.image_size)
+    batch = eval_pixels(images[: args.batch], cfg.image_size)
 
     result: dict[str, Any] = {
         "teacher": args.teacher, "image_size": cfg.image_size, "dtype": dtype, "batch": args.batch,
@@ -89,7 +90,7 @@ def main() -> None:
           f"{flops_per_image(cfg) / 1e9:.3g} GFLOPs/image (model count), "
           f"{(result['xla_flops_per_image'] or 0) / 1e9:.3g} (XLA)", flush=True)
     print(f"  forward, 1 device: {one:.1f} images/s", flush=True)
-    print(f"  extractor (host resize + normalise overlapped), 1 device: "
+    print(f"  extractor (host -> device overlapped), 1 device: "
           f"{result['extractor_images_per_s_1_device']:.1f} images/s", flush=True)
     if len(devices) > 1 and args.batch % len(devices) == 0:
         every, _ = _forward_rate(model, batch, devices, args.iters)

@@ -51,7 +51,7 @@ from mlcd_jax.data import augment, order, records
 from mlcd_jax.data.augment import CLIP_MEAN, CLIP_STD, augment_batch
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "GlobalOrderSampler", "TrainLoader", "make_train_loader", "preprocess_eval",
+    "CLIP_MEAN", "CLIP_STD", "GlobalOrderSampler", "TrainLoader", "eval_pixels", "make_train_loader", "preprocess_eval",
     "resolve_shards",
 ]
 
@@ -503,12 +503,20 @@ def make_train_loader(
     return loader
 
 
-def preprocess_eval(images: np.ndarray, image_size: int, num_channels: int = 3) -> np.ndarray:
-    """uint8 [N, H, W, C] -> float32 [N, S, S, num_channels]: resize shorter side, centre crop, normalise."""
+def eval_pixels(images: np.ndarray, image_size: int, num_channels: int = 3) -> np.ndarray:
+    """uint8 [N, H, W, C] -> uint8 [N, S, S, num_channels]: shorter side resized (bicubic), centre crop.
+    A batch already of that shape passes through untouched (no per-image work)."""
     images = np.asarray(images, np.uint8)
     if images.ndim == 3:
         images = images[..., None]
-    out = np.empty((len(images), image_size, image_size, num_channels), np.float32)
+    if images.shape[1:] == (image_size, image_size, num_channels):
+        return images
+    out = np.empty((len(images), image_size, image_size, num_channels), np.uint8)
     for i, image in enumerate(images):
-        out[i] = augment.normalize(augment.resize_center_crop(augment.to_channels(image, num_channels), image_size))
+        out[i] = augment.resize_center_crop(augment.to_channels(image, num_channels), image_size)
     return out
+
+
+def preprocess_eval(images: np.ndarray, image_size: int, num_channels: int = 3) -> np.ndarray:
+    """uint8 [N, H, W, C] -> float32 [N, S, S, num_channels]: :func:`eval_pixels`, then CLIP-normalised."""
+    return augment.normalize(eval_pixels(images, image_size, num_channels))

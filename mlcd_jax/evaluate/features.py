@@ -10,14 +10,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mlcd_jax.data.pipeline import preprocess_eval
+from mlcd_jax.data import augment
+from mlcd_jax.data.pipeline import eval_pixels
 
 
 class FeatureExtractor:
     """Pooled features [N, d] (or last hidden states [N, 1+n, w] with ``tokens=True``) of uint8 images.
 
-    Images are resized / centre-cropped / normalised as at eval time, then run through one jitted
-    forward in fixed-size batches (the last one padded), so a single compiled program serves every call.
+    Images are resized / centre-cropped as at eval time on the host (nothing to do for images already of
+    the model's size, as the clustering job's are), sent as uint8, normalised on the device and run
+    through one jitted forward in fixed-size batches (the last one padded), so a single compiled program
+    serves every call.
     The forward is data-parallel over this process's devices (``devices``, default all local ones: the
     weights replicated, each batch split), and the host prepares batch i + 1 while the devices run
     batch i. ``batch_size`` is rounded up to a multiple of the device count.
@@ -41,7 +44,7 @@ class FeatureExtractor:
         out: list[np.ndarray] = []
         pending: tuple[jax.Array, int] | None = None
         for start in range(0, len(images), self.batch_size):
-            chunk = preprocess_eval(images[start : start + self.batch_size], self.input_size)
+            chunk = eval_pixels(images[start : start + self.batch_size], self.input_size)  # uint8
             n = len(chunk)
             if n < self.batch_size:
                 chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
@@ -57,9 +60,10 @@ class FeatureExtractor:
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, tokens: bool) -> jax.Array:
-    """One compiled forward per architecture and batch shape, shared by every extractor (evaluations
-    during training build one per evaluation, with new weights but the same program)."""
-    pooled, hidden = nnx.merge(graphdef, state)(x, deterministic=True)
+    """uint8 eval pixels -> features: CLIP normalisation on the device, then the model. One compiled
+    program per architecture and batch shape, shared by every extractor (evaluations during training
+    build one per evaluation, with new weights but the same program)."""
+    pooled, hidden = nnx.merge(graphdef, state)(augment.normalize(x), deterministic=True)
     return (hidden if tokens else pooled).astype(jnp.float32)
 
 
