@@ -245,6 +245,30 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_read_only_workdir_is_one_line(tmp_path):
+    """A read-only workdir gave a traceback. Root writes through mode 0555, so as root the folder is made
+    read-only by a read-only bind mount (skipped where mounting is not allowed)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-o", "bind,ro", str(ro), str(ro)], capture_output=True).returncode:
+            pytest.skip("root writes through file modes and this machine does not allow a read-only bind mount")
+        mounted = True
+    else:
+        ro.chmod(0o555)
+    try:
+        out = _cli("--config=configs/demo.py:digits", f"--workdir={ro / 'run'}",
+                   f"--config.data.cache_dir={tmp_path / 'cache'}")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], check=True)
+        ro.chmod(0o755)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1].startswith(f"config error: --workdir={ro / 'run'} is not a writable directory (")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_evaluating_an_empty_workdir_is_one_line_and_neither_clusters_nor_writes(tmp_path):
     """It created W/checkpoints and ran the clustering job before failing."""
     workdir = tmp_path / "empty"
