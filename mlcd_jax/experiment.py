@@ -170,9 +170,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:  # evaluation never clusters: it reads a finished cluster cache when there is one
         if not (epath.Path(workdir) / "checkpoints").exists():
             raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
-        if not config.data.shards and epath.Path(cluster_cache_dir(config), "manifest.json").exists():
+        cache = cluster_cache_dir(config)
+        if not config.data.shards and epath.Path(cache, "manifest.json").exists():
             config = copy.deepcopy(config)
-            config.data.shards = cluster_cache_dir(config)
+            config.data.shards = cache
     out: dict[str, Any] = {}
     if config.mode == "train":
         out["train"] = train.train_and_evaluate(config, workdir, periodic_evals(config, workdir))

@@ -98,7 +98,8 @@ class Context:
         identity = source_identity(self.source, self.num_images)
         if fileio.exists(self.layout.job):
             recorded = fileio.load_json(self.layout.job)
-            have = {**{k: default_config()[k] for k in OUTPUT_SETTINGS}, **recorded}
+            defaults = default_config()
+            have = {**{k: defaults[k] for k in OUTPUT_SETTINGS}, **recorded}
             diff = {k: (have.get(k), v) for k, v in self.settings.items() if have.get(k) != v}
             if diff:
                 raise ClusterError(

@@ -194,9 +194,10 @@ def _decode_record(data: bytes | None, num_channels: int, min_side: int = 0) -> 
 
 def decode_all(
     source: grain.sources.RandomAccessDataSource, top_l: int, num_channels: int, max_bytes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[str, str]]] | None:
     """Every record of ``source`` decoded: (images uint8 [n, M, M, C], each in the top-left (h, w) of
-    its square canvas, (h, w), labels int32 [n, top_l], {record index: error} of undecodable records).
+    its square canvas, (h, w), labels int32 [n, top_l], {record index: (shard and position, error)} of
+    undecodable records).
 
     None when the images would take more than ``max_bytes`` or differ in size (then stream).
     """
@@ -204,13 +205,13 @@ def decode_all(
     images: np.ndarray | None = None
     labels = np.zeros((n, top_l), np.int32)
     good = np.zeros(n, bool)
-    errors: dict[int, str] = {}
+    errors: dict[int, tuple[str, str]] = {}
     for i in range(n):
         where, data = source[i]
         try:
             image, record_labels = _decode_record(data, num_channels)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
-            errors[i] = f"{where}: {e}"
+            errors[i] = (where, str(e))
             continue
         if images is None:
             side = max(image.shape[:2])
@@ -462,8 +463,7 @@ def make_train_loader(
     decoded = decode_all(source, top_l, num_channels, in_memory_bytes) if in_memory_bytes else None
     if decoded is not None:
         images, size, labels, errors = decoded
-        for error in errors.values():  # dropped before the order is drawn: all processes agree
-            where, _, why = error.partition(": ")
+        for where, why in errors.values():  # dropped before the order is drawn: all processes agree
             logging.warning("skipping a corrupt record (%s): %s", where, why)
             skip_log.add(where, why)
         batches = DecodedBatches(
