@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "portpicker>=1.6",
+    # CLIP's BPE tokenizer (mlcd_jax.data.tokenizer). Wheels for CPython 3.11 and 3.12 only and no sdist
+    # of 0.1.1, so it is skipped elsewhere; importing the tokenizer there says what is missing.
+    'instant-clip-tokenizer>=0.1.1; python_version < "3.13"',
 ]
 
 # The clustering job's `--config.runner=beam`. 2.71 is the first release that accepts numpy 2.4 and

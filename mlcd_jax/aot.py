@@ -188,6 +188,8 @@ def plan(config: Any, topology: Topology) -> dict[str, Any]:
         "image": spec((b, canvas, canvas, 3), jnp.uint8), "size": spec((b, 2), jnp.int32),
         "seed": spec((b, 2), jnp.uint32), "labels": spec((b, config.loss.top_l), jnp.int32),
     }
+    if setup.objective.text:
+        batch["tokens"] = spec((b, config.text.context_length), jnp.int32)
 
     def preprocess(canvases: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return pipeline.canvas_to_inputs(canvases, image_size=size, augment=config.data.augment,

@@ -65,7 +65,7 @@ def _restore_args(abstract: Any, resizable_rows: int | None = None) -> Any:
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint is not this run's (another k); no older checkpoint is tried."""
+    """The checkpoint is not this run's (another k or objective); no older checkpoint is tried."""
 
 
 def _param_name(path: tuple[Any, ...]) -> str:
@@ -150,14 +150,21 @@ def restore(
 
     def read(step: int) -> tuple[Any, int]:
         metadata = manager.item_metadata(step)["state"]
-        stored = metadata["proto"].shape[0]
+        where = f"checkpoint {step} in {manager.directory}"
+        if set(metadata) != set(abstract_state):
+            raise CheckpointMismatch(f"{where} holds {', '.join(sorted(metadata))}, this run trains "
+                                     f"{', '.join(sorted(abstract_state))}: it was trained with another loss.kind; "
+                                     "use that run's config or a new workdir")
+        stored = metadata["proto"].shape[0] if "proto" in abstract_state else num_classes
         if stored < num_classes:
             raise CheckpointMismatch(
-                f"checkpoint {step} in {manager.directory} holds {stored} prototypes but loss.num_classes="
+                f"{where} holds {stored} prototypes but loss.num_classes="
                 f"{num_classes}: use the run's num_classes or a new workdir"
             )
-        _check_shapes(metadata["params"], abstract_state["params"], f"checkpoint {step} in {manager.directory}")
-        rows = abstract_state["proto"].shape[0]
+        for key in ("params", "text"):
+            if key in abstract_state:
+                _check_shapes(metadata[key], abstract_state[key], where)
+        rows = abstract_state["proto"].shape[0] if "proto" in abstract_state else None
         items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state, rows))}
         if iterator is not None:
             items["iter"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -171,19 +178,20 @@ def restore(
 
 
 def restore_params(
-    manager: ocp.CheckpointManager, abstract_params: Any, step: int | None = None
+    manager: ocp.CheckpointManager, abstract_params: Any, step: int | None = None, key: str = "params"
 ) -> tuple[Any, int] | None:
-    """Only the backbone parameters (``state["params"]``) of checkpoint ``step`` (default: the newest),
-    into ``abstract_params``' shardings: prototypes and optimizer state are neither read nor allocated.
+    """Only one model's parameters (``state[key]``: the image tower ``params``, or ``text``) of checkpoint
+    ``step`` (default: the newest), into ``abstract_params``' shardings: prototypes and optimizer state
+    are neither read nor allocated.
 
     Returns ``(params, step)`` or None when the directory has no checkpoint.
     """
-    item = {"params": abstract_params}
+    item = {key: abstract_params}
 
     def read(step: int) -> tuple[Any, int]:
         args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
         restored = manager.restore(step, args=ocp.args.Composite(state=args))
-        return restored["state"]["params"], step
+        return restored["state"][key], step
 
     if step is not None:
         return read(step)

@@ -47,8 +47,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scan_layers = False
     c.model.drop_path = 0.0
 
+    # The text tower of the image-text objectives (loss.kind = clip / lit): CLIP's text transformer.
+    c.text = ml_collections.ConfigDict()
+    c.text.name = "B"  # preset: B, L, bigG (CLIP's text widths)
+    c.text.overrides = ml_collections.ConfigDict()  # any TextConfig field; embed_dim defaults to the image tower's
+    c.text.context_length = 77
+
     c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "mlcd"  # mlcd (Eq. 5), mlc (Eq. 4), softmax (single label, UNICOM)
+    # mlcd (Eq. 5), mlc (Eq. 4), softmax (single label, UNICOM); clip (both towers, InfoNCE; FLIP with
+    # data.patch_drop); lit (text tower against the locked image tower of loss.image_tower).
+    c.loss.kind = "mlcd"
+    c.loss.image_tower = ""  # lit: workdir:DIR (a trained run), hf:DIR (a CLIP/MLCD checkpoint), "" = random init
+    c.loss.init_logit_scale = 2.6592600  # ln(1/0.07), CLIP's initial temperature (clip, lit)
     c.loss.scale = 32.0
     c.loss.margin = 0.3
     c.loss.margin_type = ""  # "" = cosine for mlcd/mlc, angular (ArcFace) for softmax
@@ -67,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = True
     # Random-resized-crop area range (torchvision's / the paper's default); tiny images need less.
     c.data.crop_scale = (0.08, 1.0)
+    c.data.patch_drop = 0.0  # FLIP: the fraction of patch tokens dropped per image in training (0.5 in FLIP)
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     # When `shards` is empty and this is set, the clustering job (mlcd_jax.cluster) builds the shards
     # into `cache_dir` first (a finished cache is reused).

@@ -24,6 +24,7 @@ from flax import nnx
 from mlcd_jax import fileio, runs, train
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.evaluate.evaluators import Target, build_evaluators, eval_arrays, evaluate
+from mlcd_jax.objectives import objective
 
 # The baselines of ``config.eval.baselines`` that need no training, in table order, and their row names.
 BASELINE_MODELS = {"pixels": "raw pixels", "teacher": "teacher (clustering)", "random_init": "random-init ViT"}
@@ -31,11 +32,17 @@ BASELINE_MODELS = {"pixels": "raw pixels", "teacher": "teacher (clustering)", "r
 SINGLE_LABEL, SINGLE_LABEL_ROW = "single_label", "single-label ViT (UNICOM)"
 
 
+# Bumped when what a clustering job writes for the same settings changes, so a cache written before is not
+# reused (2: records carry captions, for the image-text objectives).
+CACHE_VERSION = 2
+
+
 def cluster_cache_dir(config: ml_collections.ConfigDict) -> str:
     """Where the clustering job's output for ``config.data.cluster`` lives (keyed by its settings)."""
     if config.data.cache_dir:
         return config.data.cache_dir
-    key = hashlib.sha256(config.data.cluster.to_json(sort_keys=True).encode()).hexdigest()[:16]
+    settings = config.data.cluster.to_json(sort_keys=True) + f"\nrecords v{CACHE_VERSION}"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:16]
     root = os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
     return os.path.join(root, "clusters", key)
 
@@ -82,15 +89,26 @@ def configured_baselines(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def trained_model_name(config: ml_collections.ConfigDict) -> str:
-    """The ``model`` of the trained run's row in ``results.json``, e.g. ``MLCD ViT``."""
-    return f"{config.loss.kind.upper()} ViT"
+    """The ``model`` of the trained run's row in ``results.json``, e.g. ``MLCD ViT``, ``LiT ViT``,
+    ``FLIP ViT`` (CLIP with patch drop)."""
+    kind = config.loss.kind
+    if kind == "lit":
+        return "LiT ViT"
+    if kind == "clip" and config.data.get("patch_drop", 0.0) > 0:
+        return "FLIP ViT"
+    return f"{kind.upper()} ViT"
 
 
-def model_target(config: ml_collections.ConfigDict, name: str, model: nnx.Module, workdir: str | None = None) -> Target:
-    """A ViT's pooled features as an evaluation target (with its workdir when it is a trained run)."""
-    from mlcd_jax.evaluate.features import FeatureExtractor
+def model_target(
+    config: ml_collections.ConfigDict, name: str, model: nnx.Module, workdir: str | None = None,
+    text_model: nnx.Module | None = None,
+) -> Target:
+    """A ViT's pooled features as an evaluation target (with its workdir when it is a trained run, and
+    its text tower when it has one)."""
+    from mlcd_jax.evaluate.features import FeatureExtractor, TextEncoder
 
-    return Target(name, FeatureExtractor(model, config.data.image_size), model, workdir)
+    encode_text = TextEncoder(text_model) if text_model is not None else None
+    return Target(name, FeatureExtractor(model, config.data.image_size), model, workdir, encode_text)
 
 
 def baseline_row(config: ml_collections.ConfigDict, baseline: str) -> dict[str, Any]:
@@ -119,9 +137,9 @@ def periodic_evals(config: ml_collections.ConfigDict, workdir: str) -> list[trai
         if evaluator.every > 0:
             by_every.setdefault(evaluator.every, []).append(evaluator)
 
-    def run_all(evaluators: list) -> Callable[[nnx.Module], dict[str, float]]:
-        def fn(model: nnx.Module) -> dict[str, float]:
-            target = model_target(config, trained_model_name(config), model, workdir)
+    def run_all(evaluators: list) -> Callable[[nnx.Module, nnx.Module | None], dict[str, float]]:
+        def fn(model: nnx.Module, text_model: nnx.Module | None) -> dict[str, float]:
+            target = model_target(config, trained_model_name(config), model, workdir, text_model)
             return {k: v for e in evaluators for k, v in e(target).items()}
 
         return fn
@@ -136,15 +154,17 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     from mlcd_jax.evaluate.report import results_table, write_results
 
     baselines = configured_baselines(config)
-    train_x, _, test_x, _ = eval_arrays(config)
-    print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
     evaluators = build_evaluators(config)
+    if any(e.labelled for e in evaluators):
+        train_x, _, test_x, _ = eval_arrays(config)
+        print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
     if "teacher" in baselines and not config.data.shards:
         print("notice: no clustering output (data.shards, or a finished cluster cache): no teacher row", flush=True)
         baselines.remove("teacher")
     rows = [baseline_row(config, b) for b in BASELINE_MODELS if b in baselines]
     trained = runs.load_model(workdir, config)
-    rows.append(evaluate(evaluators, model_target(config, trained_model_name(config), trained, workdir)))
+    text = runs.load_model(workdir, config, text=True) if objective(config.loss.kind).text else None
+    rows.append(evaluate(evaluators, model_target(config, trained_model_name(config), trained, workdir, text)))
     single_dir = str(epath.Path(workdir) / SINGLE_LABEL)
     if SINGLE_LABEL in baselines and (epath.Path(single_dir) / "config.json").exists():
         model = runs.load_model(single_dir, single_label_config(config))

@@ -19,7 +19,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mlcd_jax import checkpointing, sharding
-from mlcd_jax.models import VisionTransformer, ViTConfig, get_preset
+from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.models import (
+    TextConfig, TextTransformer, VisionTransformer, ViTConfig, flops_per_image, get_preset, get_text_preset,
+)
+from mlcd_jax.models.presets import text_flops
+from mlcd_jax.objectives import objective
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -45,6 +50,57 @@ def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> Vis
     )
 
 
+def text_config(config: ml_collections.ConfigDict) -> TextConfig:
+    """The text-tower preset ``config.text.name`` with ``config.text.overrides``; its context length is
+    ``config.text.context_length`` and its projection width the image tower's embedding width unless
+    overridden."""
+    overrides = dict(config.text.get("overrides", {}) or {})
+    overrides.setdefault("context_length", config.text.context_length)
+    overrides.setdefault("proj_dim", vit_config(config).embed_dim)
+    return get_text_preset(config.text.name, **overrides)
+
+
+def build_text_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> TextTransformer:
+    """The text tower with the run's compute dtype and attention options."""
+    m = config.model
+    return TextTransformer(
+        text_config(config), rngs=nnx.Rngs(seed), dtype=DTYPES[m.dtype], attention_impl=m.get("attention") or None,
+    )
+
+
+def flops_per_example(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs per example: forward + backward (3x forward) of each trained tower, forward only of a
+    locked one (LiT's image tower)."""
+    goal = objective(config.loss.kind)
+    image = flops_per_image(vit_config(config)) * (3 if "params" in goal.trainable else 1)
+    text = 3 * text_flops(text_config(config)) if goal.text else 0.0
+    return image + text
+
+
+# loss.image_tower: where LiT's locked image tower comes from ("" = random init with config.seed).
+IMAGE_TOWER_PREFIXES = ("workdir:", "hf:")
+
+
+def load_image_tower(spec: str, config: ml_collections.ConfigDict) -> VisionTransformer:
+    """The image tower ``spec`` names: ``workdir:DIR`` (a trained run's backbone) or ``hf:DIR`` (an HF
+    CLIP / MLCD vision checkpoint); its shape must be the one ``config.model`` describes. ``{seed}`` in
+    ``DIR`` becomes ``config.seed``."""
+    kind, _, path = spec.partition(":")
+    path = path.replace("{seed}", str(config.seed))  # one tower per seed, e.g. workdir:STUDY/runs/mlcd/seed{seed}
+    if kind == "workdir":
+        model = load_model(path)  # with the run's own config; its shape is compared below
+    elif kind == "hf":
+        from mlcd_jax.interop.hf import load_vision
+
+        model, _ = load_vision(path, image_size=config.data.image_size)
+    else:
+        raise ConfigError(f"loss.image_tower={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
+    if model.config != vit_config(config):
+        raise ConfigError(f"loss.image_tower={spec}: the tower is {model.config}, but config.model describes "
+                         f"{vit_config(config)}; set model.name / model.overrides to match")
+    return model
+
+
 def sharding_rules(config: ml_collections.ConfigDict) -> sharding.Rules:
     """The run's logical-axis rules: the one table with ``config.mesh_rules``' overrides applied."""
     return sharding.parse_rules(config.get("mesh_rules", "") or "")
@@ -59,8 +115,10 @@ class AbstractModel:
     shardings: dict[str, Any]  # pure dict of NamedSharding, from the one rules table
 
     @classmethod
-    def create(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "AbstractModel":
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config, 0)))
+    def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, text: bool = False) -> "AbstractModel":
+        """The image tower of ``config`` (or, with ``text``, its text tower) on ``mesh``."""
+        build = build_text_model if text else build_model
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: build(config, 0)))
         shardings = sharding.state_shardings(params, mesh, sharding_rules(config))
         return cls(graphdef, params, shardings.to_pure_dict())
 
@@ -69,7 +127,7 @@ class AbstractModel:
         return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                             self.params.to_pure_dict(), self.shardings)
 
-    def merge(self, params: Any) -> VisionTransformer:
+    def merge(self, params: Any) -> nnx.Module:
         """A model object from pure-dict parameters (inside or outside jit)."""
         state = jax.tree.map(lambda x: x, self.params)
         state.replace_by_pure_dict(params)
@@ -85,18 +143,20 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_model(
-    workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
-) -> VisionTransformer:
-    """The backbone of a trained run (newest checkpoint that restores, or ``step``) on the local devices.
+    workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None, text: bool = False
+) -> nnx.Module:
+    """The image tower of a trained run (or, with ``text``, its text tower), from the newest checkpoint
+    that restores or ``step``, on the local devices.
 
-    ``config`` defaults to the one saved in ``workdir``. Only the backbone parameters are read (not the
+    ``config`` defaults to the one saved in ``workdir``. Only that tower's parameters are read (not the
     prototypes or the optimizer state), on whatever device count this process has.
     """
     config = load_run_config(workdir) if config is None else config
-    model = AbstractModel.create(config, sharding.make_mesh(dict(config.mesh)))
+    model = AbstractModel.create(config, sharding.make_mesh(dict(config.mesh)), text=text)
     manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
     try:
-        restored = checkpointing.restore_params(manager, model.abstract_arrays(), step=step)
+        restored = checkpointing.restore_params(manager, model.abstract_arrays(), step=step,
+                                                key="text" if text else "params")
     finally:
         manager.close()
     if restored is None:

@@ -47,6 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("channels", None),
     ("seq", None),
+    ("vocab", "model"),  # the text tower's token table rows (49,408 = 2^6 x 772: splits up to 64 ways)
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),

@@ -43,8 +43,11 @@ flags.DEFINE_string("sweep", "", "KEY=V1,V2[;KEY2=W1,W2]: config values to sweep
                     "the config alone.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed); every sweep point runs with each.")
 
-METRICS = ("knn_top1", "linear_top1")
-STD_NOTE = "mean ± std over seeds (sample std, ddof=1), top-1 in %"
+METRICS = ("knn_top1", "linear_top1", "zero_shot_top1", "i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5")
+METRIC_NAMES = {"knn_top1": "kNN", "linear_top1": "linear probe", "zero_shot_top1": "zero-shot",
+                "i2t_r@1": "image->text R@1", "i2t_r@5": "image->text R@5", "t2i_r@1": "text->image R@1",
+                "t2i_r@5": "text->image R@5"}
+STD_NOTE = "mean ± std over seeds (sample std, ddof=1), top-1 / recall in %"
 # How a sweep value is read for each type of config value: as `--config.key=value` reads it.
 _PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser(),
             str: flags.ArgumentParser()}
@@ -254,37 +257,47 @@ def study_table(record: dict[str, Any]) -> str:
     """The printed table: one row per sweep point, then the baselines, top-1 as mean ± std in %."""
     from mlcd_jax.evaluate.report import results_table
 
+    metrics = _reported(record)
     rows = [{"model": Point(s["overrides"]).label, "n": s["n"],
-             **{m: _percent(s.get(f"{m}_mean"), s.get(f"{m}_std")) for m in METRICS}} for s in record["summary"]]
-    rows += [{"model": b["model"], "n": b["n"], **{m: _percent(b.get(m), b.get(f"{m}_std")) for m in METRICS}}
+             **{m: _percent(s.get(f"{m}_mean"), s.get(f"{m}_std")) for m in metrics}} for s in record["summary"]]
+    rows += [{"model": b["model"], "n": b["n"], **{m: _percent(b.get(m), b.get(f"{m}_std")) for m in metrics}}
              for b in record["baselines"]]
-    return f"{STD_NOTE}\n" + results_table(rows, ["model", "n", *METRICS])
+    return f"{STD_NOTE}\n" + results_table(rows, ["model", "n", *metrics])
+
+
+def _reported(record: dict[str, Any]) -> list[str]:
+    """The :data:`METRICS` some sweep point or baseline has (in that order)."""
+    return [m for m in METRICS
+            if any(f"{m}_mean" in s for s in record["summary"]) or any(m in b for b in record["baselines"])]
 
 
 def study_png(record: dict[str, Any], path: str, title: str) -> None:
-    """Grouped kNN / linear bars per sweep point with std error bars; baselines as labelled horizontal lines."""
+    """Grouped bars (kNN, linear, zero-shot, recall: those reported) per sweep point with std error bars;
+    baselines as labelled horizontal lines."""
     from mlcd_jax.evaluate.pictures import new_figure, save_figure
 
     summary = record["summary"]
-    colours = {"knn_top1": "tab:blue", "linear_top1": "tab:orange"}
-    names = {"knn_top1": "kNN", "linear_top1": "linear probe"}
-    fig = new_figure((max(10.0, 5.0 + 1.6 * len(summary)), 6.0), dpi=100)
+    metrics = _reported(record)
+    colours = dict(zip(METRICS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                                 "tab:pink")))
+    names = METRIC_NAMES
+    fig = new_figure((max(10.0, 5.0 + 0.8 * len(metrics) * len(summary)), 6.0), dpi=100)
     ax = fig.subplots()
-    x, width = np.arange(len(summary)), 0.38
-    for j, metric in enumerate(METRICS):
+    x, width = np.arange(len(summary)), 0.76 / max(len(metrics), 1)
+    for j, metric in enumerate(metrics):
         means = [100 * s[f"{metric}_mean"] if f"{metric}_mean" in s else np.nan for s in summary]
         stds = [100 * (s.get(f"{metric}_std") or 0.0) for s in summary]
-        bars = ax.bar(x + (j - 0.5) * width, means, width, yerr=stds, capsize=5, color=colours[metric],
+        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, means, width, yerr=stds, capsize=5, color=colours[metric],
                       label=f"{names[metric]} (mean ± std)")
         ax.bar_label(bars, fmt="%.1f", label_type="center", color="white", fontsize="large")
     for baseline, style in zip(record["baselines"], itertools.cycle((":", "--", "-."))):
-        for metric in METRICS:
+        for metric in metrics:
             if metric in baseline:
                 value = 100 * baseline[metric]
                 ax.axhline(value, color=colours[metric], linestyle=style, linewidth=1.5,
                            label=f"{baseline['model']}, {names[metric]}: {value:.1f}%")
     ax.set_xticks(x, [Point(s["overrides"]).label for s in summary], rotation=15 if len(summary) > 4 else 0)
-    ax.set(xlabel="sweep point", ylabel="top-1 accuracy (%)", ylim=(0, 100), title=title)
+    ax.set(xlabel="sweep point", ylabel="top-1 accuracy / recall (%)", ylim=(0, 100), title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.set_layout_engine("constrained")
@@ -311,7 +324,7 @@ def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: S
         record = study_record(points, finished, baselines)
         fileio.write_atomic(out / "study.json", json.dumps(record, indent=1, default=float) + "\n")
     print(study_table(record), flush=True)
-    title = f"{base.eval.source}: frozen-feature top-1 over seeds {', '.join(map(str, seeds))} (mean ± sample std)"
+    title = f"{base.eval.source}: top-1 / recall over seeds {', '.join(map(str, seeds))} (mean ± sample std)"
     study_png(record, str(out / "study.png"), title)
     print(f"study: {out / 'study.json'}, {out / 'study.png'}", flush=True)
     return record

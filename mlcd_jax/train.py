@@ -28,11 +28,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
+from mlcd_jax.objectives import OBJECTIVES, Objective, objective
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.losses import KINDS, l2_normalize, pad_num_classes, partial_fc_loss
+from mlcd_jax.losses import l2_normalize, pad_num_classes, partial_fc_loss
+from mlcd_jax.losses.contrastive import INIT_LOG_SCALE, contrastive_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
-from mlcd_jax.models import VisionTransformer, flops_per_image
-from mlcd_jax.runs import DTYPES, AbstractModel, build_model, sharding_rules, vit_config
+from mlcd_jax.models import VisionTransformer
+from mlcd_jax.runs import (
+    DTYPES, IMAGE_TOWER_PREFIXES, AbstractModel, build_model, build_text_model, flops_per_example, load_image_tower,
+    sharding_rules, text_config, vit_config,
+)
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -65,8 +70,14 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# The optimizer group of each trainable state key: both towers are "backbone".
+_GROUPS = {"params": "backbone", "text": "backbone", "proto": "proto", "logit_scale": "scale"}
+
+
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW on ``{"params": backbone, "proto": prototypes}`` in two groups, warm-up + cosine schedule.
+    """AdamW on the objective's trainable state keys (:mod:`mlcd_jax.objectives`) in groups: the towers
+    (``params``, ``text``), the prototypes (``proto``) and the temperature (``logit_scale``, no weight
+    decay); warm-up + cosine schedule.
 
     Backbone: gradients clipped by their own global norm (``grad_clip``), weight decay on matrix weights
     only (:func:`weight_decay_mask`). Prototypes: learning rate x ``loss.proto_lr_mult``, weight decay
@@ -104,8 +115,11 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[o
         lambda count: proto_lr_mult * update_schedule(count),
         config.weight_decay if proto_wd is None else float(proto_wd),
     )
+    # The temperature of the contrastive objectives: same schedule, no weight decay, not clipped.
+    scale = adamw(update_schedule, 0.0)
     tx = optax.multi_transform(
-        {"backbone": backbone, "proto": proto}, param_labels={"params": "backbone", "proto": "proto"}
+        {"backbone": backbone, "proto": proto, "scale": scale},
+        param_labels={key: _GROUPS[key] for key in objective(loss_cfg.kind).trainable},
     )
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum)
@@ -122,13 +136,15 @@ class TrainSetup:
     config: ml_collections.ConfigDict
     mesh: Mesh
     rules: sharding.Rules  # logical axis -> mesh axes, config.mesh_rules applied
+    objective: Objective  # what loss.kind trains (mlcd_jax.objectives)
     proto_axes: tuple[str, ...]  # mesh axes the prototype rows are split over (the "proto" rule)
     model: AbstractModel
+    text_model: AbstractModel | None  # the text tower of the image-text objectives
     abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
     state_shardings: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    num_classes: int  # k, the clusters (config.loss.num_classes)
+    num_classes: int  # k, the clusters (config.loss.num_classes); 0 without prototypes
     k_pad: int  # prototype rows, padded to a multiple of the prototype shards
     embed_dim: int
     flops_per_step: float
@@ -136,36 +152,48 @@ class TrainSetup:
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, num_train_steps: int) -> "TrainSetup":
+        goal = objective(config.loss.kind)
         model_cfg = vit_config(config)
         model = AbstractModel.create(config, mesh)
+        text_model = AbstractModel.create(config, mesh, text=True) if goal.text else None
         rules = sharding_rules(config)
         proto_axes = sharding.proto_axes(mesh, rules)
-        shards = math.prod(mesh.shape[a] for a in proto_axes)
-        num_classes = int(config.loss.num_classes)
-        k_pad = pad_num_classes(num_classes, shards)
-        if k_pad != num_classes:
-            logging.info("prototype rows padded %d -> %d for %d shards (padding masked)",
-                         num_classes, k_pad, shards)
+        num_classes = k_pad = 0
+        if goal.clusters:
+            shards = math.prod(mesh.shape[a] for a in proto_axes)
+            num_classes = int(config.loss.num_classes)
+            k_pad = pad_num_classes(num_classes, shards)
+            if k_pad != num_classes:
+                logging.info("prototype rows padded %d -> %d for %d shards (padding masked)",
+                             num_classes, k_pad, shards)
         tx, schedule = make_optimizer(config, num_train_steps)
-        proto_sharding = NamedSharding(mesh, P(proto_axes or None, None))
         replicated = NamedSharding(mesh, P())
 
         def init(seed: jax.Array) -> dict[str, Any]:
-            model_key, proto_key, rng = jax.random.split(jax.random.key(seed), 3)
-            model = build_model(config, model_key)
-            params = nnx.state(model).to_pure_dict()
-            proto = jax.random.normal(proto_key, (k_pad, model_cfg.embed_dim), jnp.float32)
-            proto = l2_normalize(proto)
-            trainable = {"params": params, "proto": proto}
+            model_key, proto_key, text_key, rng = jax.random.split(jax.random.key(seed), 4)
+            state = {"params": nnx.state(build_model(config, model_key)).to_pure_dict()}
+            if goal.clusters:
+                state["proto"] = l2_normalize(jax.random.normal(proto_key, (k_pad, model_cfg.embed_dim), jnp.float32))
+            if goal.text:
+                state["text"] = nnx.state(build_text_model(config, text_key)).to_pure_dict()
+                state["logit_scale"] = jnp.asarray(config.loss.get("init_logit_scale", INIT_LOG_SCALE), jnp.float32)
+            trainable = {k: state[k] for k in goal.trainable}
             return {
                 "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(rng),
-                **trainable,
+                **state,
                 "opt_state": tx.init(trainable),
             }
 
         abstract_plain = jax.eval_shape(init, 0)
-        trainable_shardings = {"params": model.shardings, "proto": proto_sharding}
+        key_shardings = {
+            "params": model.shardings,
+            "proto": NamedSharding(mesh, P(proto_axes or None, None)),
+            "text": text_model.shardings if text_model else None,
+            "logit_scale": replicated,
+        }
+        key_shardings = {k: key_shardings[k] for k in goal.state_keys}
+        trainable_shardings = {k: key_shardings[k] for k in goal.trainable}
 
         def masked(x: Any) -> bool:  # each group's state holds the other group's leaves as MaskedNode
             return isinstance(x, optax.MaskedNode)
@@ -174,22 +202,25 @@ class TrainSetup:
             tx, lambda x, s: x if masked(x) else s, abstract_plain["opt_state"], trainable_shardings,
             transform_non_params=lambda _: replicated, is_leaf=masked,
         )
-        shardings = {
-            "step": replicated, "rng": replicated, **trainable_shardings, "opt_state": opt_shardings,
-        }
+        shardings = {"step": replicated, "rng": replicated, **key_shardings, "opt_state": opt_shardings}
         abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_plain, shardings
         )
         return cls(
-            config=config, mesh=mesh, rules=rules, proto_axes=proto_axes, model=model,
-            abstract_state=abstract_state, state_shardings=shardings, tx=tx, schedule=schedule,
-            num_classes=num_classes, k_pad=k_pad, embed_dim=model_cfg.embed_dim,
-            flops_per_step=3 * config.batch_size * flops_per_image(model_cfg), init_fn=init,
+            config=config, mesh=mesh, rules=rules, objective=goal, proto_axes=proto_axes, model=model,
+            text_model=text_model, abstract_state=abstract_state, state_shardings=shardings, tx=tx,
+            schedule=schedule, num_classes=num_classes, k_pad=k_pad, embed_dim=model_cfg.embed_dim,
+            flops_per_step=config.batch_size * flops_per_example(config), init_fn=init,
         )
 
     def init_state(self, seed: int) -> Any:
-        """The initial state, created directly in its shardings."""
-        return jax.jit(self.init_fn, out_shardings=self.state_shardings)(seed)
+        """The initial state, created directly in its shardings; LiT's locked image tower is read from
+        ``loss.image_tower``."""
+        state = jax.jit(self.init_fn, out_shardings=self.state_shardings)(seed)
+        if "params" in self.objective.frozen and self.config.loss.get("image_tower"):
+            tower = load_image_tower(self.config.loss.image_tower, self.config)
+            state["params"] = jax.device_put(nnx.state(tower).to_pure_dict(), self.state_shardings["params"])
+        return state
 
     def merge(self, params: Any) -> VisionTransformer:
         """A model object from pure-dict parameters (inside or outside jit)."""
@@ -201,7 +232,8 @@ def make_train_step(
 ) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
-    ``batch`` is ``dict(image=float32 [B, S, S, C], labels=int32 [B, l])``, or whatever ``preprocess``
+    ``batch`` is ``dict(image=float32 [B, S, S, C], labels=int32 [B, l])`` (cluster objectives) or
+    ``dict(image=..., tokens=int32 [B, context])`` (image-text objectives), or whatever ``preprocess``
     (run first, inside the same program) turns into that: the trainer passes the data loader's
     on-device augmentation, so its canvases are cropped and flipped by the step itself.
     """
@@ -210,23 +242,31 @@ def make_train_step(
     compute_dtype = DTYPES[config.model.dtype]
     axes = sharding.batch_axes(mesh, setup.rules)
     histograms = bool(loss_cfg.get("histograms", True))
+    patch_drop = float(config.data.get("patch_drop", 0.0))  # FLIP: drop this fraction of the patch tokens
+
+    goal = setup.objective
 
     def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
         if preprocess is not None:
             batch = preprocess(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        sample_key, dropout_key = jax.random.split(rng)
+        sample_key, dropout_key, drop_key = jax.random.split(rng, 3)
 
         def loss_fn(trainable):
-            model = setup.merge(trainable["params"])
-            # The model pins its activations on the mesh, through the run's rules.
+            tensors = {**{k: state[k] for k in goal.frozen}, **trainable}
+            model = setup.merge(tensors["params"])
+            # The models pin their activations on the mesh, through the run's rules.
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(setup.rules):
                 pooled, _ = model(
-                    batch["image"].astype(compute_dtype), deterministic=False,
-                    rngs=nnx.Rngs(dropout=dropout_key),
+                    batch["image"].astype(compute_dtype), deterministic="params" in goal.frozen,
+                    rngs=nnx.Rngs(dropout=dropout_key, patch_drop=drop_key), patch_drop=patch_drop,
                 )
+                if goal.text:
+                    text = setup.text_model.merge(tensors["text"])(batch["tokens"])
+            if goal.text:
+                return contrastive_loss(pooled, text, tensors["logit_scale"])
             return partial_fc_loss(
-                pooled, trainable["proto"], batch["labels"], sample_key, mesh=mesh,
+                pooled, tensors["proto"], batch["labels"], sample_key, mesh=mesh,
                 sample_ratio=loss_cfg.sample_ratio, sampling=loss_cfg.get("sampling", "paper"),
                 kind=loss_cfg.kind, scale=loss_cfg.scale,
                 margin=loss_cfg.margin, margin_type=loss_cfg.get("margin_type") or None,
@@ -234,7 +274,7 @@ def make_train_step(
                 max_rows=loss_cfg.get("max_rows") or None, return_metrics=True, histograms=histograms,
             )
 
-        trainable = {"params": state["params"], "proto": state["proto"]}
+        trainable = {k: state[k] for k in goal.trainable}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -350,8 +390,15 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         vit_config(config)  # the preset, its overrides and data.image_size: a patch-size mismatch raises
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"model {config.model.name!r} with data.image_size={config.data.image_size}: {err}") from None
-    if config.loss.kind not in KINDS:
-        raise ConfigError(f"loss.kind={config.loss.kind!r}: choose one of {', '.join(KINDS)}")
+    if config.loss.kind not in OBJECTIVES:
+        raise ConfigError(f"loss.kind={config.loss.kind!r}: choose one of {', '.join(OBJECTIVES)}")
+    goal = objective(config.loss.kind)
+    if not 0.0 <= float(config.data.get("patch_drop", 0.0)) < 1.0:
+        raise ConfigError(f"data.patch_drop={config.data.patch_drop} must be in [0, 1)")
+    if goal.text:
+        _validate_text(config)
+    if not goal.clusters:
+        return
     if not 0 < config.loss.sample_ratio <= 1:
         raise ConfigError(f"loss.sample_ratio={config.loss.sample_ratio} must be in (0, 1]")
     sampling = config.loss.get("sampling", "paper")
@@ -363,6 +410,23 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     )
     if warning:
         logging.warning(warning)
+
+
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+    """The text tower's preset and its embedding width (it must equal the image tower's)."""
+    try:
+        text_cfg = text_config(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"text {config.text.name!r}: {err}") from None
+    image_dim = vit_config(config).embed_dim
+    if text_cfg.embed_dim != image_dim:
+        raise ConfigError(
+            f"text.overrides.proj_dim={text_cfg.proj_dim} but the image tower embeds into {image_dim}: "
+            "the contrastive loss compares them, make them equal"
+        )
+    spec = config.loss.get("image_tower", "")
+    if spec and not spec.startswith(IMAGE_TOWER_PREFIXES):
+        raise ConfigError(f"loss.image_tower={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
 
 
 def _dataset_info(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, Any]]:
@@ -394,9 +458,10 @@ def _log_step(
     if peak:
         scalars["mfu"] = setup.flops_per_step / step_time / (peak * jax.device_count())
     writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
+    terms = (f"pos {scalars['loss_pos']:.3f} neg {scalars['loss_neg']:.3f}" if "loss_pos" in scalars
+             else f"i2t {scalars['loss_i2t']:.3f} t2i {scalars['loss_t2i']:.3f}, scale {scalars['logit_scale']:.1f}")
     print(
-        f"step {step}/{total_steps} loss {scalars['loss']:.4f} (pos {scalars['loss_pos']:.3f}"
-        f" neg {scalars['loss_neg']:.3f}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
+        f"step {step}/{total_steps} loss {scalars['loss']:.4f} ({terms}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
         f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
         f"{scalars['images_per_s']:.1f} img/s, data wait {100 * scalars['data_wait_frac']:.0f}%"
         + (f", MFU {100 * scalars['mfu']:.1f}%" if peak else f", {scalars['flops_per_s'] / 1e9:.1f} GFLOP/s"),
@@ -405,7 +470,8 @@ def _log_step(
     return scalars
 
 
-PeriodicEval = tuple[int, Callable[[VisionTransformer], dict[str, float]]]
+# (every, fn(image tower, text tower or None) -> scalars)
+PeriodicEval = tuple[int, Callable[[VisionTransformer, nnx.Module | None], dict[str, float]]]
 
 
 def train_and_evaluate(
@@ -415,7 +481,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` when it holds a checkpoint) and returns the last logged metrics.
 
-    ``evals``: ``(every, fn)`` pairs; ``fn(model) -> scalars`` runs every ``every`` steps and its results
+    ``evals``: ``(every, fn)`` pairs; ``fn(image_model, text_model) -> scalars`` runs every ``every`` steps and its results
     are logged with the training metrics (the caller builds them from ``config.evals``).
     """
     from mlcd_jax.data.pipeline import ResumeMismatch, make_train_loader
@@ -423,12 +489,13 @@ def train_and_evaluate(
     fileio.makedirs(workdir)
     mesh = checked_mesh(config)
     shards, manifest = _dataset_info(config)
-    if manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
+    goal = objective(config.loss.kind)
+    if goal.clusters and manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
         raise ConfigError(
             f"loss.top_l={config.loss.top_l} but the shards carry only l={manifest['top_l']} "
             "(a smaller loss.top_l uses each image's best labels)"
         )
-    if manifest and manifest.get("num_clusters") and manifest["num_clusters"] != config.loss.num_classes:
+    if goal.clusters and manifest and manifest.get("num_clusters") and manifest["num_clusters"] != config.loss.num_classes:
         raise ConfigError(
             f"loss.num_classes={config.loss.num_classes} but the shards were clustered into "
             f"k={manifest['num_clusters']}"
@@ -438,17 +505,23 @@ def train_and_evaluate(
         raise ConfigError("set num_train_steps > 0, or num_epochs with shards that have a manifest")
     setup = TrainSetup.create(config, mesh, total_steps)
     if jax.process_index() == 0:
+        head = (f"prototypes {setup.k_pad} x {setup.embed_dim}" if goal.clusters
+                else f"text tower {config.text.name}, context {config.text.context_length}")
         print(f"training {config.model.name} with {config.loss.kind} on mesh {dict(mesh.shape)} "
               f"({jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices): "
-              f"{total_steps} steps of {config.batch_size}, prototypes {setup.k_pad} x {setup.embed_dim}",
+              f"{total_steps} steps of {config.batch_size}, {head}",
               flush=True)
-    loader = make_train_loader(
-        shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
-        top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
-        num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
-        # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)
-        skip_log_dir=None if fileio.is_remote(workdir) else os.path.join(workdir, "skipped_records"),
-    )
+    try:
+        loader = make_train_loader(
+            shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
+            top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
+            num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
+            context_length=config.text.context_length if goal.text else 0,
+            # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)
+            skip_log_dir=None if fileio.is_remote(workdir) else os.path.join(workdir, "skipped_records"),
+        )
+    except ValueError as err:  # shards that cannot feed this objective (no captions)
+        raise ConfigError(f"data.shards: {err}") from None
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
     try:
@@ -495,8 +568,9 @@ def train_and_evaluate(
                 results: dict[str, float] = {}
                 if evals_now:
                     writer.flush()  # evaluators may read metrics.jsonl (the training curves)
+                text_model = setup.text_model.merge(state["text"]) if goal.text else None
                 for fn in evals_now:
-                    results.update(fn(setup.merge(state["params"])))
+                    results.update(fn(setup.merge(state["params"]), text_model))
                 if results:
                     print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
                           flush=True)

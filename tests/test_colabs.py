@@ -40,6 +40,7 @@ def test_quickstart_trains_evaluates_and_plots(quickstart):
     workdir, notebook = quickstart
     text = _outputs(notebook)
     assert "MLCD ViT" in text and "random-init ViT" in text and "raw pixels" in text
+    assert "LiT ViT" in text and "zero_shot_top1" in text  # the text tower on the locked MLCD encoder
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # training curves, patch PCA, cosine curves
     assert (workdir / "results.json").exists()

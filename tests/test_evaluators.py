@@ -38,7 +38,7 @@ def test_registry_builds_the_configured_evaluators_and_rejects_bad_entries():
     c.evals.linear.every = -1
     assert [e.name for e in ev.build_evaluators(c)] == ["knn", "pictures"]
     c.evals.knn.type = "knnn"
-    with pytest.raises(ConfigError, match=r"evals.knn.type='knnn': choose one of knn, linear_probe, pictures"):
+    with pytest.raises(ConfigError, match=r"evals.knn.type='knnn': choose one of knn, linear_probe, zero_shot, retrieval, pictures"):
         ev.build_evaluators(c)
     c = _config()
     with c.evals.knn.unlocked():

@@ -183,20 +183,47 @@ class ShardSource(grain.sources.ArrayRecordDataSource):
             return where, None
 
 
-def _decode_record(data: bytes | None, num_channels: int, min_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids); ``ValueError`` if corrupt
-    (or unreadable: ``None``)."""
+def _decode_record(
+    data: bytes | None, num_channels: int, min_side: int = 0, context_length: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids, its caption's tokens
+    int32 [context_length] or None without ``context_length``); ``ValueError`` if corrupt (or unreadable:
+    ``None``), or without a caption when tokens are asked for."""
     if data is None:
         raise ValueError("unreadable record (damaged shard)")
     rec = records.decode(data)
-    return augment.to_channels(augment.decode_image(rec["image"], min_side), num_channels), rec["labels"]
+    tokens = None
+    if context_length:
+        from mlcd_jax.data.tokenizer import tokenize
+
+        if rec["caption"] is None:
+            raise ValueError("record has no caption")
+        tokens = tokenize([rec["caption"]], context_length)[0]
+    return augment.to_channels(augment.decode_image(rec["image"], min_side), num_channels), rec["labels"], tokens
+
+
+def _check_captions(source: grain.sources.RandomAccessDataSource) -> None:
+    """Raises a one-line ValueError when the first readable record has no caption (the shards were made
+    from a source without captions, so an image-text objective cannot train on them)."""
+    for i in range(min(len(source), 16)):
+        where, data = source[i]
+        try:
+            caption = records.decode(data)["caption"] if data is not None else None
+        except ValueError:
+            continue
+        if caption is None:
+            raise ValueError(f"{where} has no caption: the image-text objectives need shards whose records carry "
+                             "captions (cluster a captioned source: folder: with .txt files, fashion_mnist, digits, emoji)")
+        return
 
 
 def decode_all(
-    source: grain.sources.RandomAccessDataSource, top_l: int, num_channels: int, max_bytes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[str, str]]] | None:
+    source: grain.sources.RandomAccessDataSource, top_l: int, num_channels: int, max_bytes: int,
+    context_length: int = 0,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[int, tuple[str, str]]] | None:
     """Every record of ``source`` decoded: (images uint8 [n, M, M, C], each in the top-left (h, w) of
-    its square canvas, (h, w), labels int32 [n, top_l], {record index: (shard and position, error)} of
+    its square canvas, (h, w), targets ``{"labels": int32 [n, top_l]}`` plus ``"tokens"`` int32
+    [n, context_length] when ``context_length``, {record index: (shard and position, error)} of
     undecodable records).
 
     None when the images would take more than ``max_bytes`` or differ in size (then stream).
@@ -204,12 +231,13 @@ def decode_all(
     n = len(source)
     images: np.ndarray | None = None
     labels = np.zeros((n, top_l), np.int32)
+    tokens = np.zeros((n, context_length), np.int32)
     good = np.zeros(n, bool)
     errors: dict[int, tuple[str, str]] = {}
     for i in range(n):
         where, data = source[i]
         try:
-            image, record_labels = _decode_record(data, num_channels)
+            image, record_labels, record_tokens = _decode_record(data, num_channels, context_length=context_length)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             errors[i] = (where, str(e))
             continue
@@ -223,10 +251,13 @@ def decode_all(
             return None
         images[i, : size[0], : size[1]] = image
         labels[i] = records.pad_labels(record_labels, top_l)
+        if context_length:
+            tokens[i] = record_tokens
         good[i] = True
     if images is None:
         return None
-    return images[good], np.asarray(size, np.int32), labels[good], errors
+    targets = {"labels": labels[good], **({"tokens": tokens[good]} if context_length else {})}
+    return images[good], np.asarray(size, np.int32), targets, errors
 
 
 class DecodedBatches(grain.sources.RandomAccessDataSource):
@@ -238,10 +269,10 @@ class DecodedBatches(grain.sources.RandomAccessDataSource):
     """
 
     def __init__(
-        self, images: np.ndarray, size: np.ndarray, labels: np.ndarray, *, global_batch_size: int, seed: int,
-        process_index: int, process_count: int, num_epochs: int | None,
+        self, images: np.ndarray, size: np.ndarray, targets: dict[str, np.ndarray], *, global_batch_size: int,
+        seed: int, process_index: int, process_count: int, num_epochs: int | None,
     ) -> None:
-        self.images, self.size, self.labels = images, size, labels
+        self.images, self.size, self.targets = images, size, targets
         self.global_batch, self.seed, self.num_epochs = global_batch_size, seed, num_epochs
         self.process_index, self.local_batch = process_index, global_batch_size // process_count
         self.steps = order.steps_per_epoch(len(images), global_batch_size)
@@ -262,7 +293,7 @@ class DecodedBatches(grain.sources.RandomAccessDataSource):
             "image": self.images[rows],
             "size": np.broadcast_to(self.size, (self.local_batch, 2)).copy(),
             "seed": order.example_seeds(self.seed, epoch, positions),
-            "labels": self.labels[rows],
+            **{name: values[rows] for name, values in self.targets.items()},
         }
 
     def __repr__(self) -> str:
@@ -271,22 +302,23 @@ class DecodedBatches(grain.sources.RandomAccessDataSource):
 
 
 class ToCanvas(grain.transforms.RandomMap):
-    """Record bytes -> dict(image uint8 [M, M, C] canvas, size int32 [2], seed uint32 [2], labels int32 [l]).
+    """Record bytes -> dict(image uint8 [M, M, C] canvas, size int32 [2], seed uint32 [2], labels int32 [l],
+    and tokens int32 [context_length] when ``context_length``).
 
     Corrupt records become a skip marker. The seed comes from the example's RNG, so the on-device
     crop and flip are a function of (seed, epoch, global position) alone.
     """
 
     def __init__(self, top_l: int, decode_size: int, canvas_size: int, num_channels: int,
-                 skip_log: SkipLog) -> None:
+                 skip_log: SkipLog, context_length: int = 0) -> None:
         self.top_l, self.decode_size, self.canvas_size = top_l, decode_size, canvas_size
-        self.num_channels, self.skip_log = num_channels, skip_log
+        self.num_channels, self.skip_log, self.context_length = num_channels, skip_log, context_length
 
     def random_map(self, element: tuple[str, bytes | None], rng: np.random.Generator) -> dict[str, Any]:
         seed = rng.integers(0, 2**32, size=2, dtype=np.uint32)
         where, data = element
         try:
-            image, labels = _decode_record(data, self.num_channels, self.decode_size)
+            image, labels, tokens = _decode_record(data, self.num_channels, self.decode_size, self.context_length)
             image = augment.shrink_to_fit(image, self.canvas_size)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             logging.warning("skipping a corrupt record (%s): %s", where, e)
@@ -297,8 +329,11 @@ class ToCanvas(grain.transforms.RandomMap):
             canvas = np.zeros((self.canvas_size, self.canvas_size, image.shape[2]), np.uint8)
             canvas[:h, :w] = image
             image = canvas
-        return {"image": image, "size": np.array([h, w], np.int32), "seed": seed,
-                "labels": records.pad_labels(labels, self.top_l)}
+        out = {"image": image, "size": np.array([h, w], np.int32), "seed": seed,
+               "labels": records.pad_labels(labels, self.top_l)}
+        if tokens is not None:
+            out["tokens"] = tokens
+        return out
 
 
 class DropSkipped(grain.transforms.Filter):
@@ -401,12 +436,13 @@ def canvas_to_inputs(
     batch: dict[str, Any], *, image_size: int, augment: bool = True,
     crop_scale: tuple[float, float] = (0.08, 1.0), num_channels: int = 3,
 ) -> dict[str, Any]:
-    """The train step's preprocessing (jit-able): canvas batch -> ``dict(image=float32 [b, S, S, C], labels)``."""
+    """The train step's preprocessing (jit-able): canvas batch -> ``dict(image=float32 [b, S, S, C], labels)``
+    (and the batch's ``tokens`` when it has them)."""
     image = augment_batch(
         batch["image"], batch["size"], batch["seed"], image_size=image_size,
         augment=augment, crop_scale=tuple(crop_scale), num_channels=num_channels,
     )
-    return {"image": image, "labels": batch["labels"]}
+    return {"image": image, **{k: batch[k] for k in ("labels", "tokens") if k in batch}}
 
 
 def make_train_loader(
@@ -428,6 +464,7 @@ def make_train_loader(
     decode_size: int | None = None,
     canvas_size: int | None = None,
     read_threads: int = 4,
+    context_length: int = 0,
 ) -> TrainLoader:
     """Loader whose iterator yields canvas batches ``dict(image=uint8 [b, M, M, C], size=int32 [b, 2],
     seed=uint32 [b, 2], labels=int32 [b, top_l])``; ``loader.augment(batch)`` makes the model inputs
@@ -441,6 +478,8 @@ def make_train_loader(
     ``decode_size``: JPEG draft target for the shorter side (default ``image_size``; 0 = full size).
     ``canvas_size``: M for streamed images (default ``2 * image_size``); in memory, the images' size.
     ``read_threads``: threads reading (and decoding) streamed records ahead, per process.
+    ``context_length`` > 0: batches also carry ``tokens`` int32 [b, context_length], each record's caption
+    tokenised with CLIP's BPE (``mlcd_jax.data.tokenizer``); a record without a caption is skipped.
     """
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels={num_channels}: choose 1 or 3")
@@ -450,6 +489,8 @@ def make_train_loader(
         flags.FLAGS.mark_as_parsed()
     paths, _ = resolve_shards(shard_paths_or_glob)
     source = ShardSource(paths)
+    if context_length:
+        _check_captions(source)
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     count = shard_options.shard_count
     if global_batch_size % count:
@@ -460,14 +501,14 @@ def make_train_loader(
     else:
         owned = False
     skip_log = SkipLog(skip_log_dir)
-    decoded = decode_all(source, top_l, num_channels, in_memory_bytes) if in_memory_bytes else None
+    decoded = decode_all(source, top_l, num_channels, in_memory_bytes, context_length) if in_memory_bytes else None
     if decoded is not None:
-        images, size, labels, errors = decoded
+        images, size, targets, errors = decoded
         for where, why in errors.values():  # dropped before the order is drawn: all processes agree
             logging.warning("skipping a corrupt record (%s): %s", where, why)
             skip_log.add(where, why)
         batches = DecodedBatches(
-            images, size, labels, global_batch_size=global_batch_size, seed=seed,
+            images, size, targets, global_batch_size=global_batch_size, seed=seed,
             process_index=shard_options.shard_index, process_count=count, num_epochs=num_epochs,
         )
         loader = TrainLoader(
@@ -484,7 +525,7 @@ def make_train_loader(
             sampler=sampler,
             operations=[
                 ToCanvas(top_l, image_size if decode_size is None else decode_size,
-                         canvas_size or 2 * image_size, num_channels, skip_log),
+                         canvas_size or 2 * image_size, num_channels, skip_log, context_length),
                 DropSkipped(),
                 grain.transforms.Batch(global_batch_size // count, drop_remainder=True),
             ],

@@ -1,25 +1,35 @@
 """Image sources for the clustering job and the evaluation, by spec string.
 
-Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)``):
+Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_captioned(spec, split, limit)``):
 
 - ``folder:DIR`` — every image file under DIR (recursive; .jpg .jpeg .png .bmp .gif .webp .tif .tiff),
   in sorted relative-path order; the key is the relative path, the bytes are the file's own bytes. If
   images sit in class sub-folders (``DIR/<class>/...``) the label is the index of ``<class>`` among the
-  sorted class folders, else None. A sibling ``<stem>.txt`` is the caption (UTF-8, else read as Latin-1). ``load_arrays`` reads
-  ``DIR/<split>/<class>/...`` and needs all images of one size.
+  sorted class folders, else None. A sibling ``<stem>.txt`` is the caption (UTF-8, else read as
+  Latin-1). ``load_arrays`` reads ``DIR/<split>/<class>/...``, ``load_captioned`` ``DIR/<split>/...``
+  (every image with a caption); both need all images of one size.
 - ``fashion_mnist[:DIR][:SPLIT]`` — the IDX files of Debian's ``dataset-fashion-mnist``
   (default DIR /usr/share/datasets/fashion-mnist); SPLIT is ``train`` (60,000, the default), ``test``
   (10,000) or ``all`` (train then test). E.g. ``fashion_mnist:test``, ``fashion_mnist:/data/fm:train``.
 - ``digits[:SPLIT]`` — scikit-learn's bundled 8x8 digits; its values 0..16 are scaled to uint8 0..255
   by ``round(v * 255 / 16)``. ``train`` = the first 1,437 images (80 %, the default), ``test`` = the
   last 360, ``all`` = 1,797.
+- ``emoji[:SIZE][:SPLIT]`` — the ~1,400 single-code-point emoji of Debian's ``fonts-noto-color-emoji``
+  rendered on white at SIZE px (default 32), RGB, captioned with their Unicode names; no labels, keys
+  ``U+1F304``; ``train``/``test`` is a fixed 80/20 split by a hash of the code point
+  (:mod:`mlcd_jax.data.emoji`; rendered once, then cached under ``$MLCD_JAX_CACHE/emoji``).
 - ``tfds:NAME[:SPLIT]`` — ``tfds.data_source`` of an already prepared TFDS dataset in ArrayRecord
   format (never downloads); the image feature is read undecoded, so the bytes are the stored
   originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files).
 - ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
   with another teacher; label None.
 
-Raw-pixel sources (IDX, digits) store a lossless PNG of exactly their pixels; grayscale stays grayscale.
+Raw-pixel sources (IDX, digits, emoji) store a lossless PNG of exactly their pixels; grayscale stays
+grayscale. Fashion-MNIST's and digits' items are captioned from their class (:func:`class_names`) with
+one of the CLIP-style ``CAPTION_TEMPLATES`` ("a photo of a sneaker."), picked by a CRC-32 of the
+item's pixels: the same image gets the same caption in every split spec and on every machine. The
+captions are part of :func:`source_identity`, so a clustering job started before its source had
+captions (or with other ones) is refused on resume instead of mixing shards with and without them.
 
 :func:`demo_source` picks the demo's data: Debian's Fashion-MNIST, else the same IDX files downloaded
 once (where the machine is online) into ``$MLCD_JAX_CACHE/fashion_mnist``, else digits.
@@ -38,7 +48,8 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +64,19 @@ ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "test", "all")
 DIGITS_TRAIN = 1437
+# Class names as CLIP's zero-shot prompts use them (lower case)
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
+)
+DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a cropped photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+)
 
 
 class SourceError(ValueError):
@@ -77,8 +101,9 @@ class Source(Protocol):
 
 def source_identity(source: Source, num_images: int) -> dict[str, Any]:
     """The image count and a SHA-256 of what names the first ``num_images`` items: a folder's sorted
-    relative paths, ArrayRecord files' names and sizes, a dataset's name and split. A clustering job
-    records it, so that resuming against a changed source is refused instead of mislabelling records."""
+    relative paths, ArrayRecord files' names and sizes, a dataset's name and split (and a raw-pixel
+    source's keys and captions). A clustering job records it, so that resuming against a changed source
+    is refused instead of mislabelling records (or mixing records with and without captions)."""
     digest = hashlib.sha256()
     for part in source.identity_parts(num_images):
         digest.update(part.encode("utf-8", "surrogateescape") + b"\n")
@@ -98,24 +123,47 @@ def _item(key: str, image: bytes, label: int | None = None, caption: str | None 
     return {"key": key, "image": image, "label": label, "caption": caption}
 
 
-class ArraySource:
-    """Raw uint8 pixel arrays [N, H, W, C] served as lossless PNGs (IDX files, digits, tfds arrays)."""
+def templated_captions(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> list[str]:
+    """A caption per image naming its class ``names[label]`` in one of ``CAPTION_TEMPLATES``, picked by a
+    CRC-32 of the image's pixels (so it does not depend on the image's position in a split)."""
+    return [
+        CAPTION_TEMPLATES[zlib.crc32(np.ascontiguousarray(image)) % len(CAPTION_TEMPLATES)].format(names[label])
+        for image, label in zip(images, labels)
+    ]
 
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray | None) -> None:
-        self.name, self.images, self.labels = name, images, labels
+
+class ArraySource:
+    """Raw uint8 pixel arrays [N, H, W, C] served as lossless PNGs (IDX files, digits, emoji), with
+    optional labels, captions and keys (default ``<name>/<index>``)."""
+
+    def __init__(
+        self,
+        name: str,
+        images: np.ndarray,
+        labels: np.ndarray | None,
+        captions: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        self.name, self.images, self.labels, self.captions, self.keys = name, images, labels, captions, keys
 
     def __len__(self) -> int:
         return len(self.images)
 
     def key(self, index: int) -> str:
-        return f"{self.name}/{index:08d}"
+        return f"{self.name}/{index:08d}" if self.keys is None else self.keys[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = None if self.labels is None else int(self.labels[index])
-        return _item(self.key(index), augment.encode_png(self.images[index]), label)
+        caption = None if self.captions is None else self.captions[index]
+        return _item(self.key(index), augment.encode_png(self.images[index]), label, caption)
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
-        return [self.name, str(num_images), str(self.images.shape[1:])]
+        """Name, count and image shape, then the own keys and the captions (what the records carry)."""
+        parts = [self.name, str(num_images), str(self.images.shape[1:])]
+        for names in (self.keys, self.captions):
+            if names is not None:
+                parts.extend(names[:num_images])
+        return parts
 
     def __repr__(self) -> str:
         return f"ArraySource({self.name!r}, n={len(self)})"
@@ -314,34 +362,118 @@ def _fashion_args(spec: str, args: list[str]) -> tuple[str, str]:
     return directory, split
 
 
-def open_source(spec: str) -> Source:
-    """The source named by ``spec`` (see the module docstring for the forms)."""
-    kind, args = _parse(spec)
-    if kind == "folder":
-        return FolderSource(args[0])
-    if kind == "arrayrecord":
-        return ArrayRecordSource(args[0])
-    if kind == "fashion_mnist":
-        directory, split = _fashion_args(spec, args)
-        images, labels = _fashion_mnist_arrays(directory, split)
-        return ArraySource(f"fashion_mnist/{split}", images, labels)
-    if kind == "digits":
-        split = _split_arg(spec, args[0]) if args else "train"
-        images, labels = _digits_arrays(split)
-        return ArraySource(f"digits/{split}", images, labels)
-    if kind == "tfds":
-        if not args or not args[0]:
-            raise SourceError(f"source {spec!r} needs a dataset name: tfds:NAME[:SPLIT]")
-        return TfdsSource(args[0], args[1] if len(args) > 1 else "train")
-    raise SourceError(
+def _emoji_args(spec: str, args: list[str]) -> tuple[int, str]:
+    from mlcd_jax.data import emoji
+
+    size, split = emoji.DEFAULT_SIZE, "train"
+    for arg in args:
+        if arg in SPLITS:
+            split = arg
+        elif arg.isdigit() and int(arg) > 0:
+            size = int(arg)
+        else:
+            raise SourceError(f"{spec!r}: {arg!r} is neither a split ({', '.join(SPLITS)}) nor an image size in px")
+    return size, split
+
+
+def _unknown(spec: str) -> SourceError:
+    return SourceError(
         f"unknown source {spec!r}: use folder:DIR, fashion_mnist[:DIR][:SPLIT], digits[:SPLIT], "
-        "tfds:NAME[:SPLIT] or arrayrecord:GLOB"
+        "emoji[:SIZE][:SPLIT], tfds:NAME[:SPLIT] or arrayrecord:GLOB"
     )
 
 
-def _decoded(source: Source, indices: Iterator[int]) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for i in indices:
+def _classified(name: str, images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> ArraySource:
+    return ArraySource(name, images, labels, templated_captions(images, labels, names))
+
+
+def _folder(directory: str, split: str | None) -> FolderSource:
+    """``DIR``, or ``DIR/<split>`` when a split is given."""
+    if split is None:
+        return FolderSource(directory)
+    root = os.path.join(directory, split)
+    if not os.path.isdir(root):
+        raise SourceError(f"folder {directory!r} has no {split!r} sub-folder (DIR/<split>/[<class>/]...)")
+    return FolderSource(root)
+
+
+def _open(spec: str, split: str | None) -> Source:
+    """The source of ``spec``; a ``split`` replaces the spec's own (a folder then reads ``DIR/<split>``)."""
+    kind, args = _parse(spec)
+    if kind == "folder":
+        return _folder(args[0], split)
+    if kind == "arrayrecord":
+        if split is not None:
+            raise SourceError(
+                f"{spec!r} has no splits: load one of fashion_mnist, digits, emoji, tfds:NAME or folder:DIR"
+            )
+        return ArrayRecordSource(args[0])
+    if kind == "fashion_mnist":
+        directory, own = _fashion_args(spec, args)
+        split = split or own
+        return _classified(f"fashion_mnist/{split}", *_fashion_mnist_arrays(directory, split), FASHION_MNIST_CLASSES)
+    if kind == "digits":
+        split = split or (_split_arg(spec, args[0]) if args else "train")
+        return _classified(f"digits/{split}", *_digits_arrays(split), DIGIT_CLASSES)
+    if kind == "emoji":
+        from mlcd_jax.data import emoji
+
+        size, own = _emoji_args(spec, args)
+        split = split or own
+        code_points, images = emoji.load(split, size)
+        return ArraySource(f"emoji/{split}", images, None, [emoji.caption(int(c)) for c in code_points],
+                           [emoji.key(int(c)) for c in code_points])
+    if kind == "tfds":
+        if not args or not args[0]:
+            raise SourceError(f"source {spec!r} needs a dataset name: tfds:NAME[:SPLIT]")
+        return TfdsSource(args[0], split or (args[1] if len(args) > 1 else "train"))
+    raise _unknown(spec)
+
+
+def open_source(spec: str) -> Source:
+    """The source named by ``spec`` (see the module docstring for the forms)."""
+    return _open(spec, None)
+
+
+def class_names(spec: str, split: str | None = None) -> list[str] | None:
+    """The class names of ``spec``'s labels in label order, as zero-shot prompts name them, or None when
+    its items have no class labels (emoji, ArrayRecord) or the names are unknown.
+
+    Fashion-MNIST's and digits' fixed names; a folder's sorted class-folder names with underscores as
+    spaces (those of ``DIR/<split>`` when ``split`` is given, as :func:`load_arrays` labels them); a
+    tfds dataset's ``ClassLabel`` names where its builder is available offline.
+    """
+    kind, args = _parse(spec)
+    if kind == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if kind == "digits":
+        return list(DIGIT_CLASSES)
+    if kind == "folder":
+        return [name.replace("_", " ") for name in _folder(args[0], split).classes] or None
+    if kind == "tfds":
+        import tensorflow_datasets as tfds
+
+        try:
+            feature = tfds.builder(args[0]).info.features["label"]
+            return [name.replace("_", " ") for name in feature.names]
+        except Exception:  # unknown or unprepared dataset, no "label" feature or not a ClassLabel
+            return None
+    if kind in ("emoji", "arrayrecord"):
+        return None
+    raise _unknown(spec)
+
+
+def _loaded(source: Source, limit: int | None, field: str, missing: str) -> tuple[np.ndarray, Sequence[Any]]:
+    """The first ``limit`` (or all) images uint8 [N, H, W, C] of ``source`` and the items' ``field``
+    (``label`` or ``caption``); an item without one is a SourceError "<key> <missing>"."""
+    n = len(source) if limit is None else min(limit, len(source))
+    if isinstance(source, ArraySource):  # no PNG round trip
+        values = source.labels if field == "label" else source.captions
+        if values is None:
+            raise SourceError(f"{source.name} {missing}")
+        return np.ascontiguousarray(source.images[:n]), values[:n]
+    images, values = [], []
+    for i in range(n):
         item = source[i]
         try:
             image = augment.decode_image(item["image"])
@@ -350,15 +482,15 @@ def _decoded(source: Source, indices: Iterator[int]) -> tuple[np.ndarray, np.nda
         if images and image.shape != images[0].shape:
             raise SourceError(
                 f"{item['key']} is {image.shape}, other images are {images[0].shape}: "
-                "load_arrays needs one image size (resize the folder first)"
+                "loading needs one image size (resize the folder first)"
             )
-        if item["label"] is None:
-            raise SourceError(f"{item['key']} has no class label (put images in DIR/<split>/<class>/)")
+        if item[field] is None:
+            raise SourceError(f"{item['key']} {missing}")
         images.append(image)
-        labels.append(item["label"])
+        values.append(item[field])
     if not images:
         raise SourceError("no images to load")
-    return np.stack(images), np.asarray(labels, np.int64)
+    return np.stack(images), values
 
 
 def load_arrays(spec: str, split: str = "train", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -367,28 +499,20 @@ def load_arrays(spec: str, split: str = "train", limit: int | None = None) -> tu
     For evaluation. ``split`` replaces a split in ``spec`` (``fashion_mnist:train`` with
     ``split='test'`` reads the test set); folders read ``DIR/<split>``.
     """
-    _split_arg(spec, split)
-    kind, args = _parse(spec)
-    if kind == "fashion_mnist":
-        directory, _ = _fashion_args(spec, args)
-        images, labels = _fashion_mnist_arrays(directory, split)
-    elif kind == "digits":
-        images, labels = _digits_arrays(split)
-    elif kind in ("tfds", "folder"):
-        if kind == "tfds":
-            source = open_source(f"tfds:{args[0]}:{split}")
-        else:
-            root = os.path.join(args[0], split)
-            if not os.path.isdir(root):
-                raise SourceError(f"folder {args[0]!r} has no {split!r} sub-folder (DIR/<split>/<class>/...)")
-            source = FolderSource(root)
-        n = len(source) if limit is None else min(limit, len(source))
-        return _decoded(source, iter(range(n)))
-    else:
-        raise SourceError(f"load_arrays cannot read {spec!r}: use fashion_mnist, digits, tfds:NAME or folder:DIR")
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return np.ascontiguousarray(images), labels
+    source = _open(spec, _split_arg(spec, split))
+    images, labels = _loaded(source, limit, "label", "has no class label (folders: DIR/<split>/<class>/...)")
+    return images, np.asarray(labels, np.int64)
+
+
+def load_captioned(spec: str, split: str = "train", limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """All (or the first ``limit``) images uint8 [N, H, W, 3] (grayscale repeated) and captions of one split.
+
+    For image–text retrieval: emoji, Fashion-MNIST and digits (templated captions), folders whose images
+    have ``<stem>.txt`` captions (``DIR/<split>/...``). ``split`` replaces a split in ``spec``.
+    """
+    source = _open(spec, _split_arg(spec, split))
+    images, captions = _loaded(source, limit, "caption", "has no caption (a sibling <stem>.txt)")
+    return (images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)), list(captions)
 
 
 def _downloadable(url: str, timeout_s: float = ONLINE_TIMEOUT_S) -> bool:
@@ -411,11 +535,14 @@ def _downloadable(url: str, timeout_s: float = ONLINE_TIMEOUT_S) -> bool:
     return answered.wait(timeout_s)
 
 
+def cache_root() -> str:
+    """Where downloaded and rendered data is kept: ``$MLCD_JAX_CACHE`` (default ``~/.cache/mlcd_jax``)."""
+    return os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
+
+
 def _fashion_mnist_cache() -> str:
-    """Where :func:`demo_source` keeps a downloaded Fashion-MNIST: ``$MLCD_JAX_CACHE/fashion_mnist``
-    (default ``~/.cache/mlcd_jax/fashion_mnist``)."""
-    root = os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
-    return os.path.join(root, "fashion_mnist")
+    """Where :func:`demo_source` keeps a downloaded Fashion-MNIST: ``<cache_root>/fashion_mnist``."""
+    return os.path.join(cache_root(), "fashion_mnist")
 
 
 def _has_fashion_mnist(directory: str) -> bool:

@@ -11,6 +11,11 @@ from ``config.eval.source`` (train split -> test split), read once per process.
 
 - ``knn`` (option ``k``): cosine k-NN top-1, ``knn_top1``.
 - ``linear_probe``: CLIP-protocol logistic regression top-1, ``linear_top1``.
+- ``zero_shot`` (option ``templates``, a name in :data:`mlcd_jax.evaluate.zero_shot.TEMPLATES`): CLIP-protocol
+  zero-shot top-1 on the test split with the class names of ``eval.source``, ``zero_shot_top1``; targets
+  with a text tower only (LiT and CLIP runs).
+- ``retrieval`` (options ``source``, ``split``, ``limit``): image<->text Recall@1/5/10 on a captioned
+  source's split (e.g. ``emoji``), ``i2t_r@K`` / ``t2i_r@K``; targets with a text tower only.
 - ``pictures``: ``patch_pca.png`` (patch-feature PCA of 8 test images, paper Fig. 6) and
   ``cosine_curves.png`` (loss terms and cosines over training, Fig. 3) in the workdir; trained runs only.
 """
@@ -19,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import ml_collections
 import numpy as np
@@ -30,17 +35,20 @@ from flax import nnx
 from mlcd_jax.config_lib import ConfigError
 
 Embed = Callable[[np.ndarray], np.ndarray]
+EncodeText = Callable[[Sequence[str]], np.ndarray]
 
 
 @dataclasses.dataclass
 class Target:
-    """What evaluators look at: ``embed`` (uint8 images -> features) under a row name, and for a trained
-    run its ``model`` and ``workdir`` (pictures need them). Features of each split are computed once."""
+    """What evaluators look at: ``embed`` (uint8 images -> features) under a row name, for a trained
+    run its ``model`` and ``workdir`` (pictures need them), and for an image-text run ``encode_text``
+    (strings -> embeddings in the image features' space). Features of each split are computed once."""
 
     name: str
     embed: Embed
     model: nnx.Module | None = None
     workdir: str | None = None
+    encode_text: EncodeText | None = None
     _features: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -77,6 +85,7 @@ class Evaluator:
     name: str
     every: int
     config: ml_collections.ConfigDict  # the run's config (eval data, image size, seed)
+    labelled: ClassVar[bool] = True  # reads the labelled splits of eval.source
 
     def __call__(self, target: Target) -> dict[str, float]:
         raise NotImplementedError
@@ -130,7 +139,59 @@ class Pictures(Evaluator):
         return {}
 
 
-EVALUATORS: dict[str, type[Evaluator]] = {"knn": Knn, "linear_probe": LinearProbe, "pictures": Pictures}
+@functools.cache
+def _captioned_split(source: str, split: str, limit: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """One split's (images, captions) of a captioned source, read once per process (read-only)."""
+    from mlcd_jax.data.sources import load_captioned
+
+    images, captions = load_captioned(source, split=split, limit=limit or None)
+    images.flags.writeable = False
+    return images, tuple(captions)
+
+
+@dataclasses.dataclass
+class ZeroShot(Evaluator):
+    templates: str = "simple"
+
+    def __post_init__(self) -> None:
+        from mlcd_jax.evaluate.zero_shot import TEMPLATES
+
+        if self.templates not in TEMPLATES:
+            raise ConfigError(f"evals.{self.name}.templates={self.templates!r}: choose one of {', '.join(TEMPLATES)}")
+
+    def __call__(self, target: Target) -> dict[str, float]:
+        if target.encode_text is None:
+            return {}  # an image-only model has no zero-shot classifier
+        from mlcd_jax.data.sources import class_names
+        from mlcd_jax.evaluate.zero_shot import TEMPLATES, class_embeddings, zero_shot_top1
+
+        names = class_names(self.config.eval.source, "test")
+        if not names:
+            raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has no class names")
+        _, _, test_x, test_y = eval_arrays(self.config)
+        classes = class_embeddings(target.encode_text, names, TEMPLATES[self.templates])
+        return {"zero_shot_top1": zero_shot_top1(target.features(test_x), test_y, classes)}
+
+
+@dataclasses.dataclass
+class Retrieval(Evaluator):
+    source: str = ""  # a captioned source spec; "" = eval.source
+    split: str = "test"
+    limit: int = 0
+    labelled: ClassVar[bool] = False  # captions, not class labels
+
+    def __call__(self, target: Target) -> dict[str, float]:
+        if target.encode_text is None:
+            return {}
+        from mlcd_jax.evaluate.zero_shot import retrieval_recall
+
+        images, captions = _captioned_split(self.source or self.config.eval.source, self.split, self.limit)
+        return retrieval_recall(target.features(images), target.encode_text(captions))
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {
+    "knn": Knn, "linear_probe": LinearProbe, "zero_shot": ZeroShot, "retrieval": Retrieval, "pictures": Pictures,
+}
 
 
 def build_evaluators(config: ml_collections.ConfigDict) -> list[Evaluator]:

@@ -1,8 +1,10 @@
-"""Frozen features of a ViT (or raw pixels) on image arrays, in batches, for kNN / probe / PCA / teachers."""
+"""Frozen features of a ViT (or raw pixels) on image arrays, and of a text tower on strings, in batches,
+for kNN / probe / PCA / teachers / zero-shot and retrieval."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +72,36 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, tokens: boo
 def pixel_features(images: np.ndarray) -> np.ndarray:
     """Raw pixels, flattened and scaled to [0, 1]: the no-learning baseline."""
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+class TextEncoder:
+    """Text embeddings [N, d] of strings: CLIP's BPE on the host, one jitted text-tower forward in
+    fixed-size batches (the last one padded), replicated over this process's devices."""
+
+    def __init__(self, model: nnx.Module, *, batch_size: int = 256, devices: list[jax.Device] | None = None):
+        devices = list(devices or jax.local_devices())
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self._graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state, NamedSharding(mesh, P()))
+        self._batch = NamedSharding(mesh, P("batch"))
+        self.context_length = model.config.context_length
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        from mlcd_jax.data.tokenizer import tokenize
+
+        if not texts:
+            raise ValueError("no texts to embed")
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            ids = tokenize(list(texts[start : start + self.batch_size]), self.context_length)
+            n = len(ids)
+            ids = np.concatenate([ids, np.zeros((self.batch_size - n, ids.shape[1]), ids.dtype)])
+            out.append(np.asarray(_encode(self._graphdef, self._state, jax.device_put(ids, self._batch)))[:n])
+        return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    """Token ids -> text embeddings (one compiled program per architecture, as :func:`_forward`)."""
+    return nnx.merge(graphdef, state)(ids).astype(jnp.float32)

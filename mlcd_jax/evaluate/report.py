@@ -10,7 +10,7 @@ from typing import Any
 from mlcd_jax import fileio
 
 # A column whose name contains one of these holds accuracies in [0, 1]; the table prints them as percentages.
-ACCURACY_MARKERS: tuple[str, ...] = ("top1", "top5", "acc")
+ACCURACY_MARKERS: tuple[str, ...] = ("top1", "top5", "acc", "_r@")
 
 
 def _cell(column: str, value: Any) -> str:

@@ -12,6 +12,9 @@ it and strips it on load. We read both and write the prefixed layout, which both
 Layout conversion (HF is torch, ``[out, in]`` linears, NCHW conv):
 q/k/v_proj ``[W, W]`` -> fused ``qkv_kernel [W, 3, heads, head_dim]``; out_proj -> ``[heads, head_dim, W]``;
 fc1/fc2/visual_projection transposed; patch conv ``[W, C, p, p]`` -> ``[p, p, C, W]``.
+
+CLIP's text tower (:mod:`mlcd_jax.interop.hf_text`) reuses the reading, per-layer conversion and
+writing helpers here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mlcd_jax.models.presets import ViTConfig
+from mlcd_jax.models.presets import TextConfig, ViTConfig
 from mlcd_jax.models.vit import VisionTransformer, resize_pos_embed
 
 SUPPORTED = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "MLCDVisionModel", "CLIPModel")
@@ -47,17 +50,26 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 Params = dict[str, Any]
+_Config = TypeVar("_Config", ViTConfig, TextConfig)
+_Module = TypeVar("_Module", bound=nnx.Module)
 
 
 # ---------------------------------------------------------------------------------------- config
 
 
-def _architecture(hf: Mapping[str, Any]) -> str:
+def _architecture(
+    hf: Mapping[str, Any],
+    supported: tuple[str, ...] = SUPPORTED,
+    model_types: Mapping[str, str] = _MODEL_TYPES,
+    kind: str = "vision model",
+) -> str:
+    """The config's architecture (its first ``architectures`` entry, else from ``model_type``), checked."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else _MODEL_TYPES.get(str(hf.get("model_type")))
-    if arch not in SUPPORTED:
+    arch = archs[0] if archs else model_types.get(str(hf.get("model_type")))
+    if arch not in supported:
         raise ValueError(
-            f"unsupported architecture {arch or hf.get('model_type')!r} in config.json; supported: {SUPPORTED}"
+            f"unsupported architecture {arch or hf.get('model_type')!r} in config.json (not a CLIP/MLCD "
+            f"{kind}); supported: {supported}"
         )
     return arch
 
@@ -169,17 +181,44 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _strip(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tower tensors without the ``vision_model.`` prefix; drops buffers and CLIPModel's text tower."""
+def _strip(
+    tensors: Mapping[str, np.ndarray], prefix: str = _PREFIX, ignored: tuple[str, ...] = _IGNORED_PREFIXES
+) -> dict[str, np.ndarray]:
+    """Tower tensors without ``prefix``; drops buffers and keys starting with ``ignored`` (the other tower)."""
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
-        if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
+        if key.endswith(_IGNORED_SUFFIXES) or key.startswith(ignored):
             continue
-        out[key[len(_PREFIX):] if key.startswith(_PREFIX) else key] = value
+        out[key[len(prefix):] if key.startswith(prefix) else key] = value
     return out
 
 
-def _layer_from_hf(get: Callable[[str], np.ndarray], i: int, cfg: ViTConfig) -> Params:
+def _collect(tensors: Mapping[str, np.ndarray], build: Callable[[Callable[[str], np.ndarray]], Params]) -> Params:
+    """``build(get)``, where ``get(key)`` reads a tensor; every tensor must be read exactly as asked.
+
+    Raises ``KeyError`` naming every missing tensor and ``ValueError`` naming every unused one.
+    """
+    missing: list[str] = []
+    used: set[str] = set()
+
+    def get(key: str) -> np.ndarray:
+        if key not in tensors:
+            missing.append(key)
+            return np.zeros(())
+        used.add(key)
+        return np.asarray(tensors[key])
+
+    params = build(get)
+    if missing:
+        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {missing}")
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"checkpoint has {len(unused)} tensor(s) this config does not use: {unused}")
+    return params
+
+
+def _layer_from_hf(get: Callable[[str], np.ndarray], i: int, cfg: ViTConfig | TextConfig) -> Params:
+    """Block ``i`` (``encoder.layers.{i}.``, the same keys in CLIP's vision and text towers) as our params."""
     h, d, w = cfg.num_heads, cfg.head_dim, cfg.width
     p = f"encoder.layers.{i}."
     qkv = [get(f"{p}self_attn.{n}_proj.weight").T.reshape(w, h, d) for n in "qkv"]
@@ -197,7 +236,8 @@ def _layer_from_hf(get: Callable[[str], np.ndarray], i: int, cfg: ViTConfig) -> 
     }
 
 
-def _layer_to_hf(layer: Params, i: int, cfg: ViTConfig) -> dict[str, np.ndarray]:
+def _layer_to_hf(layer: Params, i: int, cfg: ViTConfig | TextConfig) -> dict[str, np.ndarray]:
+    """Our block params as HF's ``encoder.layers.{i}.`` tensors."""
     w = cfg.width
     p = f"encoder.layers.{i}."
     attn = layer["attn"]
@@ -220,34 +260,25 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ViTConfig, scan_layer
 
     Raises ``KeyError`` naming every missing tensor and ``ValueError`` naming every unused one.
     """
-    missing: list[str] = []
-    used: set[str] = set()
 
-    def get(key: str) -> np.ndarray:
-        if key not in tensors:
-            missing.append(key)
-            return np.zeros(())
-        used.add(key)
-        return np.asarray(tensors[key])
+    def build(get: Callable[[str], np.ndarray]) -> Params:
+        params: Params = {
+            "blocks": [_layer_from_hf(get, i, cfg) for i in range(cfg.depth)],
+            "patch_embed": {"kernel": get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)},
+            "class_embedding": get("embeddings.class_embedding"),
+            "pre_ln": {"scale": get("pre_layrnorm.weight"), "bias": get("pre_layrnorm.bias")},
+            "post_ln": {"scale": get("post_layernorm.weight"), "bias": get("post_layernorm.bias")},
+        }
+        if cfg.rope:
+            params["class_pos_emb"] = get("class_pos_emb")
+        else:
+            params["pos_embed"] = get("embeddings.position_embedding.weight")
+        if cfg.proj_dim:
+            params["proj"] = {"kernel": get(_PROJ).T}
+        return params
 
-    layers = [_layer_from_hf(get, i, cfg) for i in range(cfg.depth)]
-    params: Params = {
-        "patch_embed": {"kernel": get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)},
-        "class_embedding": get("embeddings.class_embedding"),
-        "pre_ln": {"scale": get("pre_layrnorm.weight"), "bias": get("pre_layrnorm.bias")},
-        "post_ln": {"scale": get("post_layernorm.weight"), "bias": get("post_layernorm.bias")},
-    }
-    if cfg.rope:
-        params["class_pos_emb"] = get("class_pos_emb")
-    else:
-        params["pos_embed"] = get("embeddings.position_embedding.weight")
-    if cfg.proj_dim:
-        params["proj"] = {"kernel": get(_PROJ).T}
-    if missing:
-        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {missing}")
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise ValueError(f"checkpoint has {len(unused)} tensor(s) this config does not use: {unused}")
+    params = _collect(tensors, build)
+    layers = params.pop("blocks")
     if scan_layers:
         params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
     else:
@@ -292,18 +323,7 @@ def load_vision(
     ``interpolate_pos_encoding`` does per call); other sizes also work per call without it.
     ``model_kwargs`` go to :class:`VisionTransformer` (``dtype``, ``attention_impl``, ``remat`` ...).
     """
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"no config.json in {path}; expected a transformers save_pretrained directory")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            hf_config = json.load(f)
-        except ValueError as err:
-            raise InteropError(f"{config_path} is not JSON ({err})") from None
-    try:
-        cfg, arch = config_from_hf(hf_config)
-    except (KeyError, TypeError, ValueError) as err:
-        raise InteropError(f"{config_path}: {err}") from None
+    cfg, arch = _read_config(path, config_from_hf)
     tensors = _strip(read_safetensors(path))
     try:
         params = params_from_hf(tensors, cfg, scan_layers=scan_layers)
@@ -320,9 +340,30 @@ def load_vision(
     return model, cfg
 
 
+def _read_config(path: str, parse: Callable[[Mapping[str, Any]], tuple[_Config, str]]) -> tuple[_Config, str]:
+    """``parse`` of ``path``/config.json: our config and the architecture; errors name the file."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"no config.json in {path}; expected a transformers save_pretrained directory")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            hf_config = json.load(f)
+        except ValueError as err:
+            raise InteropError(f"{config_path} is not JSON ({err})") from None
+    try:
+        return parse(hf_config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InteropError(f"{config_path}: {err}") from None
+
+
 def from_params(cfg: ViTConfig, params: Params, **model_kwargs: Any) -> VisionTransformer:
     """A :class:`VisionTransformer` holding ``params`` (a pure dict of arrays), shapes checked."""
-    abstract = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0), **model_kwargs))
+    return _module_from_params(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0), **model_kwargs), params)
+
+
+def _module_from_params(create: Callable[[], _Module], params: Params) -> _Module:
+    """The module ``create()`` builds, holding ``params`` (a pure dict) in its parameter dtypes, shapes checked."""
+    abstract = nnx.eval_shape(create)
     graphdef, state = nnx.split(abstract)
     expected = state.to_pure_dict()
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
@@ -341,6 +382,11 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x))
 
 
+def _numpy_params(model: nnx.Module) -> Params:
+    """The model's parameters as a pure dict of host numpy arrays (gathered across processes)."""
+    return jax.tree.map(_to_numpy, nnx.state(model, nnx.Param).to_pure_dict())
+
+
 def hf_tensors(
     model: VisionTransformer, *, drop_projection: bool = False
 ) -> tuple[dict[str, np.ndarray], ViTConfig, str]:
@@ -353,8 +399,7 @@ def hf_tensors(
             "MLCDVisionModel has no projection but this model has proj_dim="
             f"{cfg.proj_dim}; pass drop_projection=True to export the tower without it"
         )
-    params = jax.tree.map(_to_numpy, nnx.state(model, nnx.Param).to_pure_dict())
-    tower = params_to_hf(params, cfg, model.scan_layers)
+    tower = params_to_hf(_numpy_params(model), cfg, model.scan_layers)
     tensors = {(k if k == _PROJ else _PREFIX + k): np.ascontiguousarray(v) for k, v in tower.items()}
     arch = "MLCDVisionModel" if cfg.rope else (
         "CLIPVisionModelWithProjection" if cfg.proj_dim else "CLIPVisionModel"
@@ -373,14 +418,21 @@ def save_vision(
     dtype; files over ``max_shard_bytes`` are split with a ``model.safetensors.index.json``. In a
     multi-host job every process must call this (arrays are gathered); process 0 writes.
     """
+    tensors, cfg, arch = hf_tensors(model, drop_projection=drop_projection)
+    _write_checkpoint(tensors, config_to_hf(cfg, arch), path, max_shard_bytes)
+
+
+def _write_checkpoint(
+    tensors: Mapping[str, np.ndarray], hf_config: dict[str, Any], path: str, max_shard_bytes: int
+) -> None:
+    """Writes ``config.json`` (with the tensors' ``dtype``) and the tensors, split into shards of at most
+    ``max_shard_bytes`` with a ``model.safetensors.index.json`` when they exceed it; process 0 only."""
     from safetensors.numpy import save_file
 
-    tensors, cfg, arch = hf_tensors(model, drop_projection=drop_projection)
     if jax.process_index() != 0:
         return
     os.makedirs(path, exist_ok=True)
-    hf_config = config_to_hf(cfg, arch)
-    hf_config["dtype"] = str(next(iter(tensors.values())).dtype)
+    hf_config = {**hf_config, "dtype": str(next(iter(tensors.values())).dtype)}
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key in sorted(tensors):

@@ -1,6 +1,27 @@
-"""Vision Transformer family (CLIP layout, optional 2-D RoPE) and its size presets."""
+"""Vision Transformer family (CLIP layout, optional 2-D RoPE), CLIP's text tower, and their size presets."""
 
-from mlcd_jax.models.presets import PRESETS, ViTConfig, flops_per_image, get_preset, macs_per_image
+from mlcd_jax.models.presets import (
+    PRESETS,
+    TEXT_PRESETS,
+    TextConfig,
+    ViTConfig,
+    flops_per_image,
+    get_preset,
+    get_text_preset,
+    macs_per_image,
+)
+from mlcd_jax.models.text import TextTransformer
 from mlcd_jax.models.vit import VisionTransformer
 
-__all__ = ["PRESETS", "ViTConfig", "VisionTransformer", "flops_per_image", "get_preset", "macs_per_image"]
+__all__ = [
+    "PRESETS",
+    "TEXT_PRESETS",
+    "TextConfig",
+    "TextTransformer",
+    "ViTConfig",
+    "VisionTransformer",
+    "flops_per_image",
+    "get_preset",
+    "get_text_preset",
+    "macs_per_image",
+]

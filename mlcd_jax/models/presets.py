@@ -1,4 +1,5 @@
-"""ViT sizes: one table of widths/depths composed with patch sizes and resolutions, and their FLOPs.
+"""Model sizes: ViT widths/depths composed with patch sizes and resolutions (and their FLOPs), and
+CLIP's text towers (:class:`TextConfig`, :data:`TEXT_PRESETS`).
 
 Sizes follow OpenCLIP's model configs (B, L, H, g, bigG); ``bigG/14`` is the released MLCD-bigG layout
 (2-D RoPE instead of an absolute position table, exact GELU, no projection, as ``MLCDVisionModel``).
@@ -17,14 +18,32 @@ not counted, as in both profilers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, TypeVar
 
 Activation = Literal["gelu", "quick_gelu"]
 ACTIVATIONS: tuple[str, ...] = ("gelu", "quick_gelu")
 
 
+class _Tower:
+    """What both towers' shapes derive the same way (mixed into the config dataclasses)."""
+
+    width: int
+    num_heads: int
+    proj_dim: int | None
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the pooled output: the projection's width, or the model width without one."""
+        return self.proj_dim or self.width
+
+
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(_Tower):
     """Shape of a CLIP-layout ViT (optionally with MLCD's 2-D RoPE instead of the position table)."""
 
     width: int
@@ -63,14 +82,6 @@ class ViTConfig:
         if self.proj_dim is not None and self.proj_dim <= 0:
             raise ValueError(f"ViTConfig.proj_dim must be positive or None, got {self.proj_dim}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def embed_dim(self) -> int:
-        """Size of the pooled output: the projection's width, or the model width without one."""
-        return self.proj_dim or self.width
 
     @property
     def grid_size(self) -> int:
@@ -80,6 +91,45 @@ class ViTConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(_Tower):
+    """Shape of CLIP's text transformer (causal, pooled at the first ``eos_token_id``)."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    proj_dim: int | None
+    vocab_size: int = 49408
+    context_length: int = 77
+    act: Activation = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "num_heads", "mlp_dim", "vocab_size", "context_length"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"TextConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"TextConfig width {self.width} is not divisible by num_heads {self.num_heads}; "
+                "pick a head count that divides the width"
+            )
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"TextConfig.act {self.act!r} is not one of {ACTIVATIONS}")
+        if self.proj_dim is not None and self.proj_dim <= 0:
+            raise ValueError(f"TextConfig.proj_dim must be positive or None, got {self.proj_dim}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(
+                f"TextConfig.eos_token_id {self.eos_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+
+
+
+_Config = TypeVar("_Config", ViTConfig, TextConfig)
 
 
 # One table: size -> shape (OpenCLIP widths; "bigG" is the MLCD-bigG RoPE layout).
@@ -110,16 +160,38 @@ PRESETS: dict[str, ViTConfig] = {
 }
 PRESETS["tiny-rope"] = dataclasses.replace(PRESETS["tiny"], rope=True, act="gelu")
 
+# CLIP's text towers (OpenCLIP text_cfg: B and L as OpenAI's, QuickGELU; bigG as LAION's, exact GELU),
+# and a tiny one for tests.
+TEXT_PRESETS: dict[str, TextConfig] = {
+    "tiny": TextConfig(width=64, depth=2, num_heads=4, mlp_dim=128, proj_dim=32),
+    "B": TextConfig(width=512, depth=12, num_heads=8, mlp_dim=2048, proj_dim=512),
+    "L": TextConfig(width=768, depth=12, num_heads=12, mlp_dim=3072, proj_dim=768),
+    "bigG": TextConfig(width=1280, depth=32, num_heads=20, mlp_dim=5120, proj_dim=1280, act="gelu"),
+}
+
+
+def _replace(presets: Mapping[str, _Config], kind: str, name: str, overrides: Mapping[str, object]) -> _Config:
+    """``presets[name]`` with fields replaced; unknown names and fields raise naming what is known."""
+    if name not in presets:
+        raise KeyError(f"unknown {kind} preset {name!r}; known: {sorted(presets)}")
+    config = presets[name]
+    fields = {f.name for f in dataclasses.fields(config)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise TypeError(
+            f"unknown {type(config).__name__} field(s) {bad} for preset {name!r}; fields: {sorted(fields)}"
+        )
+    return dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
+
 
 def get_preset(name: str, **overrides: object) -> ViTConfig:
     """The preset ``name`` with fields replaced by ``overrides`` (e.g. ``image_size=336, rope=False``)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown ViT preset {name!r}; known: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise TypeError(f"unknown ViTConfig field(s) {bad} for preset {name!r}; fields: {sorted(fields)}")
-    return dataclasses.replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
+    return _replace(PRESETS, "ViT", name, overrides)
+
+
+def get_text_preset(name: str, **overrides: object) -> TextConfig:
+    """The text preset ``name`` with fields replaced by ``overrides`` (e.g. ``act="gelu", proj_dim=None``)."""
+    return _replace(TEXT_PRESETS, "text", name, overrides)
 
 
 def macs_per_image(cfg: ViTConfig, image_size: int | None = None) -> float:
@@ -147,3 +219,11 @@ def num_params(cfg: ViTConfig) -> int:
     embed = cfg.num_channels * cfg.patch_size**2 * w + w + pos
     return embed + 4 * w + cfg.depth * block + (w * cfg.proj_dim if cfg.proj_dim else 0)
 
+
+
+def text_flops(cfg: TextConfig) -> float:
+    """Forward FLOPs of one caption at the full context (2 x matmul MACs, as :func:`flops_per_image`)."""
+    t, w = cfg.context_length, cfg.width
+    per_layer = 4 * t * w * w + 2 * t * w * cfg.mlp_dim + 2 * t * t * w
+    proj = w * cfg.proj_dim if cfg.proj_dim else 0
+    return 2.0 * float(cfg.depth * per_layer + proj)

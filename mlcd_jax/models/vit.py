@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlcd_jax.models.presets import ViTConfig
+from mlcd_jax.models.presets import TextConfig, ViTConfig
 from mlcd_jax.sharding import constrain, logical
 
 ATTENTION_IMPLS: tuple[str | None, ...] = (None, "xla", "cudnn")
@@ -116,9 +116,13 @@ def rope_angles(class_pos_emb: jax.Array, grid: tuple[int, int], theta: float) -
 
 
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """``x * cos + rotate_half(x) * sin`` in fp32 on ``x`` of shape [B, T, H, D], cast back to x's dtype."""
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
+    """``x * cos + rotate_half(x) * sin`` in fp32 on ``x`` of shape [B, T, H, D], cast back to x's dtype.
+
+    ``angles`` is [T, D], or [B, T, D] when each example keeps other tokens (FLIP's patch drop)."""
+    if angles.ndim == 2:
+        angles = angles[None]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -135,10 +139,20 @@ def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> j
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused q/k/v kernel, through ``jax.nn.dot_product_attention``."""
+    """Multi-head self-attention with a fused q/k/v kernel, through ``jax.nn.dot_product_attention``.
+
+    ``causal`` masks each query to the keys at or before it (CLIP's text tower); the ViT attends to all.
+    """
 
     def __init__(
-        self, config: ViTConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any, impl: str | None
+        self,
+        config: ViTConfig | TextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any,
+        param_dtype: Any,
+        impl: str | None,
+        causal: bool = False,
     ) -> None:
         w, h, d = config.width, config.num_heads, config.head_dim
         in_std = w**-0.5 * (2 * config.depth) ** -0.5
@@ -156,6 +170,7 @@ class Attention(nnx.Module):
         )
         self.dtype = dtype
         self.impl = impl
+        self.causal = causal
 
     def __call__(self, x: jax.Array, rope: jax.Array | None) -> jax.Array:
         heads = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -164,22 +179,24 @@ class Attention(nnx.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = constrain(_attention(q, k, v, self.impl), *heads)
+        out = constrain(_attention(q, k, v, self.impl, self.causal), *heads)
         out = jnp.einsum("bthd,hde->bte", out, self.out_kernel[...].astype(self.dtype))
         return constrain(out + self.out_bias[...].astype(self.dtype), *TOKENS)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None, causal: bool) -> jax.Array:
     """``jax.nn.dot_product_attention``; for cuDNN the tokens are padded to a multiple of 64 (its fused
-    kernels refuse odd lengths such as 1 + 16 x 16 = 257) and the padding is masked out by length."""
+    kernels refuse odd lengths such as 1 + 16 x 16 = 257) and the padding is masked out by length
+    (trailing padding keeps a causal mask exact)."""
     if impl != "cudnn" or q.shape[1] % 64 == 0:
-        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
     t = q.shape[1]
     pad = [(0, 0), (0, -t % 64), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
     lengths = jnp.full((q.shape[0],), t, jnp.int32)
     out = jax.nn.dot_product_attention(
-        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=impl
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, is_causal=causal,
+        implementation=impl,
     )
     return out[:, :t]
 
@@ -188,12 +205,21 @@ class Block(nnx.Module):
     """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``, each with drop-path."""
 
     def __init__(
-        self, config: ViTConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any, impl: str | None
+        self,
+        config: ViTConfig | TextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any,
+        param_dtype: Any,
+        impl: str | None,
+        causal: bool = False,
     ) -> None:
         w, m = config.width, config.mlp_dim
         layer_std = w**-0.5 * (2 * config.depth) ** -0.5
         self.ln1 = _layer_norm(config, rngs, dtype, param_dtype)
-        self.attn = Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=impl)
+        self.attn = Attention(
+            config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=impl, causal=causal
+        )
         self.ln2 = _layer_norm(config, rngs, dtype, param_dtype)
         self.fc1 = nnx.Linear(
             w, m, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -219,13 +245,43 @@ class Block(nnx.Module):
         return constrain(x + drop_path(y, rate, keys[1]), *TOKENS)
 
 
-def _layer_norm(config: ViTConfig, rngs: nnx.Rngs, dtype: Any, param_dtype: Any) -> nnx.LayerNorm:
+def _layer_norm(config: ViTConfig | TextConfig, rngs: nnx.Rngs, dtype: Any, param_dtype: Any) -> nnx.LayerNorm:
     """LayerNorm with fp32 statistics (Flax's default) and ``dtype`` output."""
     return nnx.LayerNorm(
         config.width, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         scale_init=logical(nnx.initializers.ones_init(), "norm"),
         bias_init=logical(nnx.initializers.zeros_init(), "norm"),
     )
+
+
+def _drop_patches(
+    x: jax.Array, rope: jax.Array | None, rate: float, key: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """Keeps the class token and a uniformly random ``round((1 - rate) · N)`` (at least 1) of each example's
+    N patch tokens, in their original order; RoPE angles follow their tokens ([B, 1 + K, D])."""
+    b, t, _ = x.shape
+    n = t - 1
+    keep = max(1, round((1.0 - rate) * n))
+    order = jnp.argsort(jax.random.uniform(key, (b, n)), axis=1)
+    kept = jnp.sort(order[:, :keep], axis=1) + 1  # token positions, after the class token
+    index = jnp.concatenate([jnp.zeros((b, 1), kept.dtype), kept], axis=1)
+    x = constrain(jnp.take_along_axis(x, index[:, :, None], axis=1), *TOKENS)
+    if rope is not None:
+        rope = rope[index]
+    return x, rope
+
+
+def check_options(attention_impl: str | None, remat: str | None, dtype: Any) -> None:
+    """A tower's attention implementation, remat policy and compute dtype, checked together (one-line errors)."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention_impl='cudnn' needs bf16/fp16 compute, got dtype={jnp.dtype(dtype).name}; "
+            "pass dtype=jnp.bfloat16 or use attention_impl='xla'"
+        )
+    if (remat or "none") not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
 
 
 class VisionTransformer(nnx.Module):
@@ -254,15 +310,7 @@ class VisionTransformer(nnx.Module):
         scan_layers: bool = False,
         drop_path_rate: float = 0.0,
     ) -> None:
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if attention_impl == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(
-                f"attention_impl='cudnn' needs bf16/fp16 compute, got dtype={jnp.dtype(dtype).name}; "
-                "pass dtype=jnp.bfloat16 or use attention_impl='xla'"
-            )
-        if (remat or "none") not in REMAT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        check_options(attention_impl, remat, dtype)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.config = config
@@ -317,8 +365,12 @@ class VisionTransformer(nnx.Module):
         return resize_pos_embed(self.pos_embed[...], grid)
 
     def __call__(
-        self, pixels: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+        self, pixels: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+        patch_drop: float = 0.0,
     ) -> tuple[jax.Array, jax.Array]:
+        """``patch_drop`` (FLIP): in training (``deterministic=False``) each image keeps a random
+        ``round((1 - patch_drop) · N)`` of its N patch tokens (drawn from ``rngs.patch_drop()``), after
+        their positions are added, so the encoder runs on fewer tokens."""
         cfg = self.config
         if pixels.ndim != 4 or pixels.shape[-1] != cfg.num_channels:
             raise ValueError(
@@ -339,6 +391,10 @@ class VisionTransformer(nnx.Module):
             rope = rope_angles(self.class_pos_emb[...], (gh, gw), cfg.rope_theta)
         else:
             x = x + self.position_table((gh, gw)).astype(self.dtype)
+        if patch_drop > 0 and not deterministic:
+            if rngs is None:
+                raise ValueError("patch_drop > 0 with deterministic=False needs rngs=nnx.Rngs(patch_drop=key)")
+            x, rope = _drop_patches(x, rope, patch_drop, rngs.patch_drop())
         x = constrain(self.pre_ln(x), *TOKENS)
         x = self._blocks(x, rope, deterministic, rngs)
         pooled = constrain(self.post_ln(x[:, 0]), "activation_batch", "activation_embed")

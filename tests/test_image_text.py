@@ -1,0 +1,238 @@
+"""The image-text side in the one trainer: CLIP's InfoNCE against a NumPy reference and across devices,
+``loss.kind=clip|lit`` training with exact resume (LiT's image tower really locked), FLIP's patch drop,
+captions -> tokens in the input pipeline, and zero-shot / retrieval evaluation."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections.config_flags import config_path
+
+from mlcd_jax import checkpointing, experiment, runs, sharding, train
+from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.data import records
+from mlcd_jax.data.pipeline import make_train_loader
+from mlcd_jax.data.tokenizer import tokenize
+from mlcd_jax.evaluate import zero_shot
+from mlcd_jax.losses.contrastive import MAX_LOGIT_SCALE, contrastive_loss
+from mlcd_jax.models import VisionTransformer, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, STOP = 6, 3
+
+
+def _reference(img: np.ndarray, txt: np.ndarray, scale: float) -> float:
+    """CLIP's symmetric cross-entropy written out in float64."""
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = scale * img @ txt.T
+
+    def xent(z: np.ndarray) -> float:
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-np.mean(np.diag(logp)))
+
+    return (xent(logits) + xent(logits.T)) / 2
+
+
+def test_contrastive_loss_matches_numpy_and_caps_the_scale():
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(16, 8)), rng.normal(size=(16, 8))
+    for log_scale in (np.log(1 / 0.07), np.log(1000.0)):
+        loss, metrics = contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                                         jnp.asarray(log_scale, jnp.float32))
+        scale = min(np.exp(log_scale), MAX_LOGIT_SCALE)
+        np.testing.assert_allclose(float(loss), _reference(img, txt, scale), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["logit_scale"]), scale, rtol=1e-6)
+    # matched pairs (text = image) are retrieved perfectly
+    _, metrics = contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(img, jnp.float32), jnp.asarray(3.0))
+    assert float(metrics["i2t_top1"]) == float(metrics["t2i_top1"]) == 1.0
+    np.testing.assert_allclose(float(metrics["mean_pos_cos"]), 1.0, rtol=1e-6)
+
+
+def test_contrastive_loss_uses_the_global_batch_on_8_devices():
+    """Split over 8 devices, every row still sees the whole batch's texts: loss and gradient as on one."""
+    mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})
+    rng = np.random.default_rng(1)
+    img, txt = (jnp.asarray(rng.normal(size=(32, 8)), jnp.float32) for _ in range(2))
+
+    def loss(i, t):
+        return contrastive_loss(i, t, jnp.asarray(2.0))[0]
+
+    def sharded_loss(i, t):  # as the train step runs it: activations pinned to the batch split
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(sharding.parse_rules("")):
+            return loss(i, t)
+
+    want, want_grad = jax.value_and_grad(loss)(img, txt)
+    split = NamedSharding(mesh, P("data"))
+    got, got_grad = jax.jit(jax.value_and_grad(sharded_loss), in_shardings=(split, split))(
+        jax.device_put(img, split), jax.device_put(txt, split))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-5, atol=1e-7)
+
+
+def test_patch_drop_keeps_a_random_subset_per_image_only_in_training():
+    from mlcd_jax.models.vit import _drop_patches
+
+    model = VisionTransformer(get_preset("tiny-rope", image_size=32), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+
+    @nnx.jit(static_argnames="deterministic")
+    def forward(model, x, deterministic):
+        return model(x, deterministic=deterministic, rngs=nnx.Rngs(patch_drop=1), patch_drop=0.5)
+
+    _, tokens = forward(model, x, False)
+    assert tokens.shape == (4, 1 + 8, 64)  # class token + half of the 16 patches
+    _, full = forward(model, x, True)  # deterministic: nothing dropped
+    assert full.shape == (4, 17, 64)
+    # the kept tokens: class token first, original order, a different subset per image, RoPE angles with them
+    seq = jnp.broadcast_to(jnp.arange(17.0)[None, :, None], (4, 17, 1))
+    kept, angles = _drop_patches(seq, jnp.arange(17.0)[:, None] * 10, 0.5, jax.random.key(3))
+    kept = np.asarray(kept)[:, :, 0]
+    assert (kept[:, 0] == 0).all() and (np.diff(kept, axis=1) > 0).all()
+    assert len({tuple(row) for row in kept}) > 1
+    np.testing.assert_array_equal(np.asarray(angles)[:, :, 0], kept * 10)
+
+
+def test_zero_shot_and_retrieval_metrics_on_known_geometry():
+    names = ["cat", "dog", "car"]
+    basis = np.eye(3)
+
+    def encode_text(prompts):  # each prompt's class direction, with template-dependent noise
+        return np.stack([basis[[n in p for n in names].index(True)] + 0.1 * (len(p) % 3) for p in prompts])
+
+    classes = zero_shot.class_embeddings(encode_text, names, zero_shot.TEMPLATES["clip7"])
+    assert classes.shape == (3, 3)
+    np.testing.assert_allclose(np.linalg.norm(classes, axis=1), 1.0)
+    images, labels = basis[[0, 1, 2, 2]] + 0.05, np.array([0, 1, 2, 1])
+    assert zero_shot.zero_shot_top1(images, labels, classes) == 0.75
+    feats = np.random.default_rng(0).normal(size=(20, 6))
+    perfect = zero_shot.retrieval_recall(feats, feats)
+    assert all(v == 1.0 for v in perfect.values()) and set(perfect) == {
+        f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    shifted = zero_shot.retrieval_recall(feats, np.roll(feats, 1, axis=0), ks=(1,))
+    assert shifted == {"i2t_r@1": 0.0, "t2i_r@1": 0.0}
+
+
+def test_the_loader_feeds_each_records_caption_as_clip_tokens(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    rng = np.random.default_rng(0)
+    captions = [f"a photo of item number {i}." for i in range(24)]
+    path = str(tmp_path / "shard-00000.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for i, caption in enumerate(captions):
+        from mlcd_jax.data.augment import encode_png
+
+        image = encode_png(rng.integers(0, 255, (12 + i % 3, 12, 3), np.uint8))  # mixed sizes: streamed
+        writer.write(records.encode(image, np.array([i % 5]), np.array([1.0], np.float32), f"k{i}", caption))
+    writer.close()
+    for in_memory in (0, 2**30):
+        loader = make_train_loader(path, global_batch_size=8, image_size=8, top_l=1, seed=0, augment=False,
+                                   context_length=16, in_memory_bytes=in_memory, num_epochs=1)
+        seen = [row for batch in loader for row in batch["tokens"]]
+        assert len(seen) == 24
+        want = {tuple(t) for t in tokenize(captions, 16)}
+        assert {tuple(t) for t in seen} == want
+
+
+def test_shards_without_captions_are_one_config_error(tmp_path):
+    c = experiment.with_shards(_config(tmp_path, "mlcd"))  # digits clustered with templated captions
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = str(tmp_path / "bare-00000.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    writer.write(records.encode(b"not read", np.array([0]), np.array([1.0], np.float32), "k", None))
+    writer.close()
+    c.loss.kind, c.data.shards = "clip", path
+    with pytest.raises(ConfigError, match=r"data.shards: .* has no caption: the image-text objectives need"):
+        train.train_and_evaluate(c, str(tmp_path / "bare_run"))
+
+
+def _config(tmp_path: Path, kind: str, **overrides):
+    spec = importlib.util.spec_from_file_location("lit_demo", ROOT / "configs" / "lit_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("digits")
+    settings = {
+        "loss.kind": kind, "num_train_steps": STEPS, "batch_size": 32, "log_every_steps": 1,
+        "checkpoint_every_steps": 3, "warmup_steps": 2, "loss.num_classes": 32, "data.cluster.num_clusters": 32,
+        "loss.top_l": 2, "data.cluster.top_l": 2, "data.cache_dir": str(tmp_path.parent / "cache"),
+        "eval.train_limit": 300, "eval.test_limit": 100, "evals.knn.every": -1, "evals.linear.every": -1,
+        **overrides,
+    }
+    for key, value in settings.items():
+        config_path.set_value(key, c, value)
+    return c
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("clip")
+    c = experiment.with_shards(_config(base / "x", "clip", **{"data.patch_drop": 0.5}))
+    train.train_and_evaluate(c, str(base / "straight"))
+    return c, base
+
+
+def test_clip_trains_both_towers_and_resumes_exactly(clip_run):
+    c, base = clip_run
+    straight = _losses(base / "straight")
+    assert sorted(straight) == list(range(1, STEPS + 1))
+    row = json.loads((base / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss_i2t", "loss_t2i", "i2t_top1", "logit_scale", "mean_pos_cos", "grad_norm"):
+        assert key in row
+    c.stop_after_steps = STOP
+    train.train_and_evaluate(c, str(base / "resumed"))
+    c.stop_after_steps = 0
+    train.train_and_evaluate(c, str(base / "resumed"))
+    assert _losses(base / "resumed") == straight  # exact: same data order, patch drop and updates
+
+
+def test_lit_keeps_the_image_tower_locked_and_evaluates_zero_shot(clip_run, tmp_path):
+    clip_config, base = clip_run
+    c = _config(base / "x", "lit", **{"loss.image_tower": f"workdir:{base / 'straight'}",
+                                      "data.shards": clip_config.data.shards})
+    workdir = tmp_path / "lit"
+    train.train_and_evaluate(c, str(workdir))
+    tower = runs.load_model(str(base / "straight"))
+    locked = runs.load_model(str(workdir), c)
+    for a, b in zip(jax.tree.leaves(nnx.state(tower)), jax.tree.leaves(nnx.state(locked))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text_before = runs.load_model(str(base / "straight"), clip_config, text=True)
+    text_after = runs.load_model(str(workdir), c, text=True)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(nnx.state(text_before)), jax.tree.leaves(nnx.state(text_after))))
+    rows = experiment.evaluate_workdir(c, str(workdir))
+    assert rows[-1]["model"] == "LiT ViT" and 0.0 <= rows[-1]["zero_shot_top1"] <= 1.0
+    assert json.loads((workdir / "results.json").read_text())[-1]["zero_shot_top1"] == rows[-1]["zero_shot_top1"]
+
+
+def test_objective_mistakes_are_one_line(clip_run, tmp_path):
+    clip_config, base = clip_run
+    c = _config(base / "x", "mlcd", **{"data.shards": clip_config.data.shards})
+    with pytest.raises(ConfigError, match=r"holds .*text.*: it was trained with another loss.kind"):
+        train.train_and_evaluate(c, str(base / "straight"))  # a CLIP workdir resumed as MLCD
+    c = _config(base / "x", "lit", **{"loss.image_tower": "s3:bucket"})
+    with pytest.raises(ConfigError, match=r"loss.image_tower='s3:bucket': use workdir:DIR, hf:DIR"):
+        train.checked_mesh(c)
+    c = _config(base / "x", "lit")
+    c.text.overrides = {"proj_dim": 32}
+    with pytest.raises(ConfigError, match=r"text.overrides.proj_dim=32 but the image tower embeds into 64"):
+        train.checked_mesh(c)
+    c = _config(base / "x", "lit", **{"model.overrides.depth": 1, "loss.image_tower": f"workdir:{base / 'straight'}",
+                                      "data.shards": clip_config.data.shards})
+    with pytest.raises(ConfigError, match=r"loss.image_tower=workdir:.*: the tower is .* but config.model describes"):
+        train.train_and_evaluate(c, str(tmp_path / "wrong_tower"))
+    c = _config(base / "x", "clipp")
+    with pytest.raises(ConfigError, match=r"loss.kind='clipp': choose one of mlcd, mlc, softmax, clip, lit"):
+        train.checked_mesh(c)

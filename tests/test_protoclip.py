@@ -1,0 +1,241 @@
+"""ProtoCLIP's building blocks: Prototypical Back Translation, soft targets and the prototype loss against a
+NumPy float64 reference (empty clusters included), the composed loss and its gradient, and the host
+side (episode sampling, per-episode spherical k-means, the TF-IDF external teacher)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlcd_jax.cluster import episodes
+from mlcd_jax.losses import protoclip
+from mlcd_jax.losses.contrastive import MAX_LOGIT_SCALE
+
+TOL = 1e-5
+BACK_TRANSLATE = jax.jit(protoclip.back_translate, static_argnums=2)
+SOFT_TARGETS = jax.jit(protoclip.soft_targets, static_argnums=2)
+
+
+# --- NumPy float64 references, written out plainly -------------------------------------------------
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def ref_back_translate(features, other_labels, k):
+    d = features.shape[1]
+    prototypes, mask = np.zeros((k, d)), np.zeros(k, bool)
+    for c in range(k):
+        rows = features[other_labels == c].astype(np.float64)
+        if len(rows):
+            mean = rows.mean(axis=0)
+            prototypes[c], mask[c] = mean / np.linalg.norm(mean), True
+    return prototypes, mask
+
+
+def ref_soft_targets(centroids, labels, temperature, mask):
+    centroids = centroids.astype(np.float64)
+    out = np.zeros((len(labels), len(centroids)))
+    for b, label in enumerate(labels):
+        scores = np.array([centroids[label] @ centroids[c] / temperature for c in range(len(centroids))])
+        scores = np.where(mask, scores, -np.inf)
+        e = np.exp(scores - scores[mask].max())
+        out[b] = e / e.sum()
+    return out
+
+
+def ref_proto_loss(features, prototypes, targets, log_scale, mask):
+    """Soft targets [B, k] or hard labels [B] (-1 and empty-cluster labels ignored)."""
+    scale = min(np.exp(log_scale), MAX_LOGIT_SCALE)
+    f = _normalize(features.astype(np.float64))
+    losses = []
+    for b in range(len(f)):
+        logits = {c: scale * f[b] @ prototypes[c] for c in range(len(prototypes)) if mask[c]}
+        lse = np.log(sum(np.exp(v) for v in logits.values()))
+        if targets.ndim == 1:
+            if targets[b] >= 0 and mask[targets[b]]:
+                losses.append(lse - logits[targets[b]])
+        else:
+            losses.append(-sum(targets[b, c] * (v - lse) for c, v in logits.items()))
+    return np.mean(losses)
+
+
+def ref_info_nce(img, txt, log_scale):
+    scale = min(np.exp(log_scale), MAX_LOGIT_SCALE)
+    logits = scale * _normalize(img.astype(np.float64)) @ _normalize(txt.astype(np.float64)).T
+    def ce(z):
+        return np.mean(np.log(np.exp(z).sum(axis=1)) - np.diag(z))
+    return (ce(logits) + ce(logits.T)) / 2
+
+
+def _labels_with_gaps(rng, n, k):
+    """Labels in [0, k) that leave about a third of the clusters empty (at least one)."""
+    used = rng.choice(k, size=max(1, (2 * k) // 3), replace=False)
+    return rng.choice(used, size=n).astype(np.int32)
+
+
+# --- losses -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+def test_back_translate_matches_reference(k):
+    rng = np.random.default_rng(k)
+    features = rng.normal(size=(60, 16)).astype(np.float32)
+    labels = _labels_with_gaps(rng, 60, k)
+    labels[:3] = -1  # ignored ids
+    prototypes, mask = BACK_TRANSLATE(jnp.asarray(features), jnp.asarray(labels), k)
+    want, want_mask = ref_back_translate(features, labels, k)
+    np.testing.assert_array_equal(np.asarray(mask), want_mask)
+    np.testing.assert_allclose(np.asarray(prototypes), want, atol=TOL)
+    assert k == 1 or not want_mask.all()  # empty clusters were exercised
+    np.testing.assert_array_equal(np.asarray(prototypes)[~want_mask], 0.0)
+
+
+@pytest.mark.parametrize("k", [3, 7, 40])
+@pytest.mark.parametrize("hard", [False, True])
+def test_proto_loss_matches_reference(k, hard):
+    rng = np.random.default_rng(100 + k)
+    b, n, d = 12, 80, 8
+    episode_features = rng.normal(size=(n, d)).astype(np.float32)
+    other_labels = _labels_with_gaps(rng, n, k)
+    centroids = _normalize(rng.normal(size=(k, d))).astype(np.float32)
+    prototypes, mask = BACK_TRANSLATE(jnp.asarray(episode_features), jnp.asarray(other_labels), k)
+    ref_protos, ref_mask = ref_back_translate(episode_features, other_labels, k)
+    features = rng.normal(size=(b, d)).astype(np.float32)
+    labels = rng.choice(np.flatnonzero(ref_mask), size=b).astype(np.int32)
+    log_scale = np.float32(np.log(1 / 0.07))
+    if hard:
+        labels[0] = -1  # ignored, as torch's ignore_index=-1
+        labels[1] = np.flatnonzero(~ref_mask)[0]  # an empty cluster: no prototype to hit, ignored too
+        targets, ref_targets = jnp.asarray(labels), labels
+    else:
+        targets = SOFT_TARGETS(jnp.asarray(centroids), jnp.asarray(labels), 0.01, mask)
+        ref_targets = ref_soft_targets(centroids, labels, 0.01, ref_mask)
+        np.testing.assert_allclose(np.asarray(targets), ref_targets, atol=TOL)
+        np.testing.assert_array_equal(np.asarray(targets)[:, ~ref_mask], 0.0)
+
+    fn = jax.jit(jax.value_and_grad(protoclip.proto_loss, argnums=(0, 3), has_aux=True))
+    (loss, metrics), grads = fn(jnp.asarray(features), prototypes, targets, jnp.asarray(log_scale), mask)
+    want = ref_proto_loss(features, ref_protos, ref_targets, log_scale, ref_mask)
+    assert abs(float(loss) - want) < TOL * max(1.0, abs(want)), (float(loss), want)
+    assert int(metrics["active_prototypes"]) == ref_mask.sum()
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    assert float(jnp.abs(grads[0]).max()) > 0 and float(grads[1]) != 0
+
+
+def test_proto_loss_scale_capped_at_100():
+    rng = np.random.default_rng(0)
+    features = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+    prototypes = jnp.asarray(_normalize(rng.normal(size=(5, 8))), jnp.float32)
+    labels = jnp.array([0, 1, 2, 3])
+    fn = jax.jit(jax.value_and_grad(protoclip.proto_loss, argnums=3, has_aux=True))
+    (loss, metrics), grad_scale = fn(features, prototypes, labels, jnp.float32(10.0))
+    assert float(metrics["logit_scale"]) == MAX_LOGIT_SCALE
+    want = ref_proto_loss(
+        np.asarray(features), np.asarray(prototypes, np.float64), np.asarray(labels), 10.0, np.ones(5, bool)
+    )
+    assert abs(float(loss) - want) < TOL * max(1.0, want)
+    assert float(grad_scale) == 0.0  # no gradient past the cap
+    with pytest.raises(ValueError, match="targets must be"):
+        protoclip.proto_loss(features, prototypes, jnp.zeros((4, 3)), jnp.float32(0.0))
+
+
+def test_protoclip_loss_composes_the_terms():
+    rng = np.random.default_rng(7)
+    n, b, big_d, d, k, k_ext = 64, 10, 12, 8, 9, 5
+    img_ep, txt_ep = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+    img_lab, txt_lab = _labels_with_gaps(rng, n, k), _labels_with_gaps(rng, n, k)
+    ext_lab = rng.integers(0, k_ext, n).astype(np.int32)
+    img_cent = _normalize(rng.normal(size=(k, d))).astype(np.float32)
+    txt_cent = _normalize(rng.normal(size=(k, d))).astype(np.float32)
+    episode = jax.jit(protoclip.episode_prototypes, static_argnums=(6, 8))(
+        img_ep, txt_ep, img_lab, txt_lab, img_cent, txt_cent, k, ext_lab, k_ext
+    )
+    batch = rng.choice(n, b, replace=False)  # the batch's pairs come from the episode
+    img_emb, txt_emb = rng.normal(size=(b, big_d)).astype(np.float32), rng.normal(size=(b, big_d)).astype(np.float32)
+    img_proj, txt_proj = img_ep[batch] + 0.1 * rng.normal(size=(b, d)), txt_ep[batch] + 0.1 * rng.normal(size=(b, d))
+    img_proj, txt_proj = img_proj.astype(np.float32), txt_proj.astype(np.float32)
+    log_scale, log_scale_proto = np.float32(np.log(20.0)), np.float32(np.log(1 / 0.07))
+    weights = dict(w_clip=1.0, w_proto=0.7, w_ext=0.3)
+
+    def total(img_emb, txt_emb, s, img_proj, txt_proj, sp):
+        return protoclip.protoclip_loss(img_emb, txt_emb, s, img_proj, txt_proj, sp, episode,
+                                        img_lab[batch], txt_lab[batch], ext_lab[batch], **weights)
+
+    args = tuple(map(jnp.asarray, (img_emb, txt_emb, log_scale, img_proj, txt_proj, log_scale_proto)))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(total, argnums=tuple(range(6)), has_aux=True))(*args)
+
+    # reference: image prototypes from text clusters (teacher: text centroids, label: text cluster), and back
+    img_protos, img_mask = ref_back_translate(img_ep, txt_lab, k)
+    txt_protos, txt_mask = ref_back_translate(txt_ep, img_lab, k)
+    targets_i2t = ref_soft_targets(txt_cent, txt_lab[batch], 0.01, img_mask)
+    targets_t2i = ref_soft_targets(img_cent, img_lab[batch], 0.01, txt_mask)
+    i2t = ref_proto_loss(img_proj, img_protos, targets_i2t, log_scale_proto, img_mask)
+    t2i = ref_proto_loss(txt_proj, txt_protos, targets_t2i, log_scale_proto, txt_mask)
+    img_ext, img_ext_mask = ref_back_translate(img_ep, ext_lab, k_ext)
+    txt_ext, txt_ext_mask = ref_back_translate(txt_ep, ext_lab, k_ext)
+    ext_i = ref_proto_loss(img_proj, img_ext, ext_lab[batch], log_scale_proto, img_ext_mask)
+    ext_t = ref_proto_loss(txt_proj, txt_ext, ext_lab[batch], log_scale_proto, txt_ext_mask)
+    clip = ref_info_nce(img_emb, txt_emb, log_scale)
+    want = clip + 0.7 * (i2t + t2i) / 2 + 0.3 * (ext_i + ext_t) / 2
+    for name, value in dict(loss_clip=clip, loss_proto_i2t=i2t, loss_proto_t2i=t2i, loss_ext_image=ext_i,
+                            loss_ext_text=ext_t, loss=want).items():
+        assert abs(float(metrics[name]) - value) < TOL * max(1.0, abs(value)), (name, float(metrics[name]), value)
+    assert abs(float(loss) - want) < TOL * max(1.0, want)
+
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    assert all(float(jnp.abs(g).max()) > 0 for g in grads)
+
+    without_ext = jax.jit(lambda *a: protoclip.protoclip_loss(*a, w_proto=0.7))
+    no_ext, m = without_ext(*args, episode, img_lab[batch], txt_lab[batch])
+    assert abs(float(no_ext) - (clip + 0.7 * (i2t + t2i) / 2)) < TOL * want and float(m["loss_ext"]) == 0.0
+    with pytest.raises(ValueError, match="w_ext"):
+        protoclip.protoclip_loss(*args, episode, img_lab[batch], txt_lab[batch], w_ext=1.0)
+
+
+# --- host side ----------------------------------------------------------------------------------------
+
+
+def test_sample_episode_deterministic_with_replacement():
+    a = episodes.sample_episode(50, 200, seed=3, episode=1)
+    assert a.dtype == np.int64 and a.shape == (200,) and a.min() >= 0 and a.max() < 50
+    np.testing.assert_array_equal(a, episodes.sample_episode(50, 200, seed=3, episode=1))
+    assert len(np.unique(a)) < len(a)  # with replacement
+    assert not np.array_equal(a, episodes.sample_episode(50, 200, seed=3, episode=2))
+    assert not np.array_equal(a, episodes.sample_episode(50, 200, seed=4, episode=1))
+    small = episodes.sample_episode(10_000, 100, seed=0, episode=0)
+    assert len(np.unique(small)) > 90  # not a fixed prefix or a degenerate draw
+
+
+def test_cluster_features_recovers_blobs_deterministically():
+    rng = np.random.default_rng(0)
+    centers = _normalize(rng.normal(size=(5, 16)))
+    truth = np.repeat(np.arange(5), 40)
+    x = (centers[truth] + 0.08 * rng.normal(size=(200, 16))).astype(np.float32)
+    centroids, labels = episodes.cluster_features(x, 5, iterations=8, nredo=2, seed=1)
+    assert centroids.shape == (5, 16) and centroids.dtype == np.float32 and labels.shape == (200,)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    # each blob is one cluster and the clusters are distinct
+    mapping = {t: set(labels[truth == t]) for t in range(5)}
+    assert all(len(v) == 1 for v in mapping.values()) and len(set.union(*mapping.values())) == 5
+    again_c, again_l = episodes.cluster_features(x, 5, iterations=8, nredo=2, seed=1)
+    np.testing.assert_array_equal(again_c, centroids)
+    np.testing.assert_array_equal(again_l, labels)
+
+
+def test_tfidf_teacher_groups_identical_captions():
+    topics = ["a red car parked on the street", "a small brown dog playing in the park",
+              "a bowl of fresh fruit on a table", "snowy mountains under a blue sky"]
+    captions = [topics[i % 4] for i in range(24)] + ["a red car on the road", "a dog in the park"]
+    teacher = episodes.tfidf_teacher(captions, dim=64, seed=0)
+    assert teacher.dtype == np.float32 and teacher.shape[0] == len(captions) and 1 <= teacher.shape[1] < 64
+    np.testing.assert_allclose(np.linalg.norm(teacher, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(teacher[0], teacher[4], atol=1e-5)  # identical captions, identical rows
+    _, labels = episodes.cluster_features(teacher, 4, iterations=5, nredo=2, seed=0)
+    for t in range(4):
+        assert len(set(labels[t:24:4])) == 1
+    assert len(set(labels[:4])) == 4
+    np.testing.assert_array_equal(teacher, episodes.tfidf_teacher(captions, dim=64, seed=0))
+    tiny = episodes.tfidf_teacher(["red car", "red car", "blue sky"], dim=64)
+    assert tiny.shape == (3, 3) and np.allclose(tiny[0], tiny[1])
