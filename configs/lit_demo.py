@@ -9,7 +9,8 @@ train on, retrieval on the test split.
 
 ``loss.kind``: ``lit`` (default) trains the text tower against the image tower of ``loss.image_tower``
 (``workdir:DIR`` of an MLCD demo run with the same model; "" = the random-init ViT of ``seed``); ``clip``
-trains both towers from scratch (add ``--config.data.patch_drop=0.5`` for FLIP). The text tower is CLIP's
+trains both towers from scratch (add ``--config.data.patch_drop=0.5`` for FLIP); ``protoclip`` is CLIP plus
+ProtoCLIP's episodic prototype losses (TF-IDF captions as the external teacher). The text tower is CLIP's
 layout at the demo's size (width 64, 2 layers), context 16 tokens (the captions are short); LiT's
 recipe (AdamW, lr 1e-3, weight decay 0.2, as the MLCD paper's text tower).
 """
@@ -47,6 +48,11 @@ def get_config(arg: str = ""):
     c.evals.knn = dict(type="knn", every=0, k=20)
     c.evals.linear = dict(type="linear_probe", every=0)
     c.evals.retrieval = dict(type="retrieval", every=-1, source="", split="test", limit=0)
+    # loss.kind=protoclip: 50-batch episodes (12,800 pairs; 10 episodes in 500 steps), k = 256 per modality
+    # (the released 10 pairs per prototype would be 1,280 clusters of 60 distinct captions here).
+    c.protoclip.episode_size = 50 * c.batch_size
+    c.protoclip.num_clusters = 256
+    c.protoclip.head_hidden = 256
     if arg == "emoji":
         c.data.image_size = EMOJI["image_size"]
         c.data.cluster.source = "emoji:train"

@@ -55,9 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     # mlcd (Eq. 5), mlc (Eq. 4), softmax (single label, UNICOM); clip (both towers, InfoNCE; FLIP with
-    # data.patch_drop); lit (text tower against the locked image tower of loss.image_tower).
+    # data.patch_drop); lit (text tower against the locked image tower of loss.image_tower); protoclip.
     c.loss.kind = "mlcd"
     c.loss.image_tower = ""  # lit: workdir:DIR (a trained run), hf:DIR (a CLIP/MLCD checkpoint), "" = random init
+    c.loss.text_tower = ""  # clip / lit / protoclip: start the text tower from workdir:DIR or hf:DIR ("" = random)
     c.loss.init_logit_scale = 2.6592600  # ln(1/0.07), CLIP's initial temperature (clip, lit)
     c.loss.scale = 32.0
     c.loss.margin = 0.3
@@ -70,6 +71,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.proto_weight_decay = ml_collections.config_dict.placeholder(float)  # None = weight_decay
     c.loss.max_rows = 0  # 0 = no cap on the per-device sampled rows (see losses/partial_fc.py)
     c.loss.histograms = True  # log 40-bin histograms of positive / negative cosine
+
+    # loss.kind = protoclip (ProtoCLIP's released defaults: 200K-pair episodes, k = 20,000, 20 k-means
+    # iterations x 3 restarts, 128-d heads, target temperature 0.01, loss weights 1 / 1 / 1).
+    c.protoclip = ml_collections.ConfigDict()
+    c.protoclip.episode_size = 200_000  # pairs per episode, drawn with replacement (a multiple of batch_size)
+    c.protoclip.num_clusters = 20_000  # k of each modality's (and the external teacher's) k-means
+    c.protoclip.kmeans_iterations = 20
+    c.protoclip.kmeans_nredo = 3
+    c.protoclip.head_dim = 128  # projection heads: embedding -> head_hidden -> head_dim
+    c.protoclip.head_hidden = 2048
+    c.protoclip.w_proto = 1.0
+    c.protoclip.w_external = 1.0
+    c.protoclip.temperature = 0.01  # of the soft targets
+    c.protoclip.external = "tfidf"  # the external teacher: "tfidf" (TF-IDF + SVD of the captions) or "" (none)
+    c.protoclip.external_dim = 64
 
     c.data = ml_collections.ConfigDict()
     c.data.shards = ""  # clustering output dir (with manifest.json) or a glob of ArrayRecord shards

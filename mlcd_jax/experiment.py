@@ -88,12 +88,15 @@ def configured_baselines(config: ml_collections.ConfigDict) -> list[str]:
     return baselines
 
 
+NAMES = {"lit": "LiT ViT", "protoclip": "ProtoCLIP ViT"}  # row names that are not the upper-cased kind
+
+
 def trained_model_name(config: ml_collections.ConfigDict) -> str:
     """The ``model`` of the trained run's row in ``results.json``, e.g. ``MLCD ViT``, ``LiT ViT``,
     ``FLIP ViT`` (CLIP with patch drop)."""
     kind = config.loss.kind
-    if kind == "lit":
-        return "LiT ViT"
+    if kind in NAMES:
+        return NAMES[kind]
     if kind == "clip" and config.data.get("patch_drop", 0.0) > 0:
         return "FLIP ViT"
     return f"{kind.upper()} ViT"

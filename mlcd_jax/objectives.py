@@ -8,6 +8,9 @@ One trainer (:mod:`mlcd_jax.train`) serves every objective; this table is where 
   with symmetric InfoNCE over the global batch; FLIP is ``clip`` with ``data.patch_drop = 0.5``.
 - ``lit``: LiT, the text tower and temperature trained against a locked image tower (``params``,
   loaded from ``loss.image_tower``: a workdir, an HF checkpoint, or random init).
+- ``protoclip``: ProtoCLIP, CLIP plus prototype losses in episodes: projection heads (``heads``) and
+  their temperature (``logit_scale_proto``) are trained too; the current episode's cluster labels and
+  prototypes (``episode``) are state the trainer rebuilds at each episode start, never optimised.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class Objective:
         return "text" in self.trainable or "text" in self.frozen
 
     @property
+    def episodes(self) -> bool:
+        """Trains in ProtoCLIP's episodes (batches carry ``episode_pos``)."""
+        return "episode" in self.frozen
+
+    @property
     def state_keys(self) -> tuple[str, ...]:
         return self.trainable + self.frozen
 
@@ -44,6 +52,9 @@ OBJECTIVES: dict[str, Objective] = {
     **{kind: Objective(kind, ("params", "proto")) for kind in CLUSTER_KINDS},
     "clip": Objective("clip", ("params", "text", "logit_scale")),
     "lit": Objective("lit", ("text", "logit_scale"), frozen=("params",)),
+    "protoclip": Objective(
+        "protoclip", ("params", "text", "logit_scale", "heads", "logit_scale_proto"), frozen=("episode",)
+    ),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.models import (
     TextConfig, TextTransformer, VisionTransformer, ViTConfig, flops_per_image, get_preset, get_text_preset,
 )
+from mlcd_jax.models.heads import ProjectionHead
 from mlcd_jax.models.presets import text_flops
 from mlcd_jax.objectives import objective
 
@@ -68,6 +70,15 @@ def build_text_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -
     )
 
 
+class ProtoHeads(nnx.Module):
+    """ProtoCLIP's two projection heads (``image``, ``text``), one module so they train and save together."""
+
+    def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+        d, p = vit_config(config).embed_dim, config.protoclip
+        self.image = ProjectionHead(d, p.head_hidden, p.head_dim, rngs=rngs)
+        self.text = ProjectionHead(d, p.head_hidden, p.head_dim, rngs=rngs)
+
+
 def flops_per_example(config: ml_collections.ConfigDict) -> float:
     """Training FLOPs per example: forward + backward (3x forward) of each trained tower, forward only of a
     locked one (LiT's image tower)."""
@@ -77,27 +88,29 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     return image + text
 
 
-# loss.image_tower: where LiT's locked image tower comes from ("" = random init with config.seed).
-IMAGE_TOWER_PREFIXES = ("workdir:", "hf:")
+# loss.image_tower / loss.text_tower: where a tower's starting weights come from ("" = random init).
+TOWER_PREFIXES = ("workdir:", "hf:")
 
 
-def load_image_tower(spec: str, config: ml_collections.ConfigDict) -> VisionTransformer:
-    """The image tower ``spec`` names: ``workdir:DIR`` (a trained run's backbone) or ``hf:DIR`` (an HF
-    CLIP / MLCD vision checkpoint); its shape must be the one ``config.model`` describes. ``{seed}`` in
-    ``DIR`` becomes ``config.seed``."""
+def load_tower(spec: str, config: ml_collections.ConfigDict, text: bool = False) -> nnx.Module:
+    """The image tower (LiT's locked one) or, with ``text``, the text tower that ``spec`` names:
+    ``workdir:DIR`` (a trained run's) or ``hf:DIR`` (an HF CLIP / MLCD checkpoint). Its shape must be the
+    one ``config.model`` (``config.text``) describes; ``{seed}`` in ``DIR`` becomes ``config.seed``."""
+    key = "text_tower" if text else "image_tower"
     kind, _, path = spec.partition(":")
     path = path.replace("{seed}", str(config.seed))  # one tower per seed, e.g. workdir:STUDY/runs/mlcd/seed{seed}
     if kind == "workdir":
-        model = load_model(path)  # with the run's own config; its shape is compared below
+        model = load_model(path, text=text)  # with the run's own config; its shape is compared below
     elif kind == "hf":
-        from mlcd_jax.interop.hf import load_vision
+        from mlcd_jax import interop
 
-        model, _ = load_vision(path, image_size=config.data.image_size)
+        model = interop.load_text(path)[0] if text else interop.load_vision(path, image_size=config.data.image_size)[0]
     else:
-        raise ConfigError(f"loss.image_tower={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
-    if model.config != vit_config(config):
-        raise ConfigError(f"loss.image_tower={spec}: the tower is {model.config}, but config.model describes "
-                         f"{vit_config(config)}; set model.name / model.overrides to match")
+        raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
+    want = text_config(config) if text else vit_config(config)
+    if model.config != want:
+        raise ConfigError(f"loss.{key}={spec}: the tower is {model.config}, but config.{'text' if text else 'model'} "
+                          f"describes {want}; set its name / overrides to match")
     return model
 
 
@@ -118,8 +131,13 @@ class AbstractModel:
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh, text: bool = False) -> "AbstractModel":
         """The image tower of ``config`` (or, with ``text``, its text tower) on ``mesh``."""
         build = build_text_model if text else build_model
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: build(config, 0)))
-        shardings = sharding.state_shardings(params, mesh, sharding_rules(config))
+        return cls.of(lambda: build(config, 0), mesh, sharding_rules(config))
+
+    @classmethod
+    def of(cls, build: Callable[[], nnx.Module], mesh: Mesh, rules: sharding.Rules) -> "AbstractModel":
+        """The module ``build()`` makes, abstractly, with its parameters' shardings on ``mesh``."""
+        graphdef, params = nnx.split(nnx.eval_shape(build))
+        shardings = sharding.state_shardings(params, mesh, rules)
         return cls(graphdef, params, shardings.to_pure_dict())
 
     def abstract_arrays(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,10 +33,11 @@ from mlcd_jax.objectives import OBJECTIVES, Objective, objective
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.losses import l2_normalize, pad_num_classes, partial_fc_loss
 from mlcd_jax.losses.contrastive import INIT_LOG_SCALE, contrastive_loss
+from mlcd_jax.losses.protoclip import EpisodePrototypes, episode_prototypes, protoclip_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.models import VisionTransformer
 from mlcd_jax.runs import (
-    DTYPES, IMAGE_TOWER_PREFIXES, AbstractModel, build_model, build_text_model, flops_per_example, load_image_tower,
+    DTYPES, TOWER_PREFIXES, AbstractModel, ProtoHeads, build_model, build_text_model, flops_per_example, load_tower,
     sharding_rules, text_config, vit_config,
 )
 
@@ -71,7 +73,8 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 # The optimizer group of each trainable state key: both towers are "backbone".
-_GROUPS = {"params": "backbone", "text": "backbone", "proto": "proto", "logit_scale": "scale"}
+_GROUPS = {"params": "backbone", "text": "backbone", "heads": "backbone", "proto": "proto", "logit_scale": "scale",
+           "logit_scale_proto": "scale"}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -140,6 +143,7 @@ class TrainSetup:
     proto_axes: tuple[str, ...]  # mesh axes the prototype rows are split over (the "proto" rule)
     model: AbstractModel
     text_model: AbstractModel | None  # the text tower of the image-text objectives
+    heads: AbstractModel | None  # ProtoCLIP's projection heads
     abstract_state: Any  # pytree of ShapeDtypeStruct with shardings
     state_shardings: Any
     tx: optax.GradientTransformation
@@ -157,6 +161,7 @@ class TrainSetup:
         model = AbstractModel.create(config, mesh)
         text_model = AbstractModel.create(config, mesh, text=True) if goal.text else None
         rules = sharding_rules(config)
+        heads = AbstractModel.of(lambda: ProtoHeads(config, nnx.Rngs(0)), mesh, rules) if goal.episodes else None
         proto_axes = sharding.proto_axes(mesh, rules)
         num_classes = k_pad = 0
         if goal.clusters:
@@ -177,6 +182,10 @@ class TrainSetup:
             if goal.text:
                 state["text"] = nnx.state(build_text_model(config, text_key)).to_pure_dict()
                 state["logit_scale"] = jnp.asarray(config.loss.get("init_logit_scale", INIT_LOG_SCALE), jnp.float32)
+            if goal.episodes:
+                state["heads"] = nnx.state(ProtoHeads(config, nnx.Rngs(proto_key))).to_pure_dict()
+                state["logit_scale_proto"] = jnp.asarray(INIT_LOG_SCALE, jnp.float32)
+                state["episode"] = empty_episode(config)
             trainable = {k: state[k] for k in goal.trainable}
             return {
                 "step": jnp.zeros((), jnp.int32),
@@ -191,6 +200,9 @@ class TrainSetup:
             "proto": NamedSharding(mesh, P(proto_axes or None, None)),
             "text": text_model.shardings if text_model else None,
             "logit_scale": replicated,
+            "heads": heads.shardings if heads else None,
+            "logit_scale_proto": replicated,
+            "episode": jax.tree.map(lambda _: replicated, abstract_plain.get("episode")),
         }
         key_shardings = {k: key_shardings[k] for k in goal.state_keys}
         trainable_shardings = {k: key_shardings[k] for k in goal.trainable}
@@ -208,18 +220,21 @@ class TrainSetup:
         )
         return cls(
             config=config, mesh=mesh, rules=rules, objective=goal, proto_axes=proto_axes, model=model,
-            text_model=text_model, abstract_state=abstract_state, state_shardings=shardings, tx=tx,
+            text_model=text_model, heads=heads, abstract_state=abstract_state, state_shardings=shardings, tx=tx,
             schedule=schedule, num_classes=num_classes, k_pad=k_pad, embed_dim=model_cfg.embed_dim,
             flops_per_step=config.batch_size * flops_per_example(config), init_fn=init,
         )
 
     def init_state(self, seed: int) -> Any:
         """The initial state, created directly in its shardings; LiT's locked image tower is read from
-        ``loss.image_tower``."""
+        ``loss.image_tower``, a text tower to start from from ``loss.text_tower``."""
         state = jax.jit(self.init_fn, out_shardings=self.state_shardings)(seed)
         if "params" in self.objective.frozen and self.config.loss.get("image_tower"):
-            tower = load_image_tower(self.config.loss.image_tower, self.config)
+            tower = load_tower(self.config.loss.image_tower, self.config)
             state["params"] = jax.device_put(nnx.state(tower).to_pure_dict(), self.state_shardings["params"])
+        if self.objective.text and self.config.loss.get("text_tower"):  # e.g. ProtoCLIP's final LiT phase
+            text = load_tower(self.config.loss.text_tower, self.config, text=True)
+            state["text"] = jax.device_put(nnx.state(text).to_pure_dict(), self.state_shardings["text"])
         return state
 
     def merge(self, params: Any) -> VisionTransformer:
@@ -263,6 +278,8 @@ def make_train_step(
                 )
                 if goal.text:
                     text = setup.text_model.merge(tensors["text"])(batch["tokens"])
+            if goal.episodes:
+                return _protoclip_loss(setup, tensors, pooled, text, batch["episode_pos"])
             if goal.text:
                 return contrastive_loss(pooled, text, tensors["logit_scale"])
             return partial_fc_loss(
@@ -294,6 +311,101 @@ def make_train_step(
         out_shardings=(setup.state_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
     )
+
+
+# ----------------------------------------------------------------------------------------- protoclip
+
+
+# The episode state's per-cluster arrays, as EpisodePrototypes names them (the external ones only with a teacher).
+_EPISODE_PROTOS = ("image_prototypes", "image_mask", "text_prototypes", "text_mask", "text_centroids",
+                   "image_centroids")
+_EPISODE_EXTERNAL = ("image_ext_prototypes", "image_ext_mask", "text_ext_prototypes", "text_ext_mask")
+
+
+def empty_episode(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """ProtoCLIP's episode state before the first episode is built (``index`` -1: prototype losses off)."""
+    p = config.protoclip
+    k, d, n = p.num_clusters, p.head_dim, p.episode_size
+    zeros = {"prototypes": jnp.zeros((k, d), jnp.float32), "mask": jnp.zeros((k,), bool),
+             "centroids": jnp.zeros((k, d), jnp.float32)}
+    names = _EPISODE_PROTOS + (_EPISODE_EXTERNAL if p.external else ())
+    episode = {name: zeros[name.rsplit("_", 1)[1]] for name in names}
+    labels = ("image_labels", "text_labels") + (("external_labels",) if p.external else ())
+    return {"index": jnp.asarray(-1, jnp.int32), **{name: jnp.zeros((n,), jnp.int32) for name in labels}, **episode}
+
+
+def _protoclip_loss(
+    setup: TrainSetup, tensors: dict[str, Any], image: jax.Array, text: jax.Array, episode_pos: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """ProtoCLIP's loss for a batch: InfoNCE, plus the prototype terms once an episode is built."""
+    p = setup.config.protoclip
+    heads, ep = setup.heads.merge(tensors["heads"]), tensors["episode"]
+    external = bool(p.external)
+    protos = EpisodePrototypes(*(ep[name] for name in _EPISODE_PROTOS),
+                               *((ep[name] for name in _EPISODE_EXTERNAL) if external else ()))
+    loss, metrics = protoclip_loss(
+        image, text, tensors["logit_scale"], heads.image(image), heads.text(text), tensors["logit_scale_proto"],
+        protos, ep["image_labels"][episode_pos], ep["text_labels"][episode_pos],
+        ep["external_labels"][episode_pos] if external else None,
+        w_proto=p.w_proto, w_ext=p.w_external if external else 0.0, temperature=p.temperature,
+    )
+    active = (ep["index"] >= 0).astype(jnp.float32)  # the first episode trains InfoNCE only
+    loss = metrics["loss_clip"] + active * (loss - metrics["loss_clip"])
+    return loss, {**metrics, "loss": loss}
+
+
+def make_episode_features(setup: TrainSetup) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
+    """The jitted feature pass of an episode: ``(state, canvas batch) -> (image, text)`` L2-normalised
+    head outputs [B, head_dim], eval-time preprocessing (centre, no flip), no dropout."""
+    from mlcd_jax.data.pipeline import canvas_to_inputs
+
+    config, mesh = setup.config, setup.mesh
+    compute_dtype = DTYPES[config.model.dtype]
+
+    def features(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        inputs = canvas_to_inputs({**batch, "seed": jnp.zeros((batch["image"].shape[0], 2), jnp.uint32)},
+                                  image_size=config.data.image_size, augment=False)
+        heads = setup.heads.merge(state["heads"])
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(setup.rules):
+            image, _ = setup.merge(state["params"])(inputs["image"].astype(compute_dtype))
+            text = setup.text_model.merge(state["text"])(batch["tokens"])
+        return l2_normalize(heads.image(image)), l2_normalize(heads.text(text))
+
+    return jax.jit(features)
+
+
+def build_episode(
+    setup: TrainSetup, state: dict[str, Any], loader: Any, index: int, external: np.ndarray | None,
+    features_fn: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]],
+) -> dict[str, jax.Array]:
+    """Episode ``index``'s state: its pairs' head features under the current weights, k-means of each
+    modality (and of the external teacher's features), and the back-translated prototypes. A function of
+    the state and the episode number, so a resumed run rebuilds the same episode."""
+    from mlcd_jax.cluster.episodes import cluster_features
+
+    p, b = setup.config.protoclip, setup.config.batch_size
+    rows, data = loader.episode(index)
+    image_f, text_f = [], []
+    for start in range(0, len(rows), b):
+        chunk = {k: np.ascontiguousarray(v[start:start + b]) for k, v in data.items()}
+        fi, ft = features_fn(state, sharding.host_to_global(chunk, setup.mesh, setup.rules))
+        image_f.append(np.asarray(fi))
+        text_f.append(np.asarray(ft))
+    image_f, text_f = np.concatenate(image_f), np.concatenate(text_f)
+    seed = setup.config.seed * 1_000_003 + index
+
+    def kmeans(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return cluster_features(x.astype(np.float32), p.num_clusters, iterations=p.kmeans_iterations,
+                                nredo=p.kmeans_nredo, seed=seed)
+
+    (image_c, image_l), (text_c, text_l) = kmeans(image_f), kmeans(text_f)
+    external_l = kmeans(external[rows])[1] if external is not None else None
+    protos = episode_prototypes(image_f, text_f, image_l, text_l, image_c, text_c, p.num_clusters,
+                                external_l, p.num_clusters if external is not None else None)
+    episode = {"index": np.int32(index), "image_labels": image_l, "text_labels": text_l,
+               **({"external_labels": external_l} if external is not None else {}),
+               **{name: value for name, value in protos._asdict().items() if value is not None}}
+    return jax.device_put(jax.tree.map(jnp.asarray, episode), setup.state_shardings["episode"])
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -397,6 +509,8 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise ConfigError(f"data.patch_drop={config.data.patch_drop} must be in [0, 1)")
     if goal.text:
         _validate_text(config)
+    if goal.episodes:
+        _validate_episodes(config)
     if not goal.clusters:
         return
     if not 0 < config.loss.sample_ratio <= 1:
@@ -412,6 +526,20 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         logging.warning(warning)
 
 
+def _validate_episodes(config: ml_collections.ConfigDict) -> None:
+    """ProtoCLIP's episode sizes (whole batches, enough pairs to cluster) and teacher."""
+    p = config.protoclip
+    if p.episode_size <= 0 or p.episode_size % config.batch_size:
+        raise ConfigError(f"protoclip.episode_size={p.episode_size} must be a positive multiple of "
+                          f"batch_size={config.batch_size}")
+    if not 0 < p.num_clusters <= p.episode_size:
+        raise ConfigError(f"protoclip.num_clusters={p.num_clusters} must be in [1, episode_size={p.episode_size}]")
+    if p.external not in ("", "tfidf"):
+        raise ConfigError(f"protoclip.external={p.external!r}: use tfidf or '' (none)")
+    if jax.process_count() > 1:
+        raise ConfigError("loss.kind=protoclip runs in one process (its episode pass reads the whole episode)")
+
+
 def _validate_text(config: ml_collections.ConfigDict) -> None:
     """The text tower's preset and its embedding width (it must equal the image tower's)."""
     try:
@@ -424,9 +552,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
             f"text.overrides.proj_dim={text_cfg.proj_dim} but the image tower embeds into {image_dim}: "
             "the contrastive loss compares them, make them equal"
         )
-    spec = config.loss.get("image_tower", "")
-    if spec and not spec.startswith(IMAGE_TOWER_PREFIXES):
-        raise ConfigError(f"loss.image_tower={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
+    for key in ("image_tower", "text_tower"):
+        spec = config.loss.get(key, "")
+        if spec and not spec.startswith(TOWER_PREFIXES):
+            raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
 
 
 def _dataset_info(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, Any]]:
@@ -460,6 +589,8 @@ def _log_step(
     writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
     terms = (f"pos {scalars['loss_pos']:.3f} neg {scalars['loss_neg']:.3f}" if "loss_pos" in scalars
              else f"i2t {scalars['loss_i2t']:.3f} t2i {scalars['loss_t2i']:.3f}, scale {scalars['logit_scale']:.1f}")
+    if "loss_proto" in scalars:
+        terms += f", proto {scalars['loss_proto']:.3f} ext {scalars['loss_ext']:.3f}"
     print(
         f"step {step}/{total_steps} loss {scalars['loss']:.4f} ({terms}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
         f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
@@ -517,6 +648,7 @@ def train_and_evaluate(
             top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
             num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
             context_length=config.text.context_length if goal.text else 0,
+            episode_size=config.protoclip.episode_size if goal.episodes else 0,
             # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)
             skip_log_dir=None if fileio.is_remote(workdir) else os.path.join(workdir, "skipped_records"),
         )
@@ -535,6 +667,14 @@ def train_and_evaluate(
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
     step_fn = make_train_step(setup, loader.augment)  # crops, flips, normalisation inside the step
+    if goal.episodes:
+        from mlcd_jax.cluster.episodes import tfidf_teacher
+
+        steps_per_episode = config.protoclip.episode_size // config.batch_size
+        external = (tfidf_teacher(list(loader.decoded.captions), config.protoclip.external_dim, config.seed)
+                    if config.protoclip.external else None)
+        episode_features = make_episode_features(setup)
+        built = int(state["episode"]["index"])  # the episode whose labels the state holds
     peak = metrics_lib.device_peak_flops()
     preemption = _Preemption(manager)
     stop_after = min(config.get("stop_after_steps", 0) or total_steps, total_steps)
@@ -545,6 +685,13 @@ def train_and_evaluate(
         print(f"{workdir} already holds step {start} (>= {stop_after}): nothing to train", flush=True)
     try:
         for step in range(start + 1, stop_after + 1):  # empty when the workdir is already there
+            if goal.episodes and (step - 1) // steps_per_episode != built and step > steps_per_episode:
+                built = (step - 1) // steps_per_episode  # episode 0 trains InfoNCE only
+                t0 = time.perf_counter()
+                state = {**state, "episode": build_episode(setup, state, loader, built, external, episode_features)}
+                print(f"episode {built}: clustered {config.protoclip.episode_size} pairs into "
+                      f"{config.protoclip.num_clusters} prototypes per modality in {time.perf_counter() - t0:.1f} s",
+                      flush=True)
             with timer.data_wait():
                 local = next(iterator)
             profiler.before(step)

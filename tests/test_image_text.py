@@ -236,3 +236,44 @@ def test_objective_mistakes_are_one_line(clip_run, tmp_path):
     c = _config(base / "x", "clipp")
     with pytest.raises(ConfigError, match=r"loss.kind='clipp': choose one of mlcd, mlc, softmax, clip, lit"):
         train.checked_mesh(c)
+
+
+def test_protoclip_builds_episodes_and_resumes_mid_episode_exactly(clip_run, tmp_path):
+    """Episodes of 4 steps: episode 1 is clustered at step 5; a run stopped at step 6 (its labels and
+    prototypes in the checkpoint) resumes to the losses of the run that was never stopped."""
+    clip_config, base = clip_run
+    c = _config(base / "x", "protoclip", **{
+        "data.shards": clip_config.data.shards, "num_train_steps": 10, "checkpoint_every_steps": 3,
+        "protoclip.episode_size": 4 * 32, "protoclip.num_clusters": 16, "protoclip.head_hidden": 32,
+        "evals.zero_shot.every": -1})
+    train.train_and_evaluate(c, str(tmp_path / "straight"))
+    straight = _losses(tmp_path / "straight")
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # InfoNCE only in episode 0, the prototype terms from episode 1 on
+        assert (row["loss"] == pytest.approx(row["loss_clip"])) == (row["step"] <= 4), row["step"]
+    c.stop_after_steps = 6
+    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    c.stop_after_steps = 0
+    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+    assert _losses(tmp_path / "resumed") == straight
+
+
+def test_towers_load_from_hf_checkpoints_and_a_wrong_shape_is_one_line(tmp_path):
+    """loss.image_tower=hf:DIR / loss.text_tower=hf:DIR: random-weight transformers checkpoints of the
+    demo's shapes load as the towers (the interop tests check their outputs); another shape is refused."""
+    transformers = pytest.importorskip("transformers")
+    c = _config(tmp_path, "lit")
+    vit, text = runs.vit_config(c), runs.text_config(c)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=vit.width, intermediate_size=vit.mlp_dim, num_hidden_layers=vit.depth,
+        num_attention_heads=vit.num_heads, image_size=vit.image_size, patch_size=vit.patch_size,
+        hidden_act="quick_gelu")).save_pretrained(tmp_path / "vision")
+    transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=text.width, intermediate_size=text.mlp_dim, num_hidden_layers=text.depth,
+        num_attention_heads=text.num_heads, projection_dim=text.proj_dim, max_position_embeddings=text.context_length,
+        hidden_act="quick_gelu")).save_pretrained(tmp_path / "text")
+    assert runs.load_tower(f"hf:{tmp_path / 'vision'}", c).config == vit
+    assert runs.load_tower(f"hf:{tmp_path / 'text'}", c, text=True).config == text
+    c.text.context_length = 8
+    with pytest.raises(ConfigError, match=r"loss.text_tower=hf:.*: the tower is .* but config.text describes"):
+        runs.load_tower(f"hf:{tmp_path / 'text'}", c, text=True)

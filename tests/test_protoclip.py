@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlcd_jax.cluster import episodes
+from mlcd_jax.data import order
 from mlcd_jax.losses import protoclip
 from mlcd_jax.losses.contrastive import MAX_LOGIT_SCALE
 
@@ -198,13 +199,13 @@ def test_protoclip_loss_composes_the_terms():
 
 
 def test_sample_episode_deterministic_with_replacement():
-    a = episodes.sample_episode(50, 200, seed=3, episode=1)
+    a = order.sample_episode(50, 200, seed=3, episode=1)
     assert a.dtype == np.int64 and a.shape == (200,) and a.min() >= 0 and a.max() < 50
-    np.testing.assert_array_equal(a, episodes.sample_episode(50, 200, seed=3, episode=1))
+    np.testing.assert_array_equal(a, order.sample_episode(50, 200, seed=3, episode=1))
     assert len(np.unique(a)) < len(a)  # with replacement
-    assert not np.array_equal(a, episodes.sample_episode(50, 200, seed=3, episode=2))
-    assert not np.array_equal(a, episodes.sample_episode(50, 200, seed=4, episode=1))
-    small = episodes.sample_episode(10_000, 100, seed=0, episode=0)
+    assert not np.array_equal(a, order.sample_episode(50, 200, seed=3, episode=2))
+    assert not np.array_equal(a, order.sample_episode(50, 200, seed=4, episode=1))
+    small = order.sample_episode(10_000, 100, seed=0, episode=0)
     assert len(np.unique(small)) > 90  # not a fixed prefix or a degenerate draw
 
 

@@ -1,8 +1,8 @@
-"""ProtoCLIP's episodes on the host: which pairs an episode holds, its per-modality k-means, and an
-offline external teacher (NumPy, faiss, scikit-learn).
+"""ProtoCLIP's episodes on the host: per-modality k-means of an episode's features, and an offline
+external teacher (NumPy, faiss, scikit-learn).
 
-Each episode samples ``episode_size`` pairs with replacement (the released ``main.py``:
-``np.random.choice(dataset_size, episode_size, replace=True)``); its projected features are clustered per
+Each episode samples ``episode_size`` pairs with replacement (:func:`mlcd_jax.data.order.sample_episode`,
+as the released ``main.py``: ``np.random.choice(dataset_size, episode_size, replace=True)``); its projected features are clustered per
 modality (released ``Clustering.kmeans``: faiss k-means, 20 iterations, nredo 3, top-1 assignment), and
 an external text-only teacher's features are clustered the same way. The losses that use the result
 are in :mod:`mlcd_jax.losses.protoclip`.
@@ -15,20 +15,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from mlcd_jax.cluster import kmeans
-
-
-def sample_episode(num_pairs: int, episode_size: int, seed: int, episode: int) -> np.ndarray:
-    """The pair indices [episode_size] int64 of ``episode``, drawn with replacement from ``[0, num_pairs)``.
-
-    A pure function of ``(seed, episode)`` (NumPy's generator seeded with both), so a resumed run
-    replays the same episodes and every process agrees without communicating.
-    """
-    if num_pairs < 1 or episode_size < 1:
-        raise ValueError(f"need num_pairs >= 1 and episode_size >= 1; got {num_pairs} and {episode_size}")
-    if seed < 0 or episode < 0:
-        raise ValueError(f"seed and episode must be >= 0; got {seed} and {episode}")
-    rng = np.random.default_rng([seed, episode])
-    return rng.integers(0, num_pairs, size=episode_size, dtype=np.int64)
 
 
 def cluster_features(

@@ -115,3 +115,17 @@ def example_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return np.ascontiguousarray(x).view(np.uint32).reshape(-1, 2)
+
+
+def sample_episode(num_pairs: int, episode_size: int, seed: int, episode: int) -> np.ndarray:
+    """The pair indices [episode_size] int64 of ``episode``, drawn with replacement from ``[0, num_pairs)``.
+
+    A pure function of ``(seed, episode)`` (NumPy's generator seeded with both), so a resumed run
+    replays the same episodes and every process agrees without communicating.
+    """
+    if num_pairs < 1 or episode_size < 1:
+        raise ValueError(f"need num_pairs >= 1 and episode_size >= 1; got {num_pairs} and {episode_size}")
+    if seed < 0 or episode < 0:
+        raise ValueError(f"seed and episode must be >= 0; got {seed} and {episode}")
+    rng = np.random.default_rng([seed, episode])
+    return rng.integers(0, num_pairs, size=episode_size, dtype=np.int64)

@@ -223,8 +223,8 @@ def decode_all(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[int, tuple[str, str]]] | None:
     """Every record of ``source`` decoded: (images uint8 [n, M, M, C], each in the top-left (h, w) of
     its square canvas, (h, w), targets ``{"labels": int32 [n, top_l]}`` plus ``"tokens"`` int32
-    [n, context_length] when ``context_length``, {record index: (shard and position, error)} of
-    undecodable records).
+    [n, context_length] and ``"captions"`` (object [n]) when ``context_length``, {record index: (shard
+    and position, error)} of undecodable records).
 
     None when the images would take more than ``max_bytes`` or differ in size (then stream).
     """
@@ -232,6 +232,7 @@ def decode_all(
     images: np.ndarray | None = None
     labels = np.zeros((n, top_l), np.int32)
     tokens = np.zeros((n, context_length), np.int32)
+    captions = np.empty(n, object)
     good = np.zeros(n, bool)
     errors: dict[int, tuple[str, str]] = {}
     for i in range(n):
@@ -253,10 +254,11 @@ def decode_all(
         labels[i] = records.pad_labels(record_labels, top_l)
         if context_length:
             tokens[i] = record_tokens
+            captions[i] = records.decode(data)["caption"]
         good[i] = True
     if images is None:
         return None
-    targets = {"labels": labels[good], **({"tokens": tokens[good]} if context_length else {})}
+    targets = {"labels": labels[good], **({"tokens": tokens[good], "captions": captions[good]} if context_length else {})}
     return images[good], np.asarray(size, np.int32), targets, errors
 
 
@@ -266,16 +268,24 @@ class DecodedBatches(grain.sources.RandomAccessDataSource):
     Element ``j`` is this process's slice of global batch ``j`` of the seeded global order
     (``mlcd_jax.data.order``, over the decodable records), with per-example seeds from
     ``order.example_seeds``: one array gather per batch instead of a Python call per image.
+
+    With ``episode_size`` (ProtoCLIP), the batches instead walk episodes: episode ``e`` is
+    ``order.sample_episode`` (pairs drawn with replacement, a function of (seed, e)) cut into
+    ``episode_size / global_batch_size`` global batches, and each example also carries its
+    ``episode_pos`` (its index within the episode, where the trainer finds its cluster labels).
     """
 
     def __init__(
         self, images: np.ndarray, size: np.ndarray, targets: dict[str, np.ndarray], *, global_batch_size: int,
-        seed: int, process_index: int, process_count: int, num_epochs: int | None,
+        seed: int, process_index: int, process_count: int, num_epochs: int | None, episode_size: int = 0,
     ) -> None:
-        self.images, self.size, self.targets = images, size, targets
+        self.images, self.size, self.targets = images, size, dict(targets)
+        self.captions = self.targets.pop("captions", None)
         self.global_batch, self.seed, self.num_epochs = global_batch_size, seed, num_epochs
         self.process_index, self.local_batch = process_index, global_batch_size // process_count
-        self.steps = order.steps_per_epoch(len(images), global_batch_size)
+        self.episode_size = episode_size
+        self.steps = (episode_size // global_batch_size if episode_size
+                      else order.steps_per_epoch(len(images), global_batch_size))
 
     def __len__(self) -> int:
         return sys.maxsize if self.num_epochs is None else self.num_epochs * self.steps
@@ -284,17 +294,25 @@ class DecodedBatches(grain.sources.RandomAccessDataSource):
     def _order(self, epoch: int) -> order.EpochOrder:
         return order.EpochOrder(len(self.images), self.seed, epoch)
 
+    @lru_cache(maxsize=2)
+    def episode_rows(self, episode: int) -> np.ndarray:
+        """The records of ``episode`` (int64 [episode_size]), in the order its batches serve them."""
+        return order.sample_episode(len(self.images), self.episode_size, self.seed, episode)
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        epoch, step = divmod(index, self.steps)
+        epoch, step = divmod(index, self.steps)  # an episode when episode_size is set
         start = step * self.global_batch + self.process_index * self.local_batch
         positions = np.arange(start, start + self.local_batch)
-        rows = self._order(epoch).records(positions)
-        return {
+        rows = self.episode_rows(epoch)[positions] if self.episode_size else self._order(epoch).records(positions)
+        batch = {
             "image": self.images[rows],
             "size": np.broadcast_to(self.size, (self.local_batch, 2)).copy(),
             "seed": order.example_seeds(self.seed, epoch, positions),
             **{name: values[rows] for name, values in self.targets.items()},
         }
+        if self.episode_size:
+            batch["episode_pos"] = positions.astype(np.int32)
+        return batch
 
     def __repr__(self) -> str:
         return (f"DecodedBatches(num_records={len(self.images)}, image={self.images.shape[1:]}, "
@@ -408,6 +426,7 @@ class TrainLoader(grain.DataLoader):
     """
 
     skip_log: SkipLog
+    decoded: DecodedBatches | None  # the in-memory dataset, when it was decoded once
     elements_per_batch: int  # sampler elements per local batch (examples when streamed, 1 in memory)
     image_size: int
     augment_images: bool
@@ -426,6 +445,14 @@ class TrainLoader(grain.DataLoader):
     def __iter__(self) -> PortableIterator:
         return PortableIterator(super().__iter__(), self.elements_per_batch)
 
+    def episode(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """ProtoCLIP: episode ``index``'s records (int64 [episode_size]) and their canvases and tokens
+        (``dict(image, size, tokens)``, the whole episode, every process alike)."""
+        data = self.decoded
+        rows = data.episode_rows(index)
+        return rows, {"image": data.images[rows], "size": np.broadcast_to(data.size, (len(rows), 2)),
+                      "tokens": data.targets["tokens"][rows]}
+
     def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A canvas batch (numpy or sharded jax arrays) -> ``dict(image=float32 [b, S, S, C], labels)``."""
         return canvas_to_inputs(batch, image_size=self.image_size, augment=self.augment_images,
@@ -437,12 +464,12 @@ def canvas_to_inputs(
     crop_scale: tuple[float, float] = (0.08, 1.0), num_channels: int = 3,
 ) -> dict[str, Any]:
     """The train step's preprocessing (jit-able): canvas batch -> ``dict(image=float32 [b, S, S, C], labels)``
-    (and the batch's ``tokens`` when it has them)."""
+    (and the batch's ``tokens`` and ``episode_pos`` when it has them)."""
     image = augment_batch(
         batch["image"], batch["size"], batch["seed"], image_size=image_size,
         augment=augment, crop_scale=tuple(crop_scale), num_channels=num_channels,
     )
-    return {"image": image, **{k: batch[k] for k in ("labels", "tokens") if k in batch}}
+    return {"image": image, **{k: batch[k] for k in ("labels", "tokens", "episode_pos") if k in batch}}
 
 
 def make_train_loader(
@@ -465,6 +492,7 @@ def make_train_loader(
     canvas_size: int | None = None,
     read_threads: int = 4,
     context_length: int = 0,
+    episode_size: int = 0,
 ) -> TrainLoader:
     """Loader whose iterator yields canvas batches ``dict(image=uint8 [b, M, M, C], size=int32 [b, 2],
     seed=uint32 [b, 2], labels=int32 [b, top_l])``; ``loader.augment(batch)`` makes the model inputs
@@ -480,6 +508,8 @@ def make_train_loader(
     ``read_threads``: threads reading (and decoding) streamed records ahead, per process.
     ``context_length`` > 0: batches also carry ``tokens`` int32 [b, context_length], each record's caption
     tokenised with CLIP's BPE (``mlcd_jax.data.tokenizer``); a record without a caption is skipped.
+    ``episode_size`` > 0: ProtoCLIP's episodes (see :class:`DecodedBatches`); the dataset must be decoded
+    in memory, and ``loader.episode(e)`` gives an episode's images and tokens for its feature pass.
     """
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels={num_channels}: choose 1 or 3")
@@ -502,6 +532,11 @@ def make_train_loader(
         owned = False
     skip_log = SkipLog(skip_log_dir)
     decoded = decode_all(source, top_l, num_channels, in_memory_bytes, context_length) if in_memory_bytes else None
+    if episode_size and decoded is None:
+        raise ValueError(f"episodes (ProtoCLIP) need the dataset decoded in memory: one image size and at most "
+                         f"in_memory_bytes={in_memory_bytes} decoded")
+    if episode_size % global_batch_size:
+        raise ValueError(f"episode_size={episode_size} is not a multiple of global_batch_size={global_batch_size}")
     if decoded is not None:
         images, size, targets, errors = decoded
         for where, why in errors.values():  # dropped before the order is drawn: all processes agree
@@ -510,6 +545,7 @@ def make_train_loader(
         batches = DecodedBatches(
             images, size, targets, global_batch_size=global_batch_size, seed=seed,
             process_index=shard_options.shard_index, process_count=count, num_epochs=num_epochs,
+            episode_size=episode_size,
         )
         loader = TrainLoader(
             data_source=batches,
@@ -537,6 +573,7 @@ def make_train_loader(
             read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=global_batch_size // count),
         )
     loader.skip_log, loader.image_size, loader.augment_images = skip_log, image_size, augment
+    loader.decoded = batches if decoded is not None else None
     loader.elements_per_batch = 1 if decoded is not None else global_batch_size // count
     loader.crop_scale, loader.num_channels = tuple(crop_scale), num_channels
     if owned:
