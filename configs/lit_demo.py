@@ -48,8 +48,9 @@ def get_config(arg: str = ""):
     c.evals.knn = dict(type="knn", every=0, k=20)
     c.evals.linear = dict(type="linear_probe", every=0)
     c.evals.retrieval = dict(type="retrieval", every=-1, source="", split="test", limit=0)
-    # loss.kind=protoclip: 50-batch episodes (12,800 pairs; 10 episodes in 500 steps), k = 256 per modality
-    # (the released 10 pairs per prototype would be 1,280 clusters of 60 distinct captions here).
+    # loss.kind=protoclip: 50-batch episodes (12,800 pairs at batch 256: 10 episodes in Fashion-MNIST's 500
+    # steps), k = 256 per modality (the released 10 pairs per prototype would be 1,280 clusters of 60
+    # distinct captions here).
     c.protoclip.episode_size = 50 * c.batch_size
     c.protoclip.num_clusters = 256
     c.protoclip.head_hidden = 256
@@ -59,6 +60,7 @@ def get_config(arg: str = ""):
         c.data.cluster.num_clusters = c.loss.num_classes = EMOJI["num_clusters"]
         c.num_train_steps = EMOJI["steps"]
         c.batch_size = 128
+        c.protoclip.episode_size = 50 * c.batch_size
         c.eval.source = "emoji"  # captions, no class labels: retrieval only
         for name in ("zero_shot", "knn", "linear"):
             c.evals[name]["every"] = -1

@@ -190,6 +190,8 @@ def plan(config: Any, topology: Topology) -> dict[str, Any]:
     }
     if setup.objective.text:
         batch["tokens"] = spec((b, config.text.context_length), jnp.int32)
+    if setup.objective.episodes:
+        batch["episode_pos"] = spec((b,), jnp.int32)
 
     def preprocess(canvases: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return pipeline.canvas_to_inputs(canvases, image_size=size, augment=config.data.augment,

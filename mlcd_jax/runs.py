@@ -84,6 +84,8 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
     locked one (LiT's image tower)."""
     goal = objective(config.loss.kind)
     image = flops_per_image(vit_config(config)) * (3 if "params" in goal.trainable else 1)
+    if "params" in goal.trainable:  # FLIP's patch drop: the blocks see ~(1 - rate) of the tokens
+        image *= 1.0 - float(config.data.get("patch_drop", 0.0))
     text = 3 * text_flops(text_config(config)) if goal.text else 0.0
     return image + text
 
@@ -99,14 +101,19 @@ def load_tower(spec: str, config: ml_collections.ConfigDict, text: bool = False)
     key = "text_tower" if text else "image_tower"
     kind, _, path = spec.partition(":")
     path = path.replace("{seed}", str(config.seed))  # one tower per seed, e.g. workdir:STUDY/runs/mlcd/seed{seed}
-    if kind == "workdir":
-        model = load_model(path, text=text)  # with the run's own config; its shape is compared below
-    elif kind == "hf":
-        from mlcd_jax import interop
-
-        model = interop.load_text(path)[0] if text else interop.load_vision(path, image_size=config.data.image_size)[0]
-    else:
+    if kind not in ("workdir", "hf"):
         raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
+    from mlcd_jax import interop
+
+    try:
+        if kind == "workdir":
+            model = load_model(path, text=text)  # with the run's own config; its shape is compared below
+        else:
+            model = (interop.load_text(path)[0] if text else
+                     interop.load_vision(path, image_size=config.data.image_size,
+                                         scan_layers=bool(config.model.get("scan_layers", False)))[0])
+    except (OSError, ValueError, KeyError, AttributeError) as err:  # missing run, not a checkpoint, no such tower
+        raise ConfigError(f"loss.{key}={spec}: cannot load it ({type(err).__name__}: {str(err)[:300]})") from None
     want = text_config(config) if text else vit_config(config)
     if model.config != want:
         raise ConfigError(f"loss.{key}={spec}: the tower is {model.config}, but config.{'text' if text else 'model'} "

@@ -229,12 +229,16 @@ class TrainSetup:
         """The initial state, created directly in its shardings; LiT's locked image tower is read from
         ``loss.image_tower``, a text tower to start from from ``loss.text_tower``."""
         state = jax.jit(self.init_fn, out_shardings=self.state_shardings)(seed)
-        if "params" in self.objective.frozen and self.config.loss.get("image_tower"):
-            tower = load_tower(self.config.loss.image_tower, self.config)
-            state["params"] = jax.device_put(nnx.state(tower).to_pure_dict(), self.state_shardings["params"])
-        if self.objective.text and self.config.loss.get("text_tower"):  # e.g. ProtoCLIP's final LiT phase
-            text = load_tower(self.config.loss.text_tower, self.config, text=True)
-            state["text"] = jax.device_put(nnx.state(text).to_pure_dict(), self.state_shardings["text"])
+        loss = self.config.loss
+        towers = [("params", "image_tower", False)] if "params" in self.objective.frozen else []
+        towers += [("text", "text_tower", True)] if self.objective.text else []  # e.g. ProtoCLIP's final LiT phase
+        for key, option, text in towers:
+            if loss.get(option):
+                params = nnx.state(load_tower(loss[option], self.config, text=text)).to_pure_dict()
+                if jax.tree.structure(params) != jax.tree.structure(self.state_shardings[key]):
+                    raise ConfigError(f"loss.{option}={loss[option]}: its layers are stored otherwise than this run's "
+                                      "(model.scan_layers differs); set model.scan_layers to the tower's")
+                state[key] = jax.device_put(params, self.state_shardings[key])
         return state
 
     def merge(self, params: Any) -> VisionTransformer:
@@ -384,15 +388,15 @@ def build_episode(
     from mlcd_jax.cluster.episodes import cluster_features
 
     p, b = setup.config.protoclip, setup.config.batch_size
-    rows, data = loader.episode(index)
+    rows = loader.decoded.episode_rows(index)
     image_f, text_f = [], []
-    for start in range(0, len(rows), b):
-        chunk = {k: np.ascontiguousarray(v[start:start + b]) for k, v in data.items()}
+    for start in range(0, len(rows), b):  # one batch of the episode's records gathered at a time
+        chunk = loader.decoded.gather(rows[start:start + b])
         fi, ft = features_fn(state, sharding.host_to_global(chunk, setup.mesh, setup.rules))
         image_f.append(np.asarray(fi))
         text_f.append(np.asarray(ft))
     image_f, text_f = np.concatenate(image_f), np.concatenate(text_f)
-    seed = setup.config.seed * 1_000_003 + index
+    seed = (setup.config.seed * 1_000_003 + index) % 2**30  # faiss takes a C int (restarts add to it)
 
     def kmeans(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return cluster_features(x.astype(np.float32), p.num_clusters, iterations=p.kmeans_iterations,

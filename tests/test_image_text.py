@@ -118,6 +118,8 @@ def test_zero_shot_and_retrieval_metrics_on_known_geometry():
         f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     shifted = zero_shot.retrieval_recall(feats, np.roll(feats, 1, axis=0), ks=(1,))
     assert shifted == {"i2t_r@1": 0.0, "t2i_r@1": 0.0}
+    collapsed = zero_shot.retrieval_recall(np.ones((20, 6)), np.ones((20, 6)), ks=(1, 20))  # ties count against
+    assert collapsed == {"i2t_r@1": 0.0, "i2t_r@20": 1.0, "t2i_r@1": 0.0, "t2i_r@20": 1.0}
 
 
 def test_the_loader_feeds_each_records_caption_as_clip_tokens(tmp_path):

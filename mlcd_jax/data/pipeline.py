@@ -299,6 +299,11 @@ class DecodedBatches(grain.sources.RandomAccessDataSource):
         """The records of ``episode`` (int64 [episode_size]), in the order its batches serve them."""
         return order.sample_episode(len(self.images), self.episode_size, self.seed, episode)
 
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Canvases, sizes and tokens of ``rows`` (ProtoCLIP's episode feature pass, a batch at a time)."""
+        return {"image": self.images[rows], "size": np.broadcast_to(self.size, (len(rows), 2)).copy(),
+                "tokens": self.targets["tokens"][rows]}
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         epoch, step = divmod(index, self.steps)  # an episode when episode_size is set
         start = step * self.global_batch + self.process_index * self.local_batch
@@ -445,13 +450,7 @@ class TrainLoader(grain.DataLoader):
     def __iter__(self) -> PortableIterator:
         return PortableIterator(super().__iter__(), self.elements_per_batch)
 
-    def episode(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """ProtoCLIP: episode ``index``'s records (int64 [episode_size]) and their canvases and tokens
-        (``dict(image, size, tokens)``, the whole episode, every process alike)."""
-        data = self.decoded
-        rows = data.episode_rows(index)
-        return rows, {"image": data.images[rows], "size": np.broadcast_to(data.size, (len(rows), 2)),
-                      "tokens": data.targets["tokens"][rows]}
+
 
     def augment(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A canvas batch (numpy or sharded jax arrays) -> ``dict(image=float32 [b, S, S, C], labels)``."""
@@ -509,7 +508,7 @@ def make_train_loader(
     ``context_length`` > 0: batches also carry ``tokens`` int32 [b, context_length], each record's caption
     tokenised with CLIP's BPE (``mlcd_jax.data.tokenizer``); a record without a caption is skipped.
     ``episode_size`` > 0: ProtoCLIP's episodes (see :class:`DecodedBatches`); the dataset must be decoded
-    in memory, and ``loader.episode(e)`` gives an episode's images and tokens for its feature pass.
+    in memory; ``loader.decoded`` gives an episode's records and their images and tokens for its feature pass.
     """
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels={num_channels}: choose 1 or 3")

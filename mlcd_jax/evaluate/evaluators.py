@@ -156,8 +156,13 @@ class ZeroShot(Evaluator):
     def __post_init__(self) -> None:
         from mlcd_jax.evaluate.zero_shot import TEMPLATES
 
+        from mlcd_jax.data.sources import class_names
+
         if self.templates not in TEMPLATES:
             raise ConfigError(f"evals.{self.name}.templates={self.templates!r}: choose one of {', '.join(TEMPLATES)}")
+        if self.config.eval.source and not class_names(self.config.eval.source, "test"):  # before any training
+            raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has no class names "
+                              "for zero-shot prompts")
 
     def __call__(self, target: Target) -> dict[str, float]:
         if target.encode_text is None:
@@ -166,8 +171,6 @@ class ZeroShot(Evaluator):
         from mlcd_jax.evaluate.zero_shot import TEMPLATES, class_embeddings, zero_shot_top1
 
         names = class_names(self.config.eval.source, "test")
-        if not names:
-            raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has no class names")
         _, _, test_x, test_y = eval_arrays(self.config)
         classes = class_embeddings(target.encode_text, names, TEMPLATES[self.templates])
         return {"zero_shot_top1": zero_shot_top1(target.features(test_x), test_y, classes)}
@@ -185,7 +188,12 @@ class Retrieval(Evaluator):
             return {}
         from mlcd_jax.evaluate.zero_shot import retrieval_recall
 
-        images, captions = _captioned_split(self.source or self.config.eval.source, self.split, self.limit)
+        from mlcd_jax.data.sources import SourceError
+
+        try:
+            images, captions = _captioned_split(self.source or self.config.eval.source, self.split, self.limit)
+        except SourceError as err:
+            raise ConfigError(f"evals.{self.name}: {err}") from None
         return retrieval_recall(target.features(images), target.encode_text(captions))
 
 

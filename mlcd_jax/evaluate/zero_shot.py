@@ -57,8 +57,9 @@ def retrieval_recall(
     sim = _normalize(image_features) @ _normalize(text_features).T
     out = {}
     for name, scores in (("i2t", sim), ("t2i", sim.T)):
-        # rank of the true pair = number of candidates scoring strictly higher
-        rank = np.sum(scores > np.diag(scores)[:, None], axis=1)
+        # rank of the true pair = other candidates scoring at least as high (a tie counts against it, so
+        # a collapsed model that scores everything alike gets chance-level recall, not a perfect one)
+        rank = np.sum(scores >= np.diag(scores)[:, None], axis=1) - 1
         for k in ks:
             out[f"{name}_r@{k}"] = float(np.mean(rank < k))
     return out
