@@ -200,12 +200,17 @@ def test_clip_trains_both_towers_and_resumes_exactly(clip_run):
     assert _losses(base / "resumed") == straight  # exact: same data order, patch drop and updates
 
 
-def test_lit_keeps_the_image_tower_locked_and_evaluates_zero_shot(clip_run, tmp_path):
+def test_lit_keeps_the_image_tower_locked_resumes_exactly_and_evaluates_zero_shot(clip_run, tmp_path):
     clip_config, base = clip_run
     c = _config(base / "x", "lit", **{"loss.image_tower": f"workdir:{base / 'straight'}",
                                       "data.shards": clip_config.data.shards})
     workdir = tmp_path / "lit"
     train.train_and_evaluate(c, str(workdir))
+    c.stop_after_steps = STOP  # stopped and resumed: the same losses (the locked tower comes from the checkpoint)
+    train.train_and_evaluate(c, str(tmp_path / "lit_resumed"))
+    c.stop_after_steps = 0
+    train.train_and_evaluate(c, str(tmp_path / "lit_resumed"))
+    assert _losses(tmp_path / "lit_resumed") == _losses(workdir)
     tower = runs.load_model(str(base / "straight"))
     locked = runs.load_model(str(workdir), c)
     for a, b in zip(jax.tree.leaves(nnx.state(tower)), jax.tree.leaves(nnx.state(locked))):

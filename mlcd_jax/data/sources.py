@@ -79,6 +79,9 @@ CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
 )
 
 
+TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
+
+
 class SourceError(ValueError):
     """A source spec is malformed or points at nothing usable."""
 
@@ -244,7 +247,13 @@ class TfdsSource:
         except Exception as e:  # tfds raises many types for missing / unprepared datasets
             raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e})") from e
         self.name, self.split, self.image_key = name, split, image_key
-        self.label_key = "label" if "label" in builder.info.features else None
+        features = builder.info.features
+        self.label_key = "label" if "label" in features else None
+        # captions: the dataset's own text feature, else its class name in one of CAPTION_TEMPLATES
+        self.text_key = next((k for k in TFDS_CAPTION_KEYS if k in features and isinstance(features[k], tfds.features.Text)),
+                             None)
+        label = features[self.label_key] if self.label_key else None
+        self.names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -252,13 +261,20 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.source[index]
         label = int(example[self.label_key]) if self.label_key else None
-        return _item(self.key(index), bytes(example[self.image_key]), label)
+        image = bytes(example[self.image_key])
+        caption = None
+        if self.text_key:
+            text = example[self.text_key]
+            caption = decode_caption(text) if isinstance(text, bytes) else str(text)
+        elif self.names and label is not None:
+            caption = CAPTION_TEMPLATES[zlib.crc32(image) % len(CAPTION_TEMPLATES)].format(self.names[label])
+        return _item(self.key(index), image, label, caption)
 
     def key(self, index: int) -> str:
         return f"{self.name}/{self.split}/{index:08d}"
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
-        return [self.name, self.split, str(num_images)]
+        return [self.name, self.split, str(num_images), f"captions: {self.text_key or ('classes' if self.names else '')}"]
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
