@@ -245,6 +245,7 @@ def test_objective_mistakes_are_one_line(clip_run, tmp_path):
         train.checked_mesh(c)
 
 
+@pytest.mark.slow  # three trainings with an episode pass and k-means each (~3 min on 2 cores)
 def test_protoclip_builds_episodes_and_resumes_mid_episode_exactly(clip_run, tmp_path):
     """Episodes of 4 steps: episode 1 is clustered at step 5; a run stopped at step 6 (its labels and
     prototypes in the checkpoint) resumes to the losses of the run that was never stopped."""
