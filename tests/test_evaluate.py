@@ -329,6 +329,31 @@ def test_cosine_curves_png_writes_a_picture_of_the_requested_size(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
+def test_cosine_curves_png_names_image_text_pair_cosines(tmp_path, monkeypatch):
+    _write_metrics(tmp_path / "mlcd.jsonl")
+    with open(tmp_path / "clip.jsonl", "w") as f:  # CLIP / LiT / ProtoCLIP rows: InfoNCE terms, pair cosines
+        for step in range(1, 6):
+            f.write(json.dumps({"step": step, "loss_i2t": 2.0, "loss_t2i": 2.1, "mean_pos_cos": 0.1 * step,
+                                "mean_neg_cos": 0.0}) + "\n")
+    figures = []
+    monkeypatch.setattr(pictures, "save_figure", lambda fig, path: figures.append(fig))
+
+    def panel_b(runs):
+        pictures.cosine_curves_png(runs, tmp_path / "c.png")
+        ax = figures[-1].axes[1]
+        return ax.get_title(), [line.get_label() for line in ax.get_lines()]
+
+    assert panel_b(tmp_path / "mlcd.jsonl") == (
+        "(b) mean cosine to positive / negative prototypes", ["mean_pos_cos", "mean_neg_cos"])
+    assert panel_b(tmp_path / "clip.jsonl") == (
+        "(b) mean cosine of matched / unmatched image-text pairs",
+        ["mean_pos_cos (matched pairs)", "mean_neg_cos (unmatched pairs)"])
+    assert panel_b({"CLIP": tmp_path / "clip.jsonl", "single-label": tmp_path / "mlcd.jsonl"}) == (
+        "(b) mean positive / negative cosine",
+        ["CLIP: mean_pos_cos (matched pairs)", "CLIP: mean_neg_cos (unmatched pairs)",
+         "single-label: mean_pos_cos", "single-label: mean_neg_cos"])
+
+
 def test_cosine_curves_png_rejects_metrics_without_cosines(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ValueError, match="no rows with any of"):
@@ -375,3 +400,28 @@ def test_write_results_is_json_and_atomic(tmp_path):
         {"model": "pixels", "knn_top1": 0.9, "val_top1": {"0.1": 0.8}, "curve": [0, 1, 2]}
     ]
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def test_image_and_text_encoders_pad_batches_over_the_devices_and_match_the_models():
+    import jax
+    from flax import nnx
+
+    from mlcd_jax.data import augment
+    from mlcd_jax.data.tokenizer import tokenize
+    from mlcd_jax.evaluate.features import FeatureExtractor, TextEncoder
+    from mlcd_jax.models import TextTransformer, VisionTransformer, get_preset, get_text_preset
+
+    vit = VisionTransformer(get_preset("tiny"), rngs=nnx.Rngs(0))
+    images = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), np.uint8)
+    extract = FeatureExtractor(vit, 32, batch_size=5)
+    assert extract.batch_size == 8 == jax.local_device_count()  # 5 rounded up to the 8 devices
+    np.testing.assert_allclose(extract(images), vit(augment.normalize(images))[0], rtol=1e-5, atol=1e-5)
+    text = TextTransformer(get_text_preset("tiny", context_length=16), rngs=nnx.Rngs(0))
+    texts = [f"a photo of a {i}." for i in range(11)]
+    encode = TextEncoder(text, batch_size=9, devices=jax.local_devices()[:4])
+    assert encode.batch_size == 12  # 9 rounded up to the 4 devices given
+    ids = tokenize(texts, text.config.context_length)
+    np.testing.assert_allclose(encode(texts), text(ids), rtol=1e-5, atol=1e-5)

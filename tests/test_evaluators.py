@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ml_collections.config_flags import config_path
 
@@ -44,6 +45,27 @@ def test_registry_builds_the_configured_evaluators_and_rejects_bad_entries():
     with c.evals.knn.unlocked():
         c.evals.knn.kk = 3
     with pytest.raises(ConfigError, match=r"evals.knn: knn has no options \['kk'\]; its options: \['k'\]"):
+        ev.build_evaluators(c)
+
+
+def test_zero_shot_reads_the_class_names_once_and_they_are_no_option(monkeypatch):
+    from mlcd_jax.data import sources
+
+    calls = []
+    class_names = sources.class_names
+    monkeypatch.setattr(sources, "class_names", lambda *args: calls.append(args) or class_names(*args))
+    c = _config()
+    zero_shot = ev.ZeroShot(name="zs", every=0, config=c)
+    names = class_names(c.eval.source, "test")
+    test_y = ev.eval_arrays(c)[3]
+    target = ev.Target(  # a perfect image tower (one-hot labels) and a text tower that names the prompt's class
+        name="oracle", embed=lambda images: np.eye(len(names))[test_y],
+        encode_text=lambda prompts: np.eye(len(names))[[names.index(p[len("a photo of a "):-1]) for p in prompts]])
+    assert zero_shot(target) == zero_shot(target) == {"zero_shot_top1": 1.0}
+    assert calls == [(c.eval.source, "test")]  # once, when built
+    with c.unlocked():
+        c.evals.zs = {"type": "zero_shot", "names": ["x"]}
+    with pytest.raises(ConfigError, match=r"zero_shot has no options \['names'\]; its options: \['templates'\]"):
         ev.build_evaluators(c)
 
 

@@ -144,6 +144,29 @@ def test_the_loader_feeds_each_records_caption_as_clip_tokens(tmp_path):
         assert {tuple(t) for t in seen} == want
 
 
+def test_in_memory_decoding_keeps_each_records_caption_with_its_tokens(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from mlcd_jax.data.augment import encode_png
+    from mlcd_jax.data.pipeline import ShardSource, decode_all
+
+    rng = np.random.default_rng(0)
+    captions = [f"a photo of item number {i}." if i != 2 else None for i in range(6)]  # record 2: no caption
+    path = str(tmp_path / "shard-00000.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for i, caption in enumerate(captions):
+        image = encode_png(rng.integers(0, 255, (12, 12, 3), np.uint8))
+        writer.write(records.encode(image, np.array([i]), np.array([1.0], np.float32), f"k{i}", caption))
+    writer.close()
+    images, size, targets, errors = decode_all(ShardSource([path]), top_l=1, num_channels=3, max_bytes=2**30,
+                                               context_length=16)
+    kept = [c for c in captions if c is not None]
+    assert len(images) == 5 and list(size) == [12, 12] and list(targets["labels"][:, 0]) == [0, 1, 3, 4, 5]
+    assert list(targets["captions"]) == kept
+    np.testing.assert_array_equal(targets["tokens"], tokenize(kept, 16))
+    assert list(errors) == [2] and errors[2][1] == "record has no caption"
+
+
 def test_shards_without_captions_are_one_config_error(tmp_path):
     c = experiment.with_shards(_config(tmp_path, "mlcd"))  # digits clustered with templated captions
     from array_record.python.array_record_module import ArrayRecordWriter

@@ -185,21 +185,22 @@ class ShardSource(grain.sources.ArrayRecordDataSource):
 
 def _decode_record(
     data: bytes | None, num_channels: int, min_side: int = 0, context_length: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids, its caption's tokens
-    int32 [context_length] or None without ``context_length``); ``ValueError`` if corrupt (or unreadable:
-    ``None``), or without a caption when tokens are asked for."""
+) -> tuple[np.ndarray, np.ndarray, str | None, np.ndarray | None]:
+    """MLCD record bytes -> (uint8 image [h, w, num_channels], its positive ids, its caption (str or None),
+    the caption's tokens int32 [context_length] or None without ``context_length``), parsing the record
+    once; ``ValueError`` if corrupt (or unreadable: ``None``), or without a caption when tokens are asked for."""
     if data is None:
         raise ValueError("unreadable record (damaged shard)")
     rec = records.decode(data)
-    tokens = None
+    caption, tokens = rec["caption"], None
     if context_length:
         from mlcd_jax.data.tokenizer import tokenize
 
-        if rec["caption"] is None:
+        if caption is None:
             raise ValueError("record has no caption")
-        tokens = tokenize([rec["caption"]], context_length)[0]
-    return augment.to_channels(augment.decode_image(rec["image"], min_side), num_channels), rec["labels"], tokens
+        tokens = tokenize([caption], context_length)[0]
+    image = augment.to_channels(augment.decode_image(rec["image"], min_side), num_channels)
+    return image, rec["labels"], caption, tokens
 
 
 def _check_captions(source: grain.sources.RandomAccessDataSource) -> None:
@@ -238,7 +239,8 @@ def decode_all(
     for i in range(n):
         where, data = source[i]
         try:
-            image, record_labels, record_tokens = _decode_record(data, num_channels, context_length=context_length)
+            image, record_labels, caption, record_tokens = _decode_record(
+                data, num_channels, context_length=context_length)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             errors[i] = (where, str(e))
             continue
@@ -254,7 +256,7 @@ def decode_all(
         labels[i] = records.pad_labels(record_labels, top_l)
         if context_length:
             tokens[i] = record_tokens
-            captions[i] = records.decode(data)["caption"]
+            captions[i] = caption
         good[i] = True
     if images is None:
         return None
@@ -341,7 +343,7 @@ class ToCanvas(grain.transforms.RandomMap):
         seed = rng.integers(0, 2**32, size=2, dtype=np.uint32)
         where, data = element
         try:
-            image, labels, tokens = _decode_record(data, self.num_channels, self.decode_size, self.context_length)
+            image, labels, _, tokens = _decode_record(data, self.num_channels, self.decode_size, self.context_length)
             image = augment.shrink_to_fit(image, self.canvas_size)
         except ValueError as e:  # RecordError, UnsupportedRecordVersion and undecodable images
             logging.warning("skipping a corrupt record (%s): %s", where, e)

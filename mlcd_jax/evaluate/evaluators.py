@@ -152,6 +152,8 @@ def _captioned_split(source: str, split: str, limit: int) -> tuple[np.ndarray, t
 @dataclasses.dataclass
 class ZeroShot(Evaluator):
     templates: str = "simple"
+    # eval.source's test-split class names, read once when the evaluator is built (None without eval.source)
+    _names: list[str] | None = dataclasses.field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from mlcd_jax.evaluate.zero_shot import TEMPLATES
@@ -160,19 +162,19 @@ class ZeroShot(Evaluator):
 
         if self.templates not in TEMPLATES:
             raise ConfigError(f"evals.{self.name}.templates={self.templates!r}: choose one of {', '.join(TEMPLATES)}")
-        if self.config.eval.source and not class_names(self.config.eval.source, "test"):  # before any training
-            raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has no class names "
-                              "for zero-shot prompts")
+        if self.config.eval.source:  # checked before any training
+            self._names = class_names(self.config.eval.source, "test")
+            if not self._names:
+                raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has no class names "
+                                  "for zero-shot prompts")
 
     def __call__(self, target: Target) -> dict[str, float]:
         if target.encode_text is None:
             return {}  # an image-only model has no zero-shot classifier
-        from mlcd_jax.data.sources import class_names
         from mlcd_jax.evaluate.zero_shot import TEMPLATES, class_embeddings, zero_shot_top1
 
-        names = class_names(self.config.eval.source, "test")
-        _, _, test_x, test_y = eval_arrays(self.config)
-        classes = class_embeddings(target.encode_text, names, TEMPLATES[self.templates])
+        _, _, test_x, test_y = eval_arrays(self.config)  # a ConfigError without eval.source (no names then)
+        classes = class_embeddings(target.encode_text, self._names, TEMPLATES[self.templates])
         return {"zero_shot_top1": zero_shot_top1(target.features(test_x), test_y, classes)}
 
 
@@ -213,7 +215,7 @@ def build_evaluators(config: ml_collections.ConfigDict) -> list[Evaluator]:
         every = int(options.pop("every", 0))
         if every < 0:
             continue
-        known = [f.name for f in dataclasses.fields(EVALUATORS[kind])][3:]  # after name, every, config
+        known = [f.name for f in dataclasses.fields(EVALUATORS[kind]) if f.init][3:]  # after name, every, config
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(f"evals.{name}: {kind} has no options {unknown}; its options: {known}")

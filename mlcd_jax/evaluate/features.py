@@ -16,6 +16,19 @@ from mlcd_jax.data import augment
 from mlcd_jax.data.pipeline import eval_pixels
 
 
+def _replicated(
+    model: nnx.Module, batch_size: int, devices: list[jax.Device] | None,
+) -> tuple[nnx.GraphDef, nnx.State, NamedSharding, int]:
+    """(graphdef, state replicated over ``devices`` (default: this process's), the sharding that splits a
+    batch over them, ``batch_size`` rounded up to a multiple of their count): the data-parallel setup the
+    image and text encoders share."""
+    devices = list(devices or jax.local_devices())
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    return graphdef, state, NamedSharding(mesh, P("batch")), -(-batch_size // len(devices)) * len(devices)
+
+
 class FeatureExtractor:
     """Pooled features [N, d] (or last hidden states [N, 1+n, w] with ``tokens=True``) of uint8 images.
 
@@ -34,13 +47,8 @@ class FeatureExtractor:
         self, model: nnx.Module, image_size: int, *, batch_size: int = 256, tokens: bool = False,
         devices: list[jax.Device] | None = None,
     ):
-        devices = list(devices or jax.local_devices())
-        mesh = Mesh(np.asarray(devices), ("batch",))
-        self._graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, NamedSharding(mesh, P()))
-        self._batch = NamedSharding(mesh, P("batch"))
+        self._graphdef, self._state, self._batch, self.batch_size = _replicated(model, batch_size, devices)
         self.input_size, self._tokens = image_size, tokens
-        self.batch_size = -(-batch_size // len(devices)) * len(devices)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         out: list[np.ndarray] = []
@@ -79,13 +87,8 @@ class TextEncoder:
     fixed-size batches (the last one padded), replicated over this process's devices."""
 
     def __init__(self, model: nnx.Module, *, batch_size: int = 256, devices: list[jax.Device] | None = None):
-        devices = list(devices or jax.local_devices())
-        mesh = Mesh(np.asarray(devices), ("batch",))
-        self._graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, NamedSharding(mesh, P()))
-        self._batch = NamedSharding(mesh, P("batch"))
+        self._graphdef, self._state, self._batch, self.batch_size = _replicated(model, batch_size, devices)
         self.context_length = model.config.context_length
-        self.batch_size = -(-batch_size // len(devices)) * len(devices)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         from mlcd_jax.data.tokenizer import tokenize

@@ -4,7 +4,8 @@
   DINOv2 and MLCD Fig. 6; :func:`pca_grid_png` draws the input images in a row above their pictures,
   scaled up to legible tiles and labelled.
 - :func:`cosine_curves_png`: the MLCD loss terms, the mean positive / negative cosine over training and
-  the positive / negative cosine histograms at a few steps, from a run's ``metrics.jsonl``.
+  the positive / negative cosine histograms at a few steps, from a run's ``metrics.jsonl`` (for the
+  image-text objectives, the mean cosine of matched / unmatched image-text pairs).
 
 Matplotlib is used through its object API with the Agg canvas, so importing this module never changes
 the global pyplot backend of a notebook.
@@ -216,6 +217,17 @@ def _histograms(rows: Sequence[dict], key: str, count: int) -> list[tuple[int, n
     return out
 
 
+# Legend suffixes of an image-text run's cosine curves (panel b), which are not prototype cosines.
+_PAIR_LABELS = {"mean_pos_cos": " (matched pairs)", "mean_neg_cos": " (unmatched pairs)"}
+
+
+def _logs_pair_cosines(rows: Sequence[dict]) -> bool:
+    """Whether a run's ``mean_pos_cos`` / ``mean_neg_cos`` are the cosines of matched / unmatched image-text
+    pairs of the batch (CLIP's InfoNCE, the only loss that logs ``loss_i2t``: clip, lit, protoclip) rather
+    than of each image's positive / negative prototypes (mlcd, mlc, softmax)."""
+    return any(r.get("loss_i2t") is not None for r in rows)
+
+
 def cosine_curves_png(
     metrics_jsonl_path: PathLike | Mapping[str, PathLike],
     path: PathLike,
@@ -226,11 +238,13 @@ def cosine_curves_png(
 ) -> None:
     """Fig. 3-style panels from ``metrics.jsonl``, saved as a ``figsize * dpi`` pixel PNG.
 
-    (a) ``loss_pos`` and ``loss_neg`` over steps, (b) ``mean_pos_cos`` and ``mean_neg_cos`` over steps,
-    (c) / (d) ``pos_cos_hist`` / ``neg_cos_hist`` (fraction per bin of :data:`COS_HIST_EDGES`) at
-    ``hist_steps`` steps spread from the first to the last one logged, early steps light, late dark.
-    Rows missing a key are left out of that panel. Pass ``{"MLC": path_a, "MLCD": path_b}`` to compare
-    runs as the paper does (one line style per run).
+    (a) ``loss_pos`` and ``loss_neg`` over steps, (b) ``mean_pos_cos`` and ``mean_neg_cos`` over steps
+    (cosines to positive / negative prototypes; for runs of the image-text objectives, of matched /
+    unmatched image-text pairs, as panel (b)'s title and legend then say), (c) / (d) ``pos_cos_hist`` /
+    ``neg_cos_hist`` (fraction per bin of :data:`COS_HIST_EDGES`) at ``hist_steps`` steps spread from the
+    first to the last one logged, early steps light, late dark. Rows missing a key are left out of that
+    panel. Pass ``{"MLC": path_a, "MLCD": path_b}`` to compare runs as the paper does (one line style per
+    run).
     """
     from matplotlib import colormaps
 
@@ -249,23 +263,31 @@ def cosine_curves_png(
     fig.set_layout_engine("constrained")
     axes = fig.subplots(2, 2)
     styles = ("-", "--", ":", "-.")
+    pair_runs = {name for name, rows in data.items() if _logs_pair_cosines(rows)}
     for run, (name, rows) in enumerate(data.items()):
         style = styles[run % len(styles)]
         prefix = f"{name}: " if name else ""
+        suffixes = _PAIR_LABELS if name in pair_runs else {}
         for ax, pair in ((axes[0, 0], ("loss_pos", "loss_neg")), (axes[0, 1], ("mean_pos_cos", "mean_neg_cos"))):
             for key, colour in zip(pair, ("tab:blue", "tab:red")):
                 steps, values = _series(rows, key)
                 if steps:
-                    ax.plot(steps, values, style, color=colour, label=prefix + key)
+                    ax.plot(steps, values, style, color=colour, label=prefix + key + suffixes.get(key, ""))
         for ax, key in ((axes[1, 0], "pos_cos_hist"), (axes[1, 1], "neg_cos_hist")):
             hists = _histograms(rows, key, hist_steps)
             shades = np.linspace(0.35, 1.0, len(hists)) if len(hists) > 1 else [1.0]
             cmap = colormaps["Blues" if key.startswith("pos") else "Reds"]
             for (step, fraction), shade in zip(hists, shades):
                 ax.stairs(fraction, COS_HIST_EDGES, color=cmap(shade), linestyle=style, label=f"{prefix}step {step}")
+    if not pair_runs:
+        cosines = "(b) mean cosine to positive / negative prototypes"
+    elif len(pair_runs) == len(data):
+        cosines = "(b) mean cosine of matched / unmatched image-text pairs"
+    else:  # prototype and image-text runs: the legend says which is which
+        cosines = "(b) mean positive / negative cosine"
     titles = {
         (0, 0): ("(a) MLCD loss terms", "step", "loss"),
-        (0, 1): ("(b) mean cosine to positive / negative prototypes", "step", "cosine"),
+        (0, 1): (cosines, "step", "cosine"),
         (1, 0): ("(c) positive cosine $s_i$", "cosine", "fraction"),
         (1, 1): ("(d) negative cosine $s_j$", "cosine", "fraction"),
     }

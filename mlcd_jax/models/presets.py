@@ -194,16 +194,21 @@ def get_text_preset(name: str, **overrides: object) -> TextConfig:
     return _replace(TEXT_PRESETS, "text", name, overrides)
 
 
+def _layer_macs(tokens: int, width: int, mlp_dim: int) -> int:
+    """Matmul multiply-accumulates of one transformer block on ``tokens`` tokens: the q/k/v/out
+    projections, the MLP, and the attention scores and weighted sum (shared by image and text towers)."""
+    t, w = tokens, width
+    return 4 * t * w * w + 2 * t * w * mlp_dim + 2 * t * t * w
+
+
 def macs_per_image(cfg: ViTConfig, image_size: int | None = None) -> float:
     """Matmul multiply-accumulates of one forward pass on one square image (fvcore's "GMACs" x 1e9)."""
     size = cfg.image_size if image_size is None else image_size
     n = (size // cfg.patch_size) ** 2
-    t = n + 1
     w = cfg.width
     patch = n * cfg.num_channels * cfg.patch_size**2 * w
-    per_layer = 4 * t * w * w + 2 * t * w * cfg.mlp_dim + 2 * t * t * w
     proj = w * cfg.proj_dim if cfg.proj_dim else 0
-    return float(patch + cfg.depth * per_layer + proj)
+    return float(patch + cfg.depth * _layer_macs(n + 1, w, cfg.mlp_dim) + proj)
 
 
 def flops_per_image(cfg: ViTConfig, image_size: int | None = None) -> float:
@@ -223,7 +228,6 @@ def num_params(cfg: ViTConfig) -> int:
 
 def text_flops(cfg: TextConfig) -> float:
     """Forward FLOPs of one caption at the full context (2 x matmul MACs, as :func:`flops_per_image`)."""
-    t, w = cfg.context_length, cfg.width
-    per_layer = 4 * t * w * w + 2 * t * w * cfg.mlp_dim + 2 * t * t * w
+    w = cfg.width
     proj = w * cfg.proj_dim if cfg.proj_dim else 0
-    return 2.0 * float(cfg.depth * per_layer + proj)
+    return 2.0 * float(cfg.depth * _layer_macs(cfg.context_length, w, cfg.mlp_dim) + proj)
