@@ -7,18 +7,32 @@ unit vectors of the full 768-d width. Prints measured rates and the extrapolatio
 embeddings: wall time and the objective (mean cosine of every point to its nearest centroid).
 ``python benchmarks/cluster.py [--queries 1000] [--ivf] [--parts 4 8]`` (~4 min, < 4 GB by default;
 ``--ivf`` adds an IVF index at k = 100K).
+
+``--stream-rss N_ROWS [--stream-dir /tmp]`` measures instead the memory of the job's streamed k-means
+stage: it writes N_ROWS fake unit embeddings (float16, 768-d, chunk files of 10,000) under a temporary
+folder of ``--stream-dir``, runs the kmeans stage (all N_ROWS sampled, k = 1024) hierarchical (8 parts)
+and flat streamed (blocks of N_ROWS / 8), ``--stream-iters`` iterations each, each in a child process,
+prints each child's peak RSS against the float32 sample's size, and deletes the files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import faiss
+import ml_collections
 import numpy as np
 
-from mlcd_jax.cluster import kmeans
+from mlcd_jax.cluster import kmeans, stages, storage
+from mlcd_jax.cluster.context import Context
 from mlcd_jax.cluster.teachers import PixelsTeacher
 from mlcd_jax.data.sources import load_arrays
 
@@ -54,6 +68,80 @@ def bench_search(index: faiss.Index, queries: np.ndarray, top_l: int = 8) -> flo
     return len(queries) / (time.perf_counter() - t0)
 
 
+STREAM_K, STREAM_D, STREAM_CHUNK, STREAM_PARTS = 1024, 768, 10_000, 8
+
+
+def write_fake_embeddings(folder: str, rows: int) -> int:
+    """``rows`` random unit embeddings (float16, ``STREAM_D``-d) as the job's chunk files; returns their number."""
+    rng = np.random.default_rng(0)
+    chunks = math.ceil(rows / STREAM_CHUNK)
+    layout = storage.Layout(folder, chunks)
+    for chunk in range(chunks):
+        index = np.arange(chunk * STREAM_CHUNK, min((chunk + 1) * STREAM_CHUNK, rows))
+        storage.save_npz(layout.embeddings(chunk), index=index,
+                         embeddings=unit(rng, len(index), STREAM_D).astype(np.float16))
+    return chunks
+
+
+def stream_child(spec: str) -> None:
+    """The kmeans stage on the fake chunk files (a child process): ``spec`` is JSON, the config's
+    overrides and ``num_chunks``; an empty spec only imports (the interpreter's own footprint)."""
+    overrides = json.loads(spec)
+    if not overrides:
+        return
+    num_chunks = overrides.pop("num_chunks")
+    ctx = Context(ml_collections.ConfigDict(overrides))  # source digits: any source with >= k images
+    ctx.layout = storage.Layout(overrides["output_dir"], num_chunks)  # the fake chunks, not digits' own
+    stages.KMeans(ctx).run()
+
+
+def peak_rss(spec: dict) -> tuple[float, float]:
+    """Peak RSS (bytes) and seconds of ``stream_child(spec)`` in a child process."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen([sys.executable, __file__, "--stream-child", json.dumps(spec)])
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN: the max of all)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"the k-means child failed: {spec}")
+    return usage.ru_maxrss * 1024.0, time.perf_counter() - t0
+
+
+def bench_stream_rss(rows: int, iters: int, parent: str) -> None:
+    """Writes ``rows`` fake embeddings under ``parent``, prints the streamed kmeans stage's peak RSS, cleans up."""
+    gib = 2.0**30
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    sample, block = rows * STREAM_D * 4, math.ceil(rows / STREAM_PARTS)
+    folder = tempfile.mkdtemp(prefix="mlcd_stream_rss_", dir=parent)
+    try:
+        t0 = time.perf_counter()
+        chunks = write_fake_embeddings(os.path.join(folder, "data"), rows)
+        print(f"sample: {rows:,} x {STREAM_D} = {sample / gib:.2f} GiB float32 ({sample / ram:.0%} of this box's "
+              f"{ram / gib:.1f} GiB RAM; RAM/4 = {ram / 4 / gib:.2f} GiB), on disk as {chunks} float16 chunk files "
+              f"({rows * STREAM_D * 2 / gib:.2f} GiB, written in {time.perf_counter() - t0:.0f} s); k = {STREAM_K}, "
+              f"{iters} iterations per level; one part/block = {block:,} rows = {block * STREAM_D * 4 / gib:.2f} GiB "
+              f"float32; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} cores")
+        common = dict(source="digits", num_clusters=STREAM_K, max_points_per_centroid=math.ceil(rows / STREAM_K),
+                      kmeans_iters=iters, shard_size=STREAM_CHUNK, progress=False, num_chunks=chunks)
+        runs = {
+            "imports only (no k-means)": {},
+            f"hierarchical, {STREAM_PARTS} parts, streamed": dict(kmeans_method="hierarchical",
+                                                                  kmeans_parts=STREAM_PARTS),
+            f"flat, streamed {block:,} rows at a time": dict(kmeans_method="flat", kmeans_stream_rows=block),
+        }
+        print("| run | child's peak RSS | of the sample | seconds |\n| --- | --- | --- | --- |")
+        for name, settings in runs.items():
+            spec = {}
+            if settings:
+                out = os.path.join(folder, name.split(",")[0])
+                os.makedirs(out)
+                os.symlink(os.path.join(folder, "data", "embeddings"), os.path.join(out, "embeddings"))
+                spec = {**common, **settings, "output_dir": out}
+            rss, seconds = peak_rss(spec)
+            print(f"| {name} | {rss / gib:.2f} GiB | {rss / sample:.0%} | {seconds:.0f} |", flush=True)
+    finally:
+        shutil.rmtree(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=1000)
@@ -61,7 +149,17 @@ def main() -> None:
     parser.add_argument("--kmeans-iters", type=int, default=5)
     parser.add_argument("--ivf", action="store_true")
     parser.add_argument("--parts", type=int, nargs="*", default=[4, 8], help="hierarchical k-means part counts")
+    parser.add_argument("--stream-rss", type=int, metavar="N_ROWS", help="measure the streamed kmeans stage's memory")
+    parser.add_argument("--stream-iters", type=int, default=2)
+    parser.add_argument("--stream-dir", default=tempfile.gettempdir(), help="where --stream-rss writes its files")
+    parser.add_argument("--stream-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stream_child is not None:
+        stream_child(args.stream_child)
+        return
+    if args.stream_rss:
+        bench_stream_rss(args.stream_rss, args.stream_iters, args.stream_dir)
+        return
     threads = faiss.omp_get_max_threads()
     rng = np.random.default_rng(0)
     x = embeddings()

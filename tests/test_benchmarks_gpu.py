@@ -1,5 +1,6 @@
 """The GPU run's one command, rehearsed on the CPU: ``QUICK=1 bash benchmarks/gpu.sh`` runs the same steps
-(setup check, benchmarks/train_step.py, benchmarks/vit.py) at their --quick sizes."""
+(setup check, benchmarks/train_step.py, benchmarks/vit.py, benchmarks/embed.py, benchmarks/kmeans_device.py)
+at their --quick sizes."""
 
 import json
 import os
@@ -27,7 +28,8 @@ def test_gpu_script_quick_rehearsal(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"setup.log", "train_step.log", "train_step.json",
-                                                    "vit.log", "vit.json"}
+                                                    "vit.log", "vit.json", "embed_quick.log", "embed_quick.json",
+                                                    "kmeans.log", "kmeans.json"}
 
     r = json.loads((tmp_path / "train_step.json").read_text())
     assert r["num_devices"] == 2 and r["model"] == "tiny" and r["dtype"] == "bfloat16"
@@ -46,3 +48,13 @@ def test_gpu_script_quick_rehearsal(tmp_path):
 
     (vit,) = json.loads((tmp_path / "vit.json").read_text())
     assert vit["model"] == "tiny" and vit["fwd_bwd_ms_per_image"] > 0
+
+    embed = json.loads((tmp_path / "embed_quick.json").read_text())
+    assert embed["images"] == 3 * 128 and embed["host_cores"] >= 1
+    assert embed["teacher_images_per_s"] > 0 and len(embed["host_images_per_s"]) == 4
+    assert all(rate > 0 for rate in embed["host_images_per_s"].values())
+    assert len(embed["job_embed_images_per_s"]) == 2 and all(r > 0 for r in embed["job_embed_images_per_s"].values())
+
+    kmeans = json.loads((tmp_path / "kmeans.json").read_text())
+    assert kmeans["k"] == 4096 and {r["dtype"] for r in kmeans["rows"]} == {"bfloat16", "float32"}
+    assert all(r["lloyd_points_per_s"] > 0 and r["assign_points_per_s"] > 0 for r in kmeans["rows"])

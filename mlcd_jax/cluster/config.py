@@ -15,8 +15,9 @@ RUNNERS = ("local", "beam")
 KMEANS_METHODS = ("flat", "hierarchical")
 # Settings that change the output; execution knobs (workers, GPU, threads, batch size) are left out.
 OUTPUT_SETTINGS = (
-    "source", "limit", "teacher", "pixels_size", "pixels_dim", "teacher_fit_samples", "embedding_dtype",
+    "source", "limit", "teacher", "teacher_dtype", "pixels_size", "pixels_dim", "teacher_fit_samples", "embedding_dtype",
     "num_clusters", "kmeans_iters", "max_points_per_centroid", "kmeans_method", "kmeans_parts", "kmeans_fp16",
+    "kmeans_stream_rows",
     "seed", "top_l", "assign", "threshold",
     "index", "ivf_nprobe", "shard_size",
 )
@@ -30,10 +31,11 @@ class ClusterError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """Every key of the job with its default; ``source``, ``output_dir``, ``num_clusters`` must be set."""
     c = ml_collections.ConfigDict()
-    c.source = ""  # folder:DIR | fashion_mnist[:DIR][:SPLIT] | digits[:SPLIT] | tfds:NAME[:SPLIT] | arrayrecord:GLOB
+    c.source = ""  # folder:DIR | fashion_mnist[:DIR][:SPLIT] | digits[:SPLIT] | tfds:NAME[:SPLIT] | arrayrecord:GLOB | wds:PATTERN
     c.limit = 0  # use only the first `limit` source images (0 = all)
     c.output_dir = ""
     c.teacher = "pixels"  # pixels | hf:DIR | checkpoint:WORKDIR
+    c.teacher_dtype = ""  # hf / checkpoint compute dtype: "" = its own (hf float32, a run's model.dtype) | bfloat16 | float32
     c.pixels_size = 16  # pixels teacher: images down-sampled to this square (RGB) ...
     c.pixels_dim = 64  # ... and projected on this many principal components
     c.teacher_fit_samples = 10_000  # images (seeded sample) a teacher that needs fitting is fitted on
@@ -44,6 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.kmeans_method = "flat"  # flat | hierarchical (each of kmeans_parts parts to k, then their union to k)
     c.kmeans_parts = 8  # hierarchical only: every part needs >= num_clusters sampled points
     c.kmeans_fp16 = False  # GPU faiss only: centroids stored in float16 on the GPU(s)
+    # flat only: a larger sample is streamed from the embedding files, this many rows in memory at a time
+    # (6 GiB at 768-d), with its own initialisation (other, equally good centroids); a smaller one is
+    # clustered whole in memory by faiss. Hierarchical k-means always streams, one part at a time.
+    c.kmeans_stream_rows = 2_000_000
     c.seed = 0
     c.top_l = 8
     c.assign = "topl"  # topl | threshold (the paper's Tab. 5d: positives = top-l with cosine >= threshold)
@@ -58,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 256  # images per teacher call
     c.assign_batch_size = 65_536  # queries per faiss search
     c.decode_threads = 0  # 0 = one per CPU core
+    # > 0: decode on this many worker processes instead of threads (Python's per-image work holds the GIL:
+    # threads stop scaling at ~2 cores; on a many-core accelerator host use about one per core)
+    c.decode_processes = 0
     c.wait_timeout_s = 86_400.0
     c.progress = True
     c.runner = "local"  # local (this process, one of num_workers) | beam (Apache Beam: cluster/runners/beam.py)
@@ -88,8 +97,12 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ClusterError(f"index={full.index!r}: choose auto, flat or ivf")
     if not 0 <= full.worker_index < full.num_workers:
         raise ClusterError(f"worker_index={full.worker_index} must be in [0, num_workers={full.num_workers})")
+    if full.decode_processes < 0 or full.decode_threads < 0:
+        raise ClusterError("decode_threads and decode_processes must be >= 0")
     if full.shard_size < 1 or full.kmeans_iters < 1:
         raise ClusterError("shard_size and kmeans_iters must be >= 1")
+    if full.kmeans_stream_rows < 1:
+        raise ClusterError(f"kmeans_stream_rows={full.kmeans_stream_rows} must be >= 1")
     if full.kmeans_method not in KMEANS_METHODS:
         raise ClusterError(f"kmeans_method={full.kmeans_method!r}: choose {' or '.join(KMEANS_METHODS)}")
     if full.kmeans_method == "hierarchical" and full.kmeans_parts > full.max_points_per_centroid:
@@ -104,6 +117,8 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if full.runner == "beam" and full.num_workers != 1:
         raise ClusterError("runner=beam spreads the chunks over the Beam workers itself: leave num_workers=1")
     teachers.check_spec(full.teacher)
+    if full.teacher_dtype not in teachers.TEACHER_DTYPES:
+        raise ClusterError(f"teacher_dtype={full.teacher_dtype!r}: choose one of {teachers.TEACHER_DTYPES}")
     return full
 
 

@@ -84,7 +84,8 @@ def write(ctx: Context) -> dict[str, Any]:
         "threshold": c.threshold if c.assign == "threshold" else None,
         "label_padding": "label -1, score -inf" if c.assign == "threshold" else None,
         "index": ctx.index_kind,
-        "num_source_images": ctx.num_images,
+        # a wds: source's count is what was read (the unread rest of a broken tar counts as one skipped entry)
+        "num_source_images": ctx.num_images if ctx.num_images is not None else num_images + len(t.skipped),
         "num_images": num_images,
         "num_skipped": len(t.skipped),
         "skipped": t.skipped,

@@ -1,12 +1,15 @@
 """The clustering job's stages, as runners see them.
 
-- ``embed`` (each worker, its contiguous range of chunks): decode, embed with the teacher, L2-normalise,
-  write ``embeddings/<c>.npz`` (embeddings, source indices, the keys it skipped and why). Worker 0 (or
-  the Beam launcher) first fits the teacher when it needs fitting (``teacher.npz``); other workers wait
-  for it, and Beam workers only load it.
-- ``kmeans`` (worker 0 / the launcher, once): a seeded sample of at most ``num_clusters *
-  max_points_per_centroid`` embeddings, spherical k-means one Lloyd iteration at a time (checkpointed by
-  ``kmeans``, so it resumes), then ``centroids.npy`` (k x d, unit rows) and, for IVF, ``kmeans/ivf.faiss``.
+- ``embed`` (each worker, its contiguous range of chunks; a chunk is ``shard_size`` images or one tar):
+  decode, embed with the teacher, L2-normalise, write ``embeddings/<c>.npz`` (embeddings, source
+  positions, the keys it skipped and why). Worker 0 (or the Beam launcher) first fits the teacher when it
+  needs fitting (``teacher.npz``); other workers wait for it, and Beam workers only load it.
+- ``kmeans``: a seeded sample of at most ``num_clusters * max_points_per_centroid`` embeddings, read from
+  the embedding files part by part (never whole), spherical k-means one Lloyd iteration at a time
+  (checkpointed by ``kmeans``, so it resumes), then ``centroids.npy`` (k x d, unit rows) and, for IVF,
+  ``kmeans/ivf.faiss``. Flat: worker 0 / the launcher, streaming the sample in blocks of
+  ``kmeans_stream_rows`` when it is larger. Hierarchical: worker ``w`` of ``n`` clusters parts ``w, w +
+  n, ...`` (every worker runs this stage), worker 0 waits for all parts and merges them.
 - ``assign`` (each worker, its chunks): top-l search, the shard, then ``assignments/<c>.npz`` (the chunk's
   completion marker).
 
@@ -114,17 +117,13 @@ class Embed(ChunkStage):
         self.teacher = teachers.build_teacher(c.teacher, c, c.output_dir, sample)
 
     def _fit_sample(self, pool: concurrent.futures.Executor) -> np.ndarray:
-        """The decodable images of a seeded sample of the source (the teacher's fit set); the time this
-        took goes to ``timings/teacher_fit.json``."""
-        c, n_images = self.ctx.cfg, self.ctx.num_images
+        """The decodable images of the teacher's fit set (``Context.fit_images``); the time this took goes
+        to ``timings/teacher_fit.json``."""
+        c = self.ctx.cfg
         t0 = time.perf_counter()
-        rng = np.random.default_rng(c.seed)
-        n = min(c.teacher_fit_samples, n_images)
-        picks = np.sort(rng.choice(n_images, n, replace=False))
-        loaded = self.ctx.load_images(picks.tolist(), pool, c.pixels_size, 3)
-        images = [im for _, im, _ in loaded if im is not None]
+        images = self.ctx.fit_images(c.teacher_fit_samples, pool, c.pixels_size, 3)
         if not images:
-            raise ClusterError(f"none of the {n} sampled images of {c.source!r} could be decoded")
+            raise ClusterError(f"none of the sampled images of {c.source!r} could be decoded")
         seconds = time.perf_counter() - t0
         storage.save_json(self.ctx.layout.path("timings", "teacher_fit.json"), {"seconds": seconds})
         return np.stack(images)
@@ -137,25 +136,20 @@ class Embed(ChunkStage):
         c = self.ctx.cfg
         t0 = time.perf_counter()
         parts, kept, skipped = [], [], []
-        rng = self.ctx.chunk_range(chunk)
-        batches = [range(s, min(s + c.batch_size, rng.stop)) for s in range(rng.start, rng.stop, c.batch_size)]
-
-        def load(indices: range) -> list[Loaded]:
-            return self.ctx.load_images(indices, pool, self.teacher.input_size, self.teacher.channels)
-
-        # The next batch decodes on the pool's threads while the teacher embeds this one.
+        batches = self.ctx.chunk_batches(chunk, pool, self.teacher.input_size, self.teacher.channels)
+        # The next batch is read and decoded (on the pool's threads) while the teacher embeds this one.
         with concurrent.futures.ThreadPoolExecutor(1) as ahead:
-            upcoming = ahead.submit(load, batches[0]) if batches else None
-            for i, indices in enumerate(batches):
-                loaded = upcoming.result()
-                upcoming = ahead.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            upcoming = ahead.submit(next, batches, None)
+            while (batch := upcoming.result()) is not None:
+                upcoming = ahead.submit(next, batches, None)
+                positions, loaded = batch
                 emb, ok, bad = embed_batch(self.teacher, loaded)
                 if len(emb):
                     parts.append(emb.astype(c.embedding_dtype))
-                kept.extend(np.asarray(indices)[ok].tolist())
+                kept.extend(np.asarray(positions)[ok].tolist())
                 skipped.extend(bad)
                 if progress:
-                    progress(len(indices))
+                    progress(len(positions))
         storage.save_npz(
             self.output(chunk),
             embeddings=np.concatenate(parts) if parts else np.zeros((0, 0), c.embedding_dtype),
@@ -211,13 +205,13 @@ class Assign(ChunkStage):
         labels = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, c.top_l), np.int32)
         scores = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, c.top_l), np.float32)
         t1 = time.perf_counter()
-        items = pool.map(self.ctx.source.__getitem__, kept.tolist())
+        items = self.ctx.chunk_items(chunk, kept.tolist(), pool)
         write_shard(layout.shard(chunk), (records.encode(item["image"], lab, sc, item["key"], item.get("caption"))
-                                          for item, lab, sc in zip(items, labels, scores)))
+                                          for item, lab, sc in zip(items, labels, scores, strict=True)))
         storage.save_npz(self.output(chunk), labels=labels, scores=scores, index=kept,
                          assign_seconds=np.float64(t1 - t0), write_seconds=np.float64(time.perf_counter() - t1))
         if progress:
-            progress(len(self.ctx.chunk_range(chunk)))
+            progress(self.ctx.chunk_size(chunk) or len(kept))
         return {"records_written": len(labels)}
 
 
@@ -231,7 +225,14 @@ def chunk_stage(name: str, ctx: Context, *, fit_teacher: bool = True) -> ChunkSt
 
 
 class KMeans:
-    """The k-means stage: sample the embeddings, cluster, save the search index, ``centroids.npy`` last."""
+    """The k-means stage: sample the embeddings, cluster, save the search index, ``centroids.npy`` last.
+
+    The sample is read from the embedding chunk files on demand (``kmeans.ChunkedSample``), so this
+    process holds one part of it at a time: ``hierarchical``: one of ``kmeans_parts`` parts; worker w of
+    n clusters parts w, w + n, ... (each marked done by its sizes file), then worker 0 waits for all
+    parts and merges them. ``flat`` (worker 0 only): a sample of more than ``kmeans_stream_rows`` rows
+    is streamed that many rows at a time per Lloyd iteration; a smaller one is clustered in memory.
+    """
 
     name = "kmeans"
 
@@ -241,8 +242,9 @@ class KMeans:
     def _embedding_files(self) -> list[str]:
         return [self.ctx.layout.embeddings(ch) for ch in range(self.ctx.layout.num_chunks)]
 
-    def sample(self) -> np.ndarray:
-        """A seeded sample (without replacement) of at most k * max_points_per_centroid embeddings, float32."""
+    def sample(self) -> kmeans.ChunkedSample:
+        """A seeded sample (without replacement, in file order) of at most k * max_points_per_centroid
+        embeddings; only the row counts are read here, the rows when the sample is indexed."""
         c = self.ctx.cfg
         counts = []
         for path in self._embedding_files():
@@ -255,27 +257,23 @@ class KMeans:
             )
         size = min(total, c.num_clusters * c.max_points_per_centroid)
         picks = np.arange(total) if size == total else np.sort(np.random.default_rng(c.seed).choice(total, size, replace=False))
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        rows = []
-        for chunk, path in enumerate(self._embedding_files()):
-            local = picks[(picks >= offsets[chunk]) & (picks < offsets[chunk + 1])] - offsets[chunk]
-            if len(local):
-                with storage.load_npz(path) as z:
-                    rows.append(z["embeddings"][local].astype(np.float32))
-        return kmeans.l2_normalize(np.concatenate(rows))
+        return kmeans.ChunkedSample(self._embedding_files(), counts, picks)
 
     def run(self) -> None:
-        """Resumes or runs k-means unless ``centroids.npy`` exists; waits for all workers' embeddings."""
-        ctx, layout = self.ctx, self.ctx.layout
-        if fileio.exists(layout.centroids):
-            return
-        ctx.wait_for(self._embedding_files(), "the embeddings of all workers")
-        c = ctx.cfg
-        t0 = time.perf_counter()
-        x = self.sample()
+        """Resumes or runs this worker's share of k-means unless ``centroids.npy`` exists; waits for all
+        workers' embeddings (and, on worker 0, for the other workers' hierarchical parts)."""
+        ctx, layout, c = self.ctx, self.ctx.layout, self.ctx.cfg
         hierarchical = c.kmeans_method == "hierarchical"
         parts = c.kmeans_parts if hierarchical else 0
-        desc = f"k-means ({c.kmeans_method}) {len(x)}x{x.shape[1]} -> {c.num_clusters}"
+        mine = range(c.worker_index, parts, c.num_workers)
+        if fileio.exists(layout.centroids) or (c.worker_index != 0 and not mine):
+            return
+        ctx.wait_for(self._embedding_files(), "the embeddings of all workers")
+        t0 = time.perf_counter()
+        x = self.sample()
+        rows: kmeans.Rows = x
+        stream = hierarchical or len(x) > c.kmeans_stream_rows
+        desc = f"k-means ({c.kmeans_method}{', streamed' if stream else ''}) {len(x)}x{x.shape[1]} -> {c.num_clusters}"
         bar = ctx.bar((parts + 1) * c.kmeans_iters, desc, unit="it")
         bar.update(kmeans.iterations_done(layout.kmeans_dir, parts))
 
@@ -284,16 +282,30 @@ class KMeans:
             bar.update(1)
 
         common = dict(use_gpu=ctx.use_gpu, fp16=c.kmeans_fp16, started=t0, progress=progress)
+        state = kmeans.state_paths(layout.kmeans_dir, parts)[-1]
         if hierarchical:
             try:
-                centroids, objectives = kmeans.hierarchical_kmeans(
-                    x, c.num_clusters, c.kmeans_iters, c.seed, parts, state_dir=layout.kmeans_dir, **common)
+                kmeans.check_parts(len(x), c.num_clusters, parts)
             except ValueError as e:
                 raise ClusterError(f"{e} (kmeans_parts={parts})") from e
+            args = (c.num_clusters, c.kmeans_iters, c.seed, parts)
+            for p in mine:
+                kmeans.kmeans_part(x, p, *args, state_dir=layout.kmeans_dir, **common)
+            if c.worker_index != 0:
+                bar.close()
+                return
+            ctx.wait_for(kmeans.part_sizes_paths(layout.kmeans_dir, parts), "the k-means parts of all workers")
+            bar.update(kmeans.iterations_done(layout.kmeans_dir, parts) - bar.n)
+            results = [kmeans.kmeans_part(x, p, *args, state_dir=layout.kmeans_dir) for p in range(parts)]  # loaded
+            centroids, objectives = kmeans.merge_parts(
+                results, c.num_clusters, c.kmeans_iters, c.seed, state_path=state, **common)
+            block_rows: int | None = int(np.diff(kmeans.part_bounds(len(x), parts)).max())
         else:
+            block_rows = c.kmeans_stream_rows if stream else None
+            if not stream:
+                rows = x[:]  # small enough for faiss in memory (the centroids of earlier versions)
             centroids, objectives = kmeans.spherical_kmeans(
-                x, c.num_clusters, c.kmeans_iters, c.seed, state_path=kmeans.state_paths(layout.kmeans_dir, 0)[-1],
-                **common)
+                rows, c.num_clusters, c.kmeans_iters, c.seed, block_rows=block_rows, state_path=state, **common)
         bar.close()
         if ctx.index_kind == "ivf":
             index = kmeans.build_index(centroids, "ivf", nprobe=c.ivf_nprobe, seed=c.seed)
@@ -303,7 +315,8 @@ class KMeans:
             "method": c.kmeans_method, "sample_size": len(x),
             # the last Lloyd iteration's objective (of the second level when hierarchical)
             "objective_per_point": objectives[-1] / len(x) if not hierarchical else None,
-            "sample_mean_cosine": kmeans.mean_cosine_to_nearest(x, centroids, use_gpu=ctx.use_gpu),
+            "sample_mean_cosine": kmeans.mean_cosine_to_nearest(
+                rows, centroids, use_gpu=ctx.use_gpu, block_rows=block_rows or kmeans.SEARCH_BATCH),
             "seconds": time.perf_counter() - t0,
         })
         storage.save_npy(layout.centroids, centroids)  # last: its presence marks the stage done

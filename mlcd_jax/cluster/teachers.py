@@ -7,7 +7,8 @@ centre-cropped to this square first) and ``channels`` (grayscale is repeated to 
 - ``pixels`` — PCA of down-sampled pixels: a cheap, real, reproducible baseline. It is fitted on a
   seeded sample of the source and saved as ``teacher.npz`` so that evaluation re-uses the same map.
 - ``hf:DIR`` — a CLIP / MLCD vision checkpoint directory (config.json + safetensors) through
-  ``mlcd_jax.interop.hf.load_vision``; the pooled output is the embedding.
+  ``mlcd_jax.interop.hf.load_vision``; the pooled output is the embedding. The job's ``teacher_dtype``
+  (``bfloat16`` on accelerators) sets the compute dtype of this and the ``checkpoint:`` teacher.
 - ``checkpoint:WORKDIR`` — one of our trained models (needs the trainer's checkpoint loader).
 """
 
@@ -25,6 +26,7 @@ from mlcd_jax.cluster import storage
 from mlcd_jax.data import augment
 
 TEACHER_STATE = "teacher.npz"
+TEACHER_DTYPES = ("", "bfloat16", "float32")  # the job's teacher_dtype ("" = the teacher's own)
 
 
 class TeacherError(ValueError):
@@ -101,8 +103,10 @@ def _hf(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: Sam
         raise TeacherError(f"teacher 'hf:{arg}' needs mlcd_jax.interop.hf.load_vision ({e})") from e
     from mlcd_jax.evaluate.features import FeatureExtractor
 
+    from mlcd_jax.runs import DTYPES
+
     try:
-        model, cfg = load_vision(arg)
+        model, cfg = load_vision(arg, **({"dtype": DTYPES[config.teacher_dtype]} if config.teacher_dtype else {}))
     except (InteropError, FileNotFoundError) as e:
         raise TeacherError(f"teacher 'hf:{arg}': {e}") from None
     return FeatureExtractor(model, int(cfg.image_size), batch_size=config.batch_size)
@@ -116,6 +120,8 @@ def _checkpoint(arg: str, config: ml_collections.ConfigDict, state_dir: str, sam
         run_config = load_run_config(arg)
     except FileNotFoundError as e:
         raise TeacherError(f"teacher 'checkpoint:{arg}': {e}") from e
+    if config.teacher_dtype:
+        run_config.model.dtype = config.teacher_dtype
     return FeatureExtractor(load_model(arg, run_config), run_config.data.image_size, batch_size=config.batch_size)
 
 

@@ -23,6 +23,8 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_capt
   originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files).
 - ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
   with another teacher; label None.
+- ``wds:PATTERN`` — WebDataset tar shards, local or ``gs://``, for the clustering job only: they are
+  streams, not random access (:mod:`mlcd_jax.data.webdataset`, opened by ``mlcd_jax.cluster.context``).
 
 Raw-pixel sources (IDX, digits, emoji) store a lossless PNG of exactly their pixels; grayscale stays
 grayscale. Fashion-MNIST's and digits' items are captioned from their class (:func:`class_names`) with
@@ -107,8 +109,13 @@ def source_identity(source: Source, num_images: int) -> dict[str, Any]:
     relative paths, ArrayRecord files' names and sizes, a dataset's name and split (and a raw-pixel
     source's keys and captions). A clustering job records it, so that resuming against a changed source
     is refused instead of mislabelling records (or mixing records with and without captions)."""
+    return identity_digest(source.identity_parts(num_images), num_images)
+
+
+def identity_digest(parts: Iterable[str], num_images: int | None) -> dict[str, Any]:
+    """``{"num_images", "sha256"}`` of ``parts`` (one line each); ``num_images`` None: not known up front."""
     digest = hashlib.sha256()
-    for part in source.identity_parts(num_images):
+    for part in parts:
         digest.update(part.encode("utf-8", "surrogateescape") + b"\n")
     return {"num_images": num_images, "sha256": digest.hexdigest()}
 
@@ -393,9 +400,12 @@ def _emoji_args(spec: str, args: list[str]) -> tuple[int, str]:
 
 
 def _unknown(spec: str) -> SourceError:
+    if spec.startswith("wds:"):
+        return SourceError(f"{spec!r}: WebDataset tars are read by the clustering job (python -m mlcd_jax.cluster); "
+                           "train and evaluate on its shards (arrayrecord:GLOB) or on folder:DIR")
     return SourceError(
         f"unknown source {spec!r}: use folder:DIR, fashion_mnist[:DIR][:SPLIT], digits[:SPLIT], "
-        "emoji[:SIZE][:SPLIT], tfds:NAME[:SPLIT] or arrayrecord:GLOB"
+        "emoji[:SIZE][:SPLIT], tfds:NAME[:SPLIT] or arrayrecord:GLOB (the clustering job also reads wds:PATTERN)"
     )
 
 
