@@ -9,7 +9,12 @@ Measured in one process, as ratios to the one-device baseline:
 ``--teacher`` names a preset (random weights: throughput does not depend on them). FLOPs per image are the
 model's count (``flops_per_image``) and XLA's for the compiled forward.
 
+``--topology v5p-8`` (or any slice ``python -m mlcd_jax.aot`` takes) instead compiles the data-parallel
+forward for that TPU slice with libtpu on this machine (no TPU needed) and prints XLA's FLOPs per image
+and the program's memory per chip: what the embed stage would run there.
+
 Usage: python benchmarks/teacher.py [--teacher L/14] [--batch 256] [--iters 10] [--dtype bfloat16] [--json OUT]
+       python benchmarks/teacher.py --teacher L/14 --topology v5p-8 [--batch 1024]
        python benchmarks/teacher.py --quick     (tiny teacher, seconds)
 """
 
@@ -58,6 +63,33 @@ def _extractor_rate(model: VisionTransformer, images: np.ndarray, size: int, bat
     return len(images) / (time.perf_counter() - start)
 
 
+def tpu_plan(teacher: str, topology: str, batch: int, dtype: str) -> dict[str, Any]:
+    """XLA's FLOPs per image and the memory per chip of the teacher's forward compiled for ``topology``."""
+    from mlcd_jax import aot
+
+    aot.quiet_libtpu()  # before JAX starts a backend
+    chips = aot.devices(aot.parse_topology(topology))
+    mesh = Mesh(np.asarray(chips), ("batch",))
+    cfg = get_preset(teacher)
+    abstract = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0), dtype=DTYPES[dtype]))
+    graphdef, state = nnx.split(abstract)
+    replicated = NamedSharding(mesh, P())
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
+    x = jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), np.uint8, sharding=NamedSharding(mesh, P("batch")))
+    compiled = jax.jit(features._forward, static_argnums=(0, 3)).lower(graphdef, state, x, False).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    return {
+        "teacher": teacher, "topology": topology, "chips": len(chips), "device": chips[0].device_kind,
+        "dtype": dtype, "batch": batch, "model_flops_per_image": flops_per_image(cfg),
+        # the per-chip program's FLOPs x chips / images
+        "xla_flops_per_image": float(cost["flops"]) * len(chips) / batch,
+        "memory_per_chip_bytes": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="L/14", help="a ViT preset name")
@@ -66,7 +98,18 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on GPU/TPU, float32 on CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny teacher at 32 px, batch 64")
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--topology", default=None, help="compile for this TPU slice (libtpu) instead of timing")
     args = parser.parse_args()
+    if args.topology:
+        plan = tpu_plan(args.teacher, args.topology, args.batch, args.dtype or "bfloat16")
+        print(f"{args.teacher} forward on {plan['topology']} ({plan['chips']} x {plan['device']}), batch {args.batch}, "
+              f"{plan['dtype']}: {plan['xla_flops_per_image'] / 1e9:.1f} GFLOPs/image (XLA, TPU) against "
+              f"{plan['model_flops_per_image'] / 1e9:.1f} (model count); "
+              f"{plan['memory_per_chip_bytes'] / 2**30:.2f} GiB per chip", flush=True)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(plan, f, indent=1)
+        return
     if args.quick:
         args.teacher, args.batch, args.iters = "tiny", 64, 3
     on_cpu = jax.default_backend() == "cpu"

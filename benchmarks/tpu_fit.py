@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--remat", default="full")
     parser.add_argument("--json", default="")
     a = parser.parse_args()
-    aot._quiet_libtpu()
+    aot.quiet_libtpu()
     rows = []
     for model in a.models.split(","):
         per_image, fixed = PRIOR_MIB_PER_IMAGE.get(model, 64) * 2**20, PRIOR_FIXED_GIB * GIB

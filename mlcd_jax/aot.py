@@ -117,7 +117,7 @@ def parse_topology(spec: str) -> Topology:
     return Topology(spec, chips, gen)
 
 
-def _quiet_libtpu() -> None:
+def quiet_libtpu() -> None:
     """Compile-only use of libtpu on a machine without TPUs: keep JAX on CPU, libtpu from probing the
     (absent) Cloud TPU metadata server, which it otherwise reports on stderr, and from taking its
     one-process-per-host lock, which only guards real chips (plans may run side by side)."""
@@ -246,7 +246,7 @@ def main(argv: list[str]) -> None:
         if "xla_force_host_platform_device_count" not in flags_now:
             os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={topology.num_chips}"
     else:
-        _quiet_libtpu()
+        quiet_libtpu()
 
     config = FLAGS.config
     print(f"compiling {config.model.name} @ {config.data.image_size}px, k={config.loss.num_classes:,}, "

@@ -111,3 +111,18 @@ def test_importing_aot_defines_no_flags_next_to_main():
     from mlcd_jax import main, study  # noqa: F401  (they define the run's flags)
 
     assert "topology" not in main.FLAGS
+
+
+@needs_libtpu
+def test_the_teachers_forward_compiles_for_a_tpu_slice(tmp_path):
+    """benchmarks/teacher.py --topology: the embed stage's forward compiled by libtpu, XLA's FLOPs per image
+    next to the model's count (they agree: the model count leaves out only norms, softmax and GELU)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "teacher.py"), "--teacher", "tiny", "--topology", "v5p-8",
+         "--batch", "64", "--json", str(tmp_path / "plan.json")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["chips"] == 4 and "v5" in plan["device"].lower() and plan["memory_per_chip_bytes"] > 0
+    assert 1.0 <= plan["xla_flops_per_image"] / plan["model_flops_per_image"] < 1.3
