@@ -229,3 +229,50 @@ def test_decoding_on_processes_gives_the_same_job(data):
     for name, source in (("wds_procs", f"wds:{root}/tars/{{000..003}}.tar"), ("folder_procs", f"folder:{root}/folder")):
         manifest = cluster.run(_config(root / name, source, decode_processes=2))
         _same_job(root / name, folder_out, manifest, folder_manifest)
+
+
+def test_the_cli_clusters_a_wds_pattern(data, tmp_path):
+    root = data[0]
+    out = _cli(tmp_path, f"--config.source=wds:{root}/tars/{{000..003}}.tar", "--config.num_clusters=8",
+               "--config.top_l=2", f"--config.shard_size={PER_TAR}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f'"num_images": {TARS * PER_TAR}' in out.stdout
+    assert len(list((tmp_path / "out" / "shards").iterdir())) == TARS
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_the_tar_reader_agrees_with_tarfile(tmp_path, fmt, compressed):
+    """Long names (GNU 'L' members, PAX path records, ustar prefixes), non-ASCII names, directories,
+    empty files, gzip: the lean reader yields what tarfile extracts."""
+    names = ["a/000001.jpg", "a/000001.txt", "d" * 120 + "/long.jpg", "x" * 150 + ".png",
+             "caf\u00e9/\u00e9t\u00e9.jpg", "empty.txt"]
+    if fmt == tarfile.USTAR_FORMAT:  # ustar: names up to 100 chars after a prefix of up to 155, ASCII
+        names = ["a/000001.jpg", "a/000001.txt", "d" * 120 + "/long.jpg", "empty.txt"]
+    path = tmp_path / ("t.tar.gz" if compressed else "t.tar")
+    with tarfile.open(path, "w:gz" if compressed else "w", format=fmt) as tar:
+        info = tarfile.TarInfo("a")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for i, name in enumerate(names):
+            _add(tar, name, bytes([i]) * (0 if name == "empty.txt" else 700 * (i + 1)))
+    with tarfile.open(path) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with open(path, "rb") as f:
+        assert list(webdataset._members(f)) == want
+
+
+def test_the_tar_reader_flags_corruption_and_accepts_a_missing_end_marker(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "k.jpg", b"x" * 1000)
+        _add(tar, "k.txt", b"caption")
+    raw = path.read_bytes()
+    whole = 512 + 1024 + 512 + 512  # two members with their headers, no end-of-archive blocks
+    assert [n for n, _ in webdataset._members(io.BytesIO(raw[:whole]))] == ["k.jpg", "k.txt"]
+    with pytest.raises(webdataset.TarError, match="ends inside a member"):
+        list(webdataset._members(io.BytesIO(raw[:700])))
+    bad = bytearray(raw)
+    bad[512 + 1024 + 3] ^= 0xFF  # the second header's name
+    with pytest.raises(webdataset.TarError, match="checksum"):
+        list(webdataset._members(io.BytesIO(bytes(bad))))
