@@ -6,8 +6,6 @@ truncated tar skipped and listed, each worker opening only its own tars, one-lin
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import ml_collections
@@ -18,7 +16,7 @@ from mlcd_jax import cluster
 from mlcd_jax.cluster.config import ClusterError
 from mlcd_jax.data import augment, webdataset
 from mlcd_jax.data.sources import SourceError, load_arrays, open_source
-from test_cluster import _bytes, _records
+from test_cluster import _bytes, _cli, _records
 
 TARS, PER_TAR = 4, 60
 DIRECT = "--runner=DirectRunner --direct_num_workers=1 --direct_running_mode=in_memory"
@@ -203,13 +201,6 @@ def test_broken_samples_and_a_truncated_tar_are_skipped_and_listed(data, tmp_pat
     assert manifest["num_source_images"] == good + 3
     assert sorted(r["key"] for r in _records(tmp_path / "out")) == sorted(
         f"{t}/{stem}.png" for t, stem, _, _ in samples[:good])
-
-
-def _cli(tmp_path, *flags):
-    cmd = [sys.executable, "-m", "mlcd_jax.cluster",
-           f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'cluster', 'default.py')}",
-           f"--config.output_dir={tmp_path / 'out'}", "--config.progress=False", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("source, extra, message", [
