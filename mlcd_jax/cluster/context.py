@@ -207,10 +207,12 @@ class Context:
         pending = None
         while True:
             batch = list(itertools.islice(entries, bs))
-            submitted = ([p for p, _ in batch], self._load_entries([e for _, e in batch], pool, size, channels))
+            submitted = None
+            if batch:
+                submitted = ([p for p, _ in batch], self._load_entries([e for _, e in batch], pool, size, channels))
             if pending is not None:
                 yield pending[0], list(pending[1])
-            if not batch:
+            if submitted is None:
                 return
             pending = submitted
 

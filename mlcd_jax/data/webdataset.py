@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import os
 import re
 import zlib
@@ -145,15 +144,15 @@ _READ = 1 << 22  # bytes per read of the underlying file
 
 
 def _members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of a tar stream's regular files, in order: POSIX ustar, GNU long names and PAX
-    ``path`` records, gzip-compressed or not. A lean reader (headers parsed from large reads), ~3x
-    ``tarfile``'s stream mode; raises ``TarError`` where the stream ends early or a header is corrupt."""
-    head = stream.read(2)
-    buffer = bytearray(head)
-    if head == b"\x1f\x8b":  # gzip
-        stream = gzip.GzipFile(fileobj=_Prepend(head, stream))
-        buffer = bytearray()
-    pos, long_name = 0, None
+    """(name, bytes) of a seekable tar stream's regular files, in order: POSIX ustar, GNU long names and
+    PAX ``path`` records, gzip-compressed or not. A lean reader (headers parsed from large reads), several
+    times faster than ``tarfile``'s stream mode; raises ``TarError`` where the stream ends early or a
+    header is corrupt."""
+    gzipped = stream.read(2) == b"\x1f\x8b"
+    stream.seek(0)
+    if gzipped:
+        stream = gzip.GzipFile(fileobj=stream)
+    buffer, pos, long_name = bytearray(), 0, None
 
     def need(n: int) -> bool:
         """At least ``n`` bytes from ``pos`` in the buffer (False at the end of the stream)."""
@@ -206,31 +205,13 @@ def _pax_path(records: bytes) -> str | None:
     """The ``path`` of PAX extended-header records (``"<len> key=value\\n"`` each), or None."""
     pos = 0
     while pos < len(records):
-        length = int(records[pos : records.index(b" ", pos)])
-        key, _, value = records[records.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        space = records.index(b" ", pos)
+        length = int(records[pos:space])
+        key, _, value = records[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
         pos += length
     return None
-
-
-class _Prepend(io.RawIOBase):
-    """``stream`` with ``head`` (bytes already read from it) put back in front."""
-
-    def __init__(self, head: bytes, stream: BinaryIO) -> None:
-        self.head, self.stream = head, stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray) -> int:
-        if self.head:
-            n = min(len(b), len(self.head))
-            b[:n], self.head = self.head[:n], self.head[n:]
-            return n
-        data = self.stream.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 def _samples(stream: BinaryIO, prefix: str, path: str) -> Iterator[Sample | Skipped]:
