@@ -69,8 +69,28 @@ class CheckpointMismatch(ValueError):
 
 
 def _param_name(path: tuple[Any, ...]) -> str:
-    """``blocks.0.attn.qkv_kernel``: the same for a stored tree (lists saved as dicts) and a live one."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """``blocks.0.attn.qkv_kernel``: the same for a stored tree (lists and named tuples saved as dicts)
+    and a live one."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _leaf_names(tree: Any) -> set[str]:
+    return {_param_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_optimizer(stored: Any, wanted: Any, where: str) -> None:
+    """``CheckpointMismatch`` when the stored optimizer state has another layout than this run's (other
+    optimizer groups, gradient accumulation, or an mlcd_jax version that built the optimizer otherwise),
+    instead of orbax's dump of both tree structures."""
+    have, want = _leaf_names(stored), _leaf_names(wanted)
+    if have != want:
+        first = min(have ^ want)
+        raise CheckpointMismatch(
+            f"{where} holds an optimizer state of another layout than this run's (opt_state.{first} is "
+            f"{'only in the checkpoint' if first in have else 'not in it'}): it was written with another "
+            "optimizer setup (grad_accum_steps, its config.json says) or by another mlcd_jax version; its "
+            "weights still evaluate (python -m mlcd_jax.evaluate), training resumes only with that setup: "
+            "use it or a new workdir")
 
 
 def _check_shapes(stored: Any, wanted: Any, where: str) -> None:
@@ -144,8 +164,8 @@ def restore(
     are re-padded for the current device count.
 
     Returns ``(state, step)`` or None when the directory has no checkpoint. Raises
-    :class:`CheckpointMismatch` when a checkpoint has fewer than ``num_classes`` prototypes (it is not
-    this run's).
+    :class:`CheckpointMismatch` when a checkpoint is not this run's: other state keys (objective), fewer
+    than ``num_classes`` prototypes, other parameter names or shapes (model), another optimizer layout.
     """
 
     def read(step: int) -> tuple[Any, int]:
@@ -164,6 +184,8 @@ def restore(
         for key in ("params", "text"):
             if key in abstract_state:
                 _check_shapes(metadata[key], abstract_state[key], where)
+        if "opt_state" in abstract_state:
+            _check_optimizer(metadata["opt_state"], abstract_state["opt_state"], where)
         rows = abstract_state["proto"].shape[0] if "proto" in abstract_state else None
         items = {"state": ocp.args.PyTreeRestore(abstract_state, _restore_args(abstract_state, rows))}
         if iterator is not None:

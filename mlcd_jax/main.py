@@ -47,6 +47,13 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
         ).strip()
+    # XLA:CPU runs each device's part of a program on a pool of max(cores, devices) threads, and a part
+    # with a collective holds its thread until every device has arrived. With exactly one thread per fake
+    # device, one more queued launch took the last thread and deadlocked training on a 2-core box (LiT on
+    # emoji, README "Troubleshooting"). Twice the devices leaves room; PJRT_NPROC is the client's knob.
+    devices = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ["XLA_FLAGS"])
+    if devices and int(devices.group(1)) > 1:
+        os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * int(devices.group(1)))))
 
 
 _CONFIG_MISTAKES = (OSError, AttributeError, KeyError, TypeError, ValueError)

@@ -13,6 +13,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# As mlcd_jax.main.prepare_process: twice the fake devices' threads, so a collective never takes them all.
+os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 16)))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -211,6 +211,36 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
     np.testing.assert_array_equal(next(fresh)["labels"], next(reference)["labels"])  # the data state of step 1
 
 
+def test_a_checkpoint_with_another_optimizer_layout_is_one_line_and_kept(tmp_path):
+    """Checkpoints of an older mlcd_jax (no temperature group in the optimizer) failed to resume with
+    orbax's dump of both tree structures; now one CheckpointMismatch names the first differing entry."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mlcd_jax import checkpointing
+
+    params = {"w": jnp.ones(3)}
+    manager = checkpointing.create_manager(str(tmp_path / "w"), keep=3, async_save=False)
+    state = {"params": params, "opt_state": optax.adamw(1e-3).init(params)}
+    checkpointing.save(manager, 1, state, None, force=True)
+    manager.close()
+    manager = checkpointing.create_manager(str(tmp_path / "w"), keep=3, async_save=False)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+    assert checkpointing.restore(manager, abstract(state), num_classes=8)[1] == 1
+    other = abstract({"params": params, "opt_state": optax.MultiSteps(optax.adamw(1e-3), 2).init(params)})
+    with pytest.raises(checkpointing.CheckpointMismatch,
+                       match=r"^checkpoint 1 in .* holds an optimizer state of another layout than this run's "
+                             r"\(opt_state\.0\.count is only in the checkpoint\)"):
+        checkpointing.restore(manager, other, num_classes=8)
+    manager.close()
+    assert (tmp_path / "w" / "checkpoints" / "1").is_dir()  # nothing moved aside
+
+
 def _cli(*args: str, module: str = "mlcd_jax.main") -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     return subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
@@ -279,3 +309,27 @@ def test_evaluating_an_empty_workdir_is_one_line_and_neither_clusters_nor_writes
     assert out.stderr.splitlines()[-1] == (f"config error: --workdir={workdir} holds no checkpoints: nothing to "
                                            "evaluate (train there first)")
     assert list(workdir.iterdir()) == [] and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({}, str(max(os.cpu_count() or 1, 16))),  # the config's 8 fake devices
+        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=12"}, str(max(os.cpu_count() or 1, 24))),
+        ({"PJRT_NPROC": "5"}, "5"),  # an explicit value wins
+        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, None),  # no collectives, nothing to do
+    ],
+)
+def test_fake_cpu_devices_get_twice_their_threads(monkeypatch, env, want):
+    """XLA:CPU's pool of max(cores, devices) threads let a collective over the 8 fake devices hold every
+    thread; one more queued launch deadlocked LiT's training on the 2-core box in 4 of 7 runs, in none of
+    6 with twice the threads. prepare_process sizes the pool before JAX starts."""
+    from mlcd_jax import main
+
+    for key in ("XLA_FLAGS", "PJRT_NPROC"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    main.prepare_process(ml_collections.ConfigDict({"cpu_devices": 8}))
+    assert "xla_force_host_platform_device_count=" in os.environ["XLA_FLAGS"]
+    assert os.environ.get("PJRT_NPROC") == want

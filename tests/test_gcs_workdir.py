@@ -35,6 +35,7 @@ def _rows(path: epath.Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows}
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: a training stopped, resumed and evaluated on the GCS emulator
 def test_gs_workdir_trains_resumes_evaluates_and_loads(gcs_bucket, tmp_path):
     from mlcd_jax import runs
 

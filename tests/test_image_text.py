@@ -223,6 +223,7 @@ def test_clip_trains_both_towers_and_resumes_exactly(clip_run):
     assert _losses(base / "resumed") == straight  # exact: same data order, patch drop and updates
 
 
+@pytest.mark.slow  # ~85 s on 2 cores: three LiT trainings
 def test_lit_keeps_the_image_tower_locked_resumes_exactly_and_evaluates_zero_shot(clip_run, tmp_path):
     clip_config, base = clip_run
     c = _config(base / "x", "lit", **{"loss.image_tower": f"workdir:{base / 'straight'}",

@@ -165,3 +165,21 @@ def test_parse_sweep_types_values_by_the_config_and_names_points():
             study.parse_sweep(config, sweep)
     with pytest.raises(ValueError, match="comma-separated integers"):
         study.parse_seeds("0,x")
+
+
+def test_probe_noise_benchmark_reproduces_each_runs_linear_probe(study, tmp_path):
+    """benchmarks/probe_noise.py refits the probe of every run (and of the random-init ViT per seed) over
+    split seeds; at the run's own seed it gives the study's figure."""
+    workdir, _, _, _ = study
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "probe_noise.py"), f"--study={workdir}", "--split-seeds=2",
+         f"--json={tmp_path / 'noise.json'}"],
+        env=_env(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.loads((tmp_path / "noise.json").read_text())
+    assert sorted(record) == sorted([f"loss.kind={k}/seed{s}" for k in KINDS for s in SEEDS]
+                                    + [f"random-init/seed{s}" for s in SEEDS])
+    for run in json.loads((workdir / "study.json").read_text())["runs"]:
+        row = record[f"loss.kind={run['overrides']['loss.kind']}/seed{run['seed']}"]
+        assert row["linear_top1"][run["seed"]] == run["linear_top1"] and row["knn_top1"] == run["knn_top1"]
+    assert sum(" | linear " in line and "at the run's seed" in line for line in out.stdout.splitlines()) == len(record)

@@ -96,6 +96,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(uninterrupted):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: three launches of the trainer
 def test_relaunch_after_stop_after_steps_trains_nothing(uninterrupted, tmp_path):
     _, _, cache, _ = uninterrupted
     cmd = _cmd(tmp_path / "w", cache, "--config.stop_after_steps=10")

@@ -1,0 +1,78 @@
+"""How much of a linear-probe figure is the probe's own noise: one frozen checkpoint, many split seeds.
+
+For every run of a study (``DIR/runs/<point>/seed<k>``) and the random-init ViT of each of those seeds,
+the linear probe (``mlcd_jax/evaluate/linear_probe.py``: C chosen on one 20 % validation split of
+train, CLIP's protocol) is fitted on the run's frozen features with validation-split seeds
+0..S-1; kNN (deterministic) is printed beside it. Per checkpoint it prints the test top-1's mean and
+sample std over the split seeds, and the figure at the run's own seed (what the study reports).
+
+The spread over split seeds is noise of the measurement, not of training: where it is as large as the
+spread between training seeds, a study's mean ± std over seeds is mostly probe noise. Features are
+computed on all local devices, as the study computes them (the same 8 fake CPU devices give the same
+figures; the split seed is the only source of variation here).
+
+Usage: python benchmarks/probe_noise.py --study DIR [--split-seeds 10] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+from etils import epath
+
+from mlcd_jax import runs
+from mlcd_jax.evaluate.evaluators import eval_arrays
+from mlcd_jax.evaluate.features import FeatureExtractor
+from mlcd_jax.evaluate.knn import knn_accuracy
+from mlcd_jax.evaluate.linear_probe import linear_probe
+
+
+def _targets(study: epath.Path) -> list[tuple[str, object, int, Callable]]:
+    """(name, run config, seed, model factory) for each trained run and one random-init ViT per seed."""
+    out = []
+    for workdir in sorted(study.glob("runs/*/seed*")):
+        config = runs.load_run_config(str(workdir))
+        out.append((f"{workdir.parent.name}/{workdir.name}", config, config.seed,
+                    lambda w=str(workdir), c=config: runs.load_model(w, c)))
+    if not out:
+        raise SystemExit(f"error: {study} holds no runs (runs/<point>/seed<k>); give a study's --workdir")
+    config = out[0][1]
+    for seed in sorted({seed for _, _, seed, _ in out}):
+        out.append((f"random-init/seed{seed}", config, seed, lambda s=seed, c=config: runs.build_model(c, s)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, help="a study's --workdir (python -m mlcd_jax.study)")
+    parser.add_argument("--split-seeds", type=int, default=10, help="validation-split seeds per checkpoint")
+    parser.add_argument("--json", default="", help="also write the per-checkpoint figures here")
+    args = parser.parse_args()
+    if args.split_seeds < 2:
+        raise SystemExit(f"error: --split-seeds={args.split_seeds}: a spread needs at least 2")
+    targets = _targets(epath.Path(args.study))
+    train_x, train_y, test_x, test_y = eval_arrays(targets[0][1])
+    print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} test images; split seeds "
+          f"0..{args.split_seeds - 1}; linear top-1 % as mean ± sample std over the split seeds", flush=True)
+    record = {}
+    for name, config, seed, make in targets:
+        embed = FeatureExtractor(make(), config.data.image_size)
+        f_train, f_test = embed(train_x), embed(test_x)
+        start = time.perf_counter()
+        top1 = [linear_probe(f_train, train_y, f_test, test_y, seed=s)["top1"] for s in range(args.split_seeds)]
+        seconds = (time.perf_counter() - start) / args.split_seeds
+        record[name] = {"knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=20), "linear_top1": top1}
+        own = f"{100 * top1[seed]:.1f}" if seed < len(top1) else "-"
+        print(f"{name}: kNN {100 * record[name]['knn_top1']:.1f} | linear {100 * np.mean(top1):.2f} ± "
+              f"{100 * np.std(top1, ddof=1):.2f} (range {100 * min(top1):.1f}-{100 * max(top1):.1f}, at the run's "
+              f"seed {own}) | {seconds:.2f} s per probe", flush=True)
+    if args.json:
+        epath.Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
