@@ -8,8 +8,8 @@ sample std over the split seeds, and the figure at the run's own seed (what the 
 
 The spread over split seeds is noise of the measurement, not of training: where it is as large as the
 spread between training seeds, a study's mean ± std over seeds is mostly probe noise. Features are
-computed on all local devices, as the study computes them (the same 8 fake CPU devices give the same
-figures; the split seed is the only source of variation here).
+computed as the study computes them: on a CPU-only machine on the run's ``cpu_devices`` fake devices
+(features from another device count differ in the last bits, which can move a probe's choice of C).
 
 Usage: python benchmarks/probe_noise.py --study DIR [--split-seeds 10] [--json OUT]
 """
@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 from etils import epath
 
+from mlcd_jax import main as main_lib
 from mlcd_jax import runs
 from mlcd_jax.evaluate.evaluators import eval_arrays
 from mlcd_jax.evaluate.features import FeatureExtractor
@@ -55,6 +56,7 @@ def main() -> None:
     if args.split_seeds < 2:
         raise SystemExit(f"error: --split-seeds={args.split_seeds}: a spread needs at least 2")
     targets = _targets(epath.Path(args.study))
+    main_lib.prepare_process(targets[0][1])  # the study's fake CPU devices, before JAX starts
     train_x, train_y, test_x, test_y = eval_arrays(targets[0][1])
     print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} test images; split seeds "
           f"0..{args.split_seeds - 1}; linear top-1 % as mean ± sample std over the split seeds", flush=True)
