@@ -36,7 +36,8 @@ def _cluster_environment() -> bool:
 
 def prepare_process(config: ml_collections.ConfigDict) -> None:
     """Quiets INFO logging (unless --verbosity is given) and gives a CPU-only machine
-    ``config.cpu_devices`` fake devices, so the sharded code paths run as on a pod.
+    ``config.cpu_devices`` fake devices, so the sharded code paths run as on a pod, with enough threads
+    for their collectives (``PJRT_NPROC``).
 
     Call before JAX initialises its backends; an explicit XLA_FLAGS device count wins.
     """
@@ -50,7 +51,8 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
     # XLA:CPU runs each device's part of a program on a pool of max(cores, devices) threads, and a part
     # with a collective holds its thread until every device has arrived. With exactly one thread per fake
     # device, one more queued launch took the last thread and deadlocked training on a 2-core box (LiT on
-    # emoji, README "Troubleshooting"). Twice the devices leaves room; PJRT_NPROC is the client's knob.
+    # emoji; README, "What the image-text demo shows"). Twice the devices leaves room; PJRT_NPROC is the
+    # client's knob (an explicit one wins).
     devices = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ["XLA_FLAGS"])
     if devices and int(devices.group(1)) > 1:
         os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * int(devices.group(1)))))
