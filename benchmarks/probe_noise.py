@@ -4,7 +4,8 @@ For every run of a study (``DIR/runs/<point>/seed<k>``) and the random-init ViT 
 the linear probe (``mlcd_jax/evaluate/linear_probe.py``: C chosen on one 20 % validation split of
 train, CLIP's protocol) is fitted on the run's frozen features with validation-split seeds
 0..S-1; kNN (deterministic) is printed beside it. Per checkpoint it prints the test top-1's mean and
-sample std over the split seeds, and the figure at the run's own seed (what the study reports).
+sample std over the split seeds, and the figure at the run's own seed (what the study reports); kNN
+is the study's configured evaluator.
 
 The spread over split seeds is noise of the measurement, not of training: where it is as large as the
 spread between training seeds, a study's mean ± std over seeds is mostly probe noise. Features are
@@ -26,9 +27,8 @@ from etils import epath
 
 from mlcd_jax import main as main_lib
 from mlcd_jax import runs
-from mlcd_jax.evaluate.evaluators import eval_arrays
-from mlcd_jax.evaluate.features import FeatureExtractor
-from mlcd_jax.evaluate.knn import knn_accuracy
+from mlcd_jax import experiment
+from mlcd_jax.evaluate.evaluators import Knn, build_evaluators, eval_arrays
 from mlcd_jax.evaluate.linear_probe import linear_probe
 
 
@@ -60,16 +60,18 @@ def main() -> None:
     train_x, train_y, test_x, test_y = eval_arrays(targets[0][1])
     print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} test images; split seeds "
           f"0..{args.split_seeds - 1}; linear top-1 % as mean ± sample std over the split seeds", flush=True)
+    knn = next((e for e in build_evaluators(targets[0][1]) if isinstance(e, Knn)), None)  # the study's, if on
     record = {}
     for name, config, seed, make in targets:
-        embed = FeatureExtractor(make(), config.data.image_size)
-        f_train, f_test = embed(train_x), embed(test_x)
+        target = experiment.model_target(config, name, make())  # features computed once, for both probes
+        f_train, f_test = target.features(train_x), target.features(test_x)
         start = time.perf_counter()
         top1 = [linear_probe(f_train, train_y, f_test, test_y, seed=s)["top1"] for s in range(args.split_seeds)]
         seconds = (time.perf_counter() - start) / args.split_seeds
-        record[name] = {"knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=20), "linear_top1": top1}
+        record[name] = {**(knn(target) if knn else {}), "linear_top1": top1}
         own = f"{100 * top1[seed]:.1f}" if seed < len(top1) else "-"
-        print(f"{name}: kNN {100 * record[name]['knn_top1']:.1f} | linear {100 * np.mean(top1):.2f} ± "
+        knn_cell = f"kNN {100 * record[name]['knn_top1']:.1f} | " if knn else ""
+        print(f"{name}: {knn_cell}linear {100 * np.mean(top1):.2f} ± "
               f"{100 * np.std(top1, ddof=1):.2f} (range {100 * min(top1):.1f}-{100 * max(top1):.1f}, at the run's "
               f"seed {own}) | {seconds:.2f} s per probe", flush=True)
     if args.json:

@@ -48,12 +48,19 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
         ).strip()
-    # XLA:CPU runs each device's part of a program on a pool of max(cores, devices) threads, and a part
-    # with a collective holds its thread until every device has arrived. With exactly one thread per fake
-    # device, one more queued launch took the last thread and deadlocked training on a 2-core box (LiT on
-    # emoji; README, "What the image-text demo shows"). Twice the devices leaves room; PJRT_NPROC is the
-    # client's knob (an explicit one wins).
-    devices = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ["XLA_FLAGS"])
+    size_cpu_thread_pool()
+
+
+def size_cpu_thread_pool() -> None:
+    """Sets ``PJRT_NPROC`` (XLA:CPU's pool size; an explicit one wins) to max(cores, 2 x the fake devices
+    of XLA_FLAGS), before JAX starts.
+
+    XLA:CPU runs each device's part of a program on a pool of max(cores, devices) threads, and a part
+    with a collective holds its thread until every device has arrived. With exactly one thread per fake
+    device, one more queued launch took the last thread and deadlocked training on a 2-core box (LiT on
+    emoji; README, "What the image-text demo shows"). Twice the devices leaves room.
+    """
+    devices = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
     if devices and int(devices.group(1)) > 1:
         os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * int(devices.group(1)))))
 

@@ -13,12 +13,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# As mlcd_jax.main.prepare_process: twice the fake devices' threads, so a collective never takes them all.
-os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 16)))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from gcs_emulator import gcs_bucket, gcs_server  # noqa: E402,F401  (fixtures, registered by import)
+
+from mlcd_jax.main import size_cpu_thread_pool  # noqa: E402
+
+size_cpu_thread_pool()  # as the entry points do: a collective over the fake devices never takes every thread
 
 IDX_TYPE_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}  # numpy kind -> IDX
 FASHION_MNIST_SIZES = {"train": 4000, "test": 500}
