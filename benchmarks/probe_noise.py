@@ -5,14 +5,18 @@ the linear probe (``mlcd_jax/evaluate/linear_probe.py``: C chosen on one 20 % va
 train, CLIP's protocol) is fitted on the run's frozen features with validation-split seeds
 0..S-1; kNN (deterministic) is printed beside it. Per checkpoint it prints the test top-1's mean and
 sample std over the split seeds, and the figure at the run's own seed (what the study reports); kNN
-is the study's configured evaluator.
+uses the study's configured k.
 
 The spread over split seeds is noise of the measurement, not of training: where it is as large as the
 spread between training seeds, a study's mean ± std over seeds is mostly probe noise. Features are
 computed as the study computes them: on a CPU-only machine on the run's ``cpu_devices`` fake devices
 (features from another device count differ in the last bits, which can move a probe's choice of C).
 
-Usage: python benchmarks/probe_noise.py --study DIR [--split-seeds 10] [--json OUT]
+``--heldout F`` scores both probes on a stratified fraction F of the *train* images instead (fitted on
+the rest; the test split is never read): the figures a recipe can be chosen on without touching the
+evaluation data.
+
+Usage: python benchmarks/probe_noise.py --study DIR [--split-seeds 10] [--heldout F] [--json OUT]
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ import json
 import time
 from collections.abc import Callable
 
+import ml_collections
 import numpy as np
 from etils import epath
+from sklearn.model_selection import train_test_split
 
 from mlcd_jax import main as main_lib
 from mlcd_jax import runs
 from mlcd_jax import experiment
+from mlcd_jax.data.sources import load_arrays
 from mlcd_jax.evaluate.evaluators import Knn, build_evaluators, eval_arrays
+from mlcd_jax.evaluate.knn import knn_accuracy
 from mlcd_jax.evaluate.linear_probe import linear_probe
 
 
@@ -47,18 +55,33 @@ def _targets(study: epath.Path) -> list[tuple[str, object, int, Callable]]:
     return out
 
 
+def _arrays(config: ml_collections.ConfigDict, heldout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fit images, labels, scored images, labels): the study's train / test, or with ``heldout`` > 0 a
+    stratified split of train alone (fixed seed), the test split left unread."""
+    if not heldout:
+        return eval_arrays(config)
+    x, y = load_arrays(config.eval.source, split="train", limit=config.eval.train_limit or None)
+    fit, held = train_test_split(np.arange(len(y)), test_size=heldout, random_state=0, stratify=y)
+    return x[fit], y[fit], x[held], y[held]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="a study's --workdir (python -m mlcd_jax.study)")
     parser.add_argument("--split-seeds", type=int, default=10, help="validation-split seeds per checkpoint")
+    parser.add_argument("--heldout", type=float, default=0.0,
+                        help="score on this stratified fraction of the train images, not on the test split")
     parser.add_argument("--json", default="", help="also write the per-checkpoint figures here")
     args = parser.parse_args()
     if args.split_seeds < 2:
         raise SystemExit(f"error: --split-seeds={args.split_seeds}: a spread needs at least 2")
+    if not 0 <= args.heldout < 1:
+        raise SystemExit(f"error: --heldout={args.heldout} must be in [0, 1)")
     targets = _targets(epath.Path(args.study))
     main_lib.prepare_process(targets[0][1])  # the study's fake CPU devices, before JAX starts
-    train_x, train_y, test_x, test_y = eval_arrays(targets[0][1])
-    print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} test images; split seeds "
+    train_x, train_y, test_x, test_y = _arrays(targets[0][1], args.heldout)
+    scored = "held-out train" if args.heldout else "test"
+    print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} {scored} images; split seeds "
           f"0..{args.split_seeds - 1}; linear top-1 % as mean ± sample std over the split seeds", flush=True)
     knn = next((e for e in build_evaluators(targets[0][1]) if isinstance(e, Knn)), None)  # the study's, if on
     record = {}
@@ -68,7 +91,8 @@ def main() -> None:
         start = time.perf_counter()
         top1 = [linear_probe(f_train, train_y, f_test, test_y, seed=s)["top1"] for s in range(args.split_seeds)]
         seconds = (time.perf_counter() - start) / args.split_seeds
-        record[name] = {**(knn(target) if knn else {}), "linear_top1": top1}
+        knn_top1 = {"knn_top1": knn_accuracy(f_train, train_y, f_test, test_y, k=knn.k)} if knn else {}
+        record[name] = {**knn_top1, "linear_top1": top1}
         own = f"{100 * top1[seed]:.1f}" if seed < len(top1) else "-"
         knn_cell = f"kNN {100 * record[name]['knn_top1']:.1f} | " if knn else ""
         print(f"{name}: {knn_cell}linear {100 * np.mean(top1):.2f} ± "

@@ -183,3 +183,19 @@ def test_probe_noise_benchmark_reproduces_each_runs_linear_probe(study, tmp_path
         row = record[f"loss.kind={run['overrides']['loss.kind']}/seed{run['seed']}"]
         assert row["linear_top1"][run["seed"]] == run["linear_top1"] and row["knn_top1"] == run["knn_top1"]
     assert sum(" | linear " in line and "at the run's seed" in line for line in out.stdout.splitlines()) == len(record)
+
+
+def test_probe_noise_heldout_scores_on_train_images_only(study, tmp_path):
+    """--heldout 0.25 fits on 75 % of the study's 300 train images and scores on the other 25 %: the
+    test split's 100 images take no part (a recipe can be chosen on these figures)."""
+    workdir, _, _, _ = study
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "probe_noise.py"), f"--study={workdir}", "--split-seeds=2",
+         "--heldout=0.25", f"--json={tmp_path / 'heldout.json'}"],
+        env=_env(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "probe on 225 train / 75 held-out train images" in out.stdout
+    record = json.loads((tmp_path / "heldout.json").read_text())
+    assert len(record) == len(KINDS) * len(SEEDS) + len(SEEDS)
+    for row in record.values():  # figures on 75 images: multiples of 1/75
+        assert all(abs(75 * x - round(75 * x)) < 1e-9 for x in (row["knn_top1"], *row["linear_top1"]))
