@@ -34,8 +34,7 @@ from sklearn.model_selection import train_test_split
 from mlcd_jax import main as main_lib
 from mlcd_jax import runs
 from mlcd_jax import experiment
-from mlcd_jax.data.sources import load_arrays
-from mlcd_jax.evaluate.evaluators import Knn, build_evaluators, eval_arrays
+from mlcd_jax.evaluate.evaluators import Knn, build_evaluators, eval_arrays, eval_split
 from mlcd_jax.evaluate.knn import knn_accuracy
 from mlcd_jax.evaluate.linear_probe import linear_probe
 
@@ -60,7 +59,7 @@ def _arrays(config: ml_collections.ConfigDict, heldout: float) -> tuple[np.ndarr
     stratified split of train alone (fixed seed), the test split left unread."""
     if not heldout:
         return eval_arrays(config)
-    x, y = load_arrays(config.eval.source, split="train", limit=config.eval.train_limit or None)
+    x, y = eval_split(config, "train")
     fit, held = train_test_split(np.arange(len(y)), test_size=heldout, random_state=0, stratify=y)
     return x[fit], y[fit], x[held], y[held]
 

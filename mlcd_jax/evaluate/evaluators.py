@@ -69,13 +69,16 @@ def _eval_split(source: str, split: str, limit: int) -> tuple[np.ndarray, np.nda
     return arrays
 
 
-def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied."""
+def eval_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one split, ``"train"`` or ``"test"``, of ``config.eval.source``, its limit applied."""
     if not config.eval.source:
         raise ConfigError("eval.source is empty: name a labelled source, e.g. fashion_mnist or digits")
-    train_x, train_y = _eval_split(config.eval.source, "train", config.eval.train_limit)
-    test_x, test_y = _eval_split(config.eval.source, "test", config.eval.test_limit)
-    return train_x, train_y, test_x, test_y
+    return _eval_split(config.eval.source, split, config.eval[f"{split}_limit"])
+
+
+def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied."""
+    return (*eval_split(config, "train"), *eval_split(config, "test"))
 
 
 @dataclasses.dataclass
