@@ -11,7 +11,9 @@ Sizing (per dataset, below): k keeps ~60 images per prototype on Fashion-MNIST (
 ~6 on digits (1,437), fine-grained against the 10 classes as in the paper (1M prototypes for 400M
 images); the random-resized crop keeps at least 40 % of a 28- or 8-pixel image (0.08, the ImageNet
 default, leaves a few pixels of a digit, and the teacher labelled the whole image); the prototypes
-learn 10x faster than the backbone (README, "What the demo shows", has the seeded ablation).
+learn 10x faster than the backbone (README, "What the demo shows", has the seeded ablation). Digits
+trains 2,000 steps: its loss still falls at 1,000, and on held-out train images (never the test split)
+kNN rises from 94.4 to 96.9 % between 1,000 and 2,000 steps (benchmarks/RESULTS.md).
 """
 
 import ml_collections
@@ -23,7 +25,7 @@ from mlcd_jax.data import sources
 # Per dataset: image size, k, steps (batch 256).
 SIZING = {
     "fashion_mnist": dict(image_size=28, num_clusters=1024, steps=500),
-    "digits": dict(image_size=16, num_clusters=256, steps=1000),
+    "digits": dict(image_size=16, num_clusters=256, steps=2000),
 }
 
 
