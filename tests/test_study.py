@@ -3,7 +3,6 @@ summary mean ± std, baselines once), study.png and the table; a re-run skips ev
 cached baselines; a bad sweep is one ``config error:`` line with exit status 2."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from test_train import _env  # its jobs share the run's compilation cache (conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
@@ -28,21 +29,11 @@ def _cmd(workdir: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env(compile_cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["PYTHONUNBUFFERED"] = "1"
-    # Runs that differ only in seed compile the same programs: reuse them (about halves the CPU time).
-    env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return env
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """The study run twice: (workdir, first stdout, second stdout, results.json bytes after the first)."""
     base = tmp_path_factory.mktemp("study")
-    workdir, cmd, env = base / "study", _cmd(base / "study", base / "cache"), _env(base / "jax_cache")
+    workdir, cmd, env = base / "study", _cmd(base / "study", base / "cache"), _env()
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = {p: p.read_bytes() for p in (workdir / "runs").glob("*/*/results.json")}
@@ -135,7 +126,7 @@ def test_rerun_skips_finished_runs_and_cached_baselines(study):
 )
 def test_bad_sweep_is_one_config_error_line(tmp_path, sweep, message):
     cmd = [c if not c.startswith("--sweep=") else f"--sweep={sweep}" for c in _cmd(tmp_path / "w", tmp_path / "c")]
-    out = subprocess.run(cmd, env=_env(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("config error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
@@ -174,7 +165,7 @@ def test_probe_noise_benchmark_reproduces_each_runs_linear_probe(study, tmp_path
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "probe_noise.py"), f"--study={workdir}", "--split-seeds=2",
          f"--json={tmp_path / 'noise.json'}"],
-        env=_env(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=600)
+        env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     record = json.loads((tmp_path / "noise.json").read_text())
     assert sorted(record) == sorted([f"loss.kind={k}/seed{s}" for k in KINDS for s in SEEDS]
@@ -192,7 +183,7 @@ def test_probe_noise_heldout_scores_on_train_images_only(study, tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "probe_noise.py"), f"--study={workdir}", "--split-seeds=2",
          "--heldout=0.25", f"--json={tmp_path / 'heldout.json'}"],
-        env=_env(tmp_path / "jax_cache"), capture_output=True, text=True, timeout=600)
+        env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "probe on 225 train / 75 held-out train images" in out.stdout
     record = json.loads((tmp_path / "heldout.json").read_text())
