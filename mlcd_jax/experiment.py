@@ -54,6 +54,10 @@ def with_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         return config
     if not config.data.cluster or not config.data.cluster.get("source"):
         raise ConfigError("data.shards is empty and data.cluster.source is not set: nothing to train on")
+    finished = epath.Path(cluster_cache_dir(config), "manifest.json").exists()
+    if jax.process_count() > 1 and not finished and config.data.cluster.get("teacher", "").startswith("checkpoint:"):
+        raise ConfigError(f"data.cluster.teacher={config.data.cluster.teacher}: a run's checkpoint cannot be read by "
+                          "process 0 alone; run `python -m mlcd_jax.cluster` first and set data.shards")
     from mlcd_jax import cluster
 
     cluster_config = copy.deepcopy(config.data.cluster)

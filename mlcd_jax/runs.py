@@ -168,16 +168,18 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_model(
-    workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None, text: bool = False
+    workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None, text: bool = False,
+    devices: list[jax.Device] | None = None,
 ) -> nnx.Module:
     """The image tower of a trained run (or, with ``text``, its text tower), from the newest checkpoint
-    that restores or ``step``, on the local devices.
+    that restores or ``step``, sharded as ``config.mesh`` says over ``devices`` (default: all of the run's,
+    every process calling).
 
     ``config`` defaults to the one saved in ``workdir``. Only that tower's parameters are read (not the
-    prototypes or the optimizer state), on whatever device count this process has.
+    prototypes or the optimizer state), on whatever device count the run has.
     """
     config = load_run_config(workdir) if config is None else config
-    model = AbstractModel.create(config, sharding.make_mesh(dict(config.mesh)), text=text)
+    model = AbstractModel.create(config, sharding.make_mesh(dict(config.mesh), devices), text=text)
     manager = checkpointing.create_manager(workdir, keep=1, async_save=False)
     try:
         restored = checkpointing.restore_params(manager, model.abstract_arrays(), step=step,

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import faiss
+import jax
 import numpy as np
 
 from mlcd_jax import fileio
@@ -114,7 +115,8 @@ class Embed(ChunkStage):
                 self.ctx.wait_for([os.path.join(c.output_dir, teachers.TEACHER_STATE)],
                                   "the fitted teacher (written by worker 0)")
             sample = functools.partial(self._fit_sample, pool)
-        self.teacher = teachers.build_teacher(c.teacher, c, c.output_dir, sample)
+        # the job runs on this process alone (a Beam worker, or process 0 of a training run)
+        self.teacher = teachers.build_teacher(c.teacher, c, c.output_dir, sample, devices=jax.local_devices())
 
     def _fit_sample(self, pool: concurrent.futures.Executor) -> np.ndarray:
         """The decodable images of the teacher's fit set (``Context.fit_images``); the time this took goes

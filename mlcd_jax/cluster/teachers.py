@@ -10,13 +10,17 @@ centre-cropped to this square first) and ``channels`` (grayscale is repeated to 
   ``mlcd_jax.interop.hf.load_vision``; the pooled output is the embedding. The job's ``teacher_dtype``
   (``bfloat16`` on accelerators) sets the compute dtype of this and the ``checkpoint:`` teacher.
 - ``checkpoint:WORKDIR`` — one of our trained models (needs the trainer's checkpoint loader).
+
+The job runs on one process (a Beam worker, or process 0 of a multi-process training run) and builds
+its teacher on that process's devices (``devices``); an evaluation's teacher row builds it on every
+process of the run (``devices=None``: the forward spans them all, see ``FeatureExtractor``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import ml_collections
 import numpy as np
@@ -24,6 +28,11 @@ import numpy as np
 from mlcd_jax import fileio
 from mlcd_jax.cluster import storage
 from mlcd_jax.data import augment
+
+if TYPE_CHECKING:
+    import jax
+
+    Devices = list[jax.Device] | None  # where a model teacher embeds (None: every device of the run)
 
 TEACHER_STATE = "teacher.npz"
 TEACHER_DTYPES = ("", "bfloat16", "float32")  # the job's teacher_dtype ("" = the teacher's own)
@@ -83,7 +92,10 @@ class PixelsTeacher:
 SampleFn = Callable[[], np.ndarray]
 
 
-def _pixels(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None) -> Teacher:
+def _pixels(
+    arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
+) -> Teacher:
+    del devices  # a PCA on the host
     path = os.path.join(state_dir, TEACHER_STATE)
     if fileio.exists(path):
         return PixelsTeacher.load(path)
@@ -94,7 +106,9 @@ def _pixels(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample:
     return teacher
 
 
-def _hf(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None) -> Teacher:
+def _hf(
+    arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
+) -> Teacher:
     if not arg or not os.path.isdir(arg):
         raise TeacherError(f"teacher 'hf:{arg}': {arg!r} is not a directory with config.json + safetensors")
     try:
@@ -109,10 +123,12 @@ def _hf(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: Sam
         model, cfg = load_vision(arg, **({"dtype": DTYPES[config.teacher_dtype]} if config.teacher_dtype else {}))
     except (InteropError, FileNotFoundError) as e:
         raise TeacherError(f"teacher 'hf:{arg}': {e}") from None
-    return FeatureExtractor(model, int(cfg.image_size), batch_size=config.batch_size)
+    return FeatureExtractor(model, int(cfg.image_size), batch_size=config.batch_size, devices=devices)
 
 
-def _checkpoint(arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None) -> Teacher:
+def _checkpoint(
+    arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
+) -> Teacher:
     from mlcd_jax.evaluate.features import FeatureExtractor
     from mlcd_jax.runs import load_model, load_run_config
 
@@ -122,10 +138,11 @@ def _checkpoint(arg: str, config: ml_collections.ConfigDict, state_dir: str, sam
         raise TeacherError(f"teacher 'checkpoint:{arg}': {e}") from e
     if config.teacher_dtype:
         run_config.model.dtype = config.teacher_dtype
-    return FeatureExtractor(load_model(arg, run_config), run_config.data.image_size, batch_size=config.batch_size)
+    model = load_model(arg, run_config, devices=devices)
+    return FeatureExtractor(model, run_config.data.image_size, batch_size=config.batch_size, devices=devices)
 
 
-TEACHERS: dict[str, Callable[[str, ml_collections.ConfigDict, str, SampleFn | None], Teacher]] = {
+TEACHERS: dict[str, Callable[[str, ml_collections.ConfigDict, str, SampleFn | None, Devices], Teacher]] = {
     "pixels": _pixels,
     "hf": _hf,
     "checkpoint": _checkpoint,
@@ -139,12 +156,14 @@ def check_spec(spec: str) -> None:
 
 
 def build_teacher(
-    spec: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None = None
+    spec: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None = None,
+    devices: Devices = None,
 ) -> Teacher:
-    """The teacher for ``spec``; ``sample()`` gives uint8 images to fit on when it needs fitting.
+    """The teacher for ``spec``; ``sample()`` gives uint8 images to fit on when it needs fitting; a model
+    teacher embeds on ``devices`` (default: every device of the run, every process calling).
 
     Fitted state lives in ``state_dir`` (the job's output dir) and is re-used when present.
     """
     check_spec(spec)
     prefix, _, arg = spec.partition(":")
-    return TEACHERS[prefix](arg, config, state_dir, sample)
+    return TEACHERS[prefix](arg, config, state_dir, sample, devices)

@@ -27,6 +27,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import jax
 import ml_collections
 import numpy as np
 from etils import epath
@@ -130,6 +131,8 @@ class Pictures(Evaluator):
         images = eval_arrays(self.config)[2][: self.num_images]
         size = self.config.data.image_size
         tokens = FeatureExtractor(target.model, size, batch_size=len(images), tokens=True)(images)
+        if jax.process_index() != 0:
+            return {}  # every process ran the forward (its weights may span them all); one writes the files
         grid = size // target.model.config.patch_size
         out = epath.Path(target.workdir)
         pca_grid_png(images, patch_pca_image(tokens, (grid, grid), upscale=1), out / "patch_pca.png")

@@ -3,8 +3,9 @@ for kNN / probe / PCA / teachers / zero-shot and retrieval."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,21 +13,77 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mlcd_jax import sharding
 from mlcd_jax.data import augment
 from mlcd_jax.data.pipeline import eval_pixels
 
 
-def _replicated(
-    model: nnx.Module, batch_size: int, devices: list[jax.Device] | None,
-) -> tuple[nnx.GraphDef, nnx.State, NamedSharding, int]:
-    """(graphdef, state replicated over ``devices`` (default: this process's), the sharding that splits a
-    batch over them, ``batch_size`` rounded up to a multiple of their count): the data-parallel setup the
-    image and text encoders share."""
-    devices = list(devices or jax.local_devices())
-    mesh = Mesh(np.asarray(devices), ("batch",))
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    return graphdef, state, NamedSharding(mesh, P("batch")), -(-batch_size // len(devices)) * len(devices)
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Where an encoder's weights live and how a batch is laid out for it.
+
+    The forward runs over the mesh the weights already live on, with their own shardings, as the
+    training step does: a trained state (sharded over this process's devices, or over several
+    processes' in a multi-process run) is never copied or gathered onto one host. Weights on one device
+    (a model built eagerly, an HF tower) are first replicated over all devices (all processes' in a
+    multi-process run), or over ``devices`` when given (the clustering job's teachers: a job runs on one
+    process). A batch's rows are split over the mesh's batch axes; each process places only its own
+    devices' rows, and the result comes back replicated, so every process gets all of it: features are
+    [B, d], the gather is small, and the weights never move between hosts.
+
+    In a multi-process run every process must call the encoder with the same inputs (the evaluators
+    do). One process with N devices and P processes with N / P each compile the same program, so their
+    features are the same bits.
+    """
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    batch: NamedSharding  # a batch's sharding: leading dim split over the batch axes
+    out: NamedSharding  # replicated over the mesh
+    batch_size: int  # the requested batch size rounded up to a multiple of the batch's split
+
+    @classmethod
+    def of(cls, model: nnx.Module, batch_size: int, devices: list[jax.Device] | None) -> "_Placement":
+        graphdef, state = nnx.split(model)
+        mesh = None if devices else _state_mesh(state)
+        if mesh is not None:
+            batch, split = sharding.batch_sharding(mesh), sharding.data_parallel_size(mesh)
+        else:
+            mesh = Mesh(np.asarray(list(devices or jax.devices())), ("batch",))
+            whole = NamedSharding(mesh, P())
+            state = jax.tree.map(lambda x: _replicate(x, whole), state)
+            batch, split = NamedSharding(mesh, P("batch")), mesh.size
+        return cls(graphdef, state, batch, NamedSharding(mesh, P()), -(-batch_size // split) * split)
+
+    def put(self, shape: tuple[int, ...], rows: Callable[[slice], np.ndarray]) -> jax.Array:
+        """The global batch of ``shape`` whose rows ``rows(slice)`` gives; each process makes (and sends)
+        only the rows of its own devices."""
+        made: dict[tuple[int | None, int | None], np.ndarray] = {}
+
+        def block(index: tuple[slice, ...]) -> np.ndarray:
+            key = (index[0].start, index[0].stop)
+            if key not in made:  # devices that share rows (a model axis) share one host copy
+                made[key] = rows(index[0])
+            return made[key]
+
+        return jax.make_array_from_callback(shape, self.batch, block)
+
+
+def _replicate(x: jax.Array, whole: NamedSharding) -> jax.Array:
+    """``x`` (on this process) as one array replicated over ``whole``'s devices, every process's copy
+    its own (the same weights on every process: built from the same seed, or read from the same files)."""
+    if whole.is_fully_addressable:
+        return jax.device_put(x, whole)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, whole, lambda index: host[index])
+
+
+def _state_mesh(state: nnx.State) -> Mesh | None:
+    """The mesh ``state``'s arrays are placed on, or None for arrays on single devices."""
+    for leaf in jax.tree.leaves(state):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
 
 
 class FeatureExtractor:
@@ -36,9 +93,10 @@ class FeatureExtractor:
     the model's size, as the clustering job's are), sent as uint8, normalised on the device and run
     through one jitted forward in fixed-size batches (the last one padded), so a single compiled program
     serves every call.
-    The forward is data-parallel over this process's devices (``devices``, default all local ones: the
-    weights replicated, each batch split), and the host prepares batch i + 1 while the devices run
-    batch i. ``batch_size`` is rounded up to a multiple of the device count.
+    The forward is data-parallel over the mesh the weights live on, or for weights on one device over
+    all devices (``devices`` when given) with the weights replicated; see :class:`_Placement`. The host
+    prepares batch i + 1 while the devices run batch i.
+    ``batch_size`` is rounded up to a multiple of the batch's split.
     """
 
     channels = 3
@@ -47,18 +105,26 @@ class FeatureExtractor:
         self, model: nnx.Module, image_size: int, *, batch_size: int = 256, tokens: bool = False,
         devices: list[jax.Device] | None = None,
     ):
-        self._graphdef, self._state, self._batch, self.batch_size = _replicated(model, batch_size, devices)
+        self._place = _Placement.of(model, batch_size, devices)
+        self.batch_size = self._place.batch_size
         self.input_size, self._tokens = image_size, tokens
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        place, size = self._place, self.input_size
         out: list[np.ndarray] = []
         pending: tuple[jax.Array, int] | None = None
         for start in range(0, len(images), self.batch_size):
-            chunk = eval_pixels(images[start : start + self.batch_size], self.input_size)  # uint8
+            chunk = images[start : start + self.batch_size]
             n = len(chunk)
-            if n < self.batch_size:
-                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-            result = _forward(self._graphdef, self._state, jax.device_put(chunk, self._batch), self._tokens)
+
+            def rows(part: slice, chunk: np.ndarray = chunk) -> np.ndarray:
+                """uint8 eval pixels of the padded batch's rows ``part`` (rows past the chunk are zeros)."""
+                pixels = eval_pixels(chunk[part], size)
+                missing = len(range(*part.indices(self.batch_size))) - len(pixels)
+                return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), np.uint8)]) if missing else pixels
+
+            x = place.put((self.batch_size, size, size, self.channels), rows)
+            result = _forward(place.graphdef, place.state, x, self._tokens, place.out)
             if pending is not None:  # dispatch is asynchronous: fetch the previous batch only now
                 out.append(np.asarray(pending[0])[: pending[1]])
             pending = (result, n)
@@ -68,13 +134,21 @@ class FeatureExtractor:
         return np.concatenate(out)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, tokens: bool) -> jax.Array:
-    """uint8 eval pixels -> features: CLIP normalisation on the device, then the model. One compiled
-    program per architecture and batch shape, shared by every extractor (evaluations during training
-    build one per evaluation, with new weights but the same program)."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _forward(
+    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, tokens: bool, out: NamedSharding
+) -> jax.Array:
+    """uint8 eval pixels -> features: CLIP normalisation on the device, then the model, the result
+    replicated over ``out``'s mesh. One compiled program per architecture and batch shape,
+    shared by every extractor (evaluations during training build one per evaluation, with new weights
+    but the same program)."""
     pooled, hidden = nnx.merge(graphdef, state)(augment.normalize(x), deterministic=True)
-    return (hidden if tokens else pooled).astype(jnp.float32)
+    return _gathered((hidden if tokens else pooled).astype(jnp.float32), out)
+
+
+def _gathered(y: jax.Array, out: NamedSharding) -> jax.Array:
+    """``y`` replicated over ``out``'s devices: every process then holds all of it."""
+    return jax.lax.with_sharding_constraint(y, out)
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -84,10 +158,11 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 class TextEncoder:
     """Text embeddings [N, d] of strings: CLIP's BPE on the host, one jitted text-tower forward in
-    fixed-size batches (the last one padded), replicated over this process's devices."""
+    fixed-size batches (the last one padded), placed as :class:`FeatureExtractor`'s forward is."""
 
     def __init__(self, model: nnx.Module, *, batch_size: int = 256, devices: list[jax.Device] | None = None):
-        self._graphdef, self._state, self._batch, self.batch_size = _replicated(model, batch_size, devices)
+        self._place = _Placement.of(model, batch_size, devices)
+        self.batch_size = self._place.batch_size
         self.context_length = model.config.context_length
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -95,16 +170,17 @@ class TextEncoder:
 
         if not texts:
             raise ValueError("no texts to embed")
-        out = []
+        place, out = self._place, []
         for start in range(0, len(texts), self.batch_size):
             ids = tokenize(list(texts[start : start + self.batch_size]), self.context_length)
             n = len(ids)
             ids = np.concatenate([ids, np.zeros((self.batch_size - n, ids.shape[1]), ids.dtype)])
-            out.append(np.asarray(_encode(self._graphdef, self._state, jax.device_put(ids, self._batch)))[:n])
+            x = place.put(ids.shape, lambda part, ids=ids: ids[part])
+            out.append(np.asarray(_encode(place.graphdef, place.state, x, place.out))[:n])
         return np.concatenate(out)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _encode(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, out: NamedSharding) -> jax.Array:
     """Token ids -> text embeddings (one compiled program per architecture, as :func:`_forward`)."""
-    return nnx.merge(graphdef, state)(ids).astype(jnp.float32)
+    return _gathered(nnx.merge(graphdef, state)(ids).astype(jnp.float32), out)
