@@ -130,14 +130,24 @@ def test_main_takes_multiprocess_settings_from_the_environment():
     assert settings(environ=clean) == "{}"
 
 
-def test_slurm_dry_run_prints_batch_script():
+def test_slurm_dry_run_prints_batch_script(tmp_path):
     out = _run("slurm_gpu.sh", "--nodes", "10", "--gpus-per-node", "8", "--config", "configs/vitl14.py",
-               "--workdir", "/shared/run", "--partition", "gpu", "--dry-run")
+               "--workdir", "/shared/run", "--partition", "gpu", "--venv", "/shared/envs/mlcd jax", "--dry-run",
+               "--", "--config.data.shards=/shared/my shards")
     assert out.returncode == 0, out.stderr
     for expected in ("#SBATCH --nodes=10", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
-                     "srun python3 -m mlcd_jax.main --config=configs/vitl14.py --workdir=/shared/run",
+                     "#SBATCH --cpus-per-task=64", "source /shared/envs/mlcd\\ jax/bin/activate",
+                     "srun --cpus-per-task=64 python -m mlcd_jax.main --config=configs/vitl14.py "
+                     "--workdir=/shared/run --config.data.shards=/shared/my\\ shards",
                      "sbatch /shared/run/slurm.sbatch", "if [ $rc -eq 75 ]; then scontrol requeue $SLURM_JOB_ID; fi"):
         assert expected in out.stdout
+    default = _run("slurm_gpu.sh", "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-task", "48", "--config", "c.py",
+                   "--workdir", "/w", "--dry-run")
+    assert f"source {ROOT}/.venv/bin/activate" in default.stdout and "srun --cpus-per-task=48 " in default.stdout
+    missing = subprocess.run(["bash", str(ROOT / "launch" / "slurm_gpu.sh"), "--nodes", "1", "--config", "c.py",
+                              "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
+                             env={**os.environ, "MLCD_JAX_VENV": str(tmp_path / "none")})
+    assert missing.returncode == 2 and f"no virtual environment at {tmp_path / 'none'}" in missing.stderr
 
 
 def test_single_host_dry_run_and_missing_arguments():
@@ -146,3 +156,14 @@ def test_single_host_dry_run_and_missing_arguments():
     for script in ("single_host.sh", "tpu_pod.sh", "slurm_gpu.sh"):
         bad = _run(script, "--dry-run")
         assert bad.returncode == 2 and any(word in bad.stderr for word in ("missing", "need", "required"))
+
+
+def test_vitl14_without_data_names_the_keys_and_the_recipe(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mlcd_jax.main", "--config=configs/vitl14.py",
+                          f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("config error:")]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
+    assert "--config.data.shards=" in errors[0] and "--config.data.cluster.source=" in errors[0]
+    section = errors[0].split('launch/README.md, "', 1)[1].rstrip('"')
+    assert f"\n## {section}\n" in (ROOT / "launch" / "README.md").read_text()
