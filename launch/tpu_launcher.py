@@ -35,10 +35,14 @@ RUNTIMES = {  # accelerator generation -> TPU VM runtime image (Cloud TPU docs)
 WAITING = {"ACCEPTED", "CREATING", "PROVISIONING", "WAITING_FOR_RESOURCES"}
 POLL_SECONDS = float(os.environ.get("MLCD_JAX_POLL_SECONDS", "30"))
 
-# Python >= 3.11 for the venv: python3.12 / python3.11 / python3 on PATH, else one installed by uv.
+# Refused while the trainer runs. Python >= 3.11 for the venv: python3.12 / python3.11 / python3 on PATH,
+# else one installed by uv. The tree is unpacked again and the package reinstalled on every call.
 INSTALL = r"""
 set -euo pipefail
 cd "$HOME"
+if [ -s mlcd_jax_run/train.pid ] && kill -0 "$(cat mlcd_jax_run/train.pid)" 2>/dev/null; then
+  echo "mlcd_jax: $HOSTNAME is training (pid $(cat mlcd_jax_run/train.pid)); stop it first" >&2; exit 1
+fi
 ok() { "$1" -c "import sys; assert sys.version_info >= (3, 11)" 2>/dev/null; }
 if [ ! -x mlcd_jax_venv/bin/python ] || ! ok mlcd_jax_venv/bin/python; then
   PY=""
@@ -62,14 +66,11 @@ mlcd_jax_venv/bin/python -m pip install -q "mlcd_jax[tpu] @ file://$HOME/PACKAGE
 echo "$HOSTNAME: mlcd_jax installed in ~/mlcd_jax_venv ($(mlcd_jax_venv/bin/python --version))"
 """.replace("PACKAGE", PACKAGE)
 
-# The trainer, detached (setsid + nohup, stdin closed): it survives the ssh session; its pid and exit
-# status land in ~/mlcd_jax_run. Placeholders: LOG (log file), ARGS (the quoted trainer arguments).
+# The trainer, detached (setsid + nohup, stdin closed; after INSTALL, which refuses while one runs): it
+# survives the ssh session; its pid and exit status land in ~/mlcd_jax_run. Placeholders: LOG (log file), ARGS (the quoted trainer arguments).
 START = r"""
 set -euo pipefail
 mkdir -p "$HOME/mlcd_jax_run" && cd "$HOME/mlcd_jax_run"
-if [ -f train.pid ] && kill -0 "$(cat train.pid)" 2>/dev/null; then
-  echo "mlcd_jax: $HOSTNAME is already training (pid $(cat train.pid)); stop it first" >&2; exit 1
-fi
 rm -f train.rc train.pid
 log=LOG; mkdir -p "$(dirname "$log")"; echo "$log" > log_path
 setsid nohup bash -c "\"\$@\" & echo \$! > train.pid; wait \$!; echo \$? > train.rc" trainer \
@@ -137,9 +138,9 @@ class Slice:
                 print(shlex.join(cmd), flush=True)
             return
         procs = [subprocess.Popen(cmd) for cmd in cmds]
-        failed = [shlex.join(cmd) for cmd, p in zip(cmds, procs) if p.wait()]
+        failed = [node for node, p in zip(self.nodes, procs) if p.wait()]
         if failed:
-            raise SystemExit("tpu_pod: failed on a worker: " + "; ".join(failed))
+            raise SystemExit(f"tpu_pod: failed on a worker of {', '.join(failed)} (its output is above)")
 
     # -- the slice --------------------------------------------------------------------------------
     def state(self) -> str | None:

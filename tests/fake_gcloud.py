@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 STATE_DIR = Path(os.environ["FAKE_GCLOUD_DIR"])
 STATE = STATE_DIR / "state.json"
@@ -63,7 +64,7 @@ def option(args: list[str], name: str, default: str | None = None) -> str | None
     return default
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     print(f"ERROR: (gcloud) {message}", file=sys.stderr)
     sys.exit(code)
 

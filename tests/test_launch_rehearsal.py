@@ -63,10 +63,10 @@ class Launcher:
         self.env = {**os.environ, "GCLOUD": str(gcloud), "PYTHON": sys.executable, "MLCD_JAX_POLL_SECONDS": "0.1",
                     "FAKE_GCLOUD_DIR": str(self.state), "FAKE_GCLOUD_PYTHON": python, "FAKE_GCLOUD_WORKERS": "2"}
 
-    def __call__(self, command: str, *args: str) -> str:
+    def __call__(self, command: str, *args: str, ok: bool = True) -> str:
         out = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), command, *SLICE, *args],
                              env=self.env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, f"{command}: {out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        assert (out.returncode == 0) == ok, f"{command}: {out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         return out.stdout + out.stderr
 
     def gcloud(self, *args: str) -> None:
@@ -105,6 +105,7 @@ def test_launcher_cycle_on_a_fake_slice(tmp_path, cache, reference, python):
 
         launch("run", *run)  # returns at once; the trainers run on, detached
         assert launch("status").count(": training (pid") == 2
+        assert launch("run", *run, ok=False).count("is training (pid") == 2  # nothing reinstalled under it
         launch.wait(lambda: (workdir / "metrics.jsonl").exists() and 2 in _losses(workdir), "step 2")
         logs = launch("logs")
         assert "rehearsal-w-0: step " in logs and "rehearsal-w-1: step " in logs
