@@ -32,7 +32,8 @@ RUNTIMES = {  # accelerator generation -> TPU VM runtime image (Cloud TPU docs)
     "v5p": "v2-alpha-tpuv5",
     "v6e": "v2-alpha-tpuv6e",
 }
-WAITING = {"ACCEPTED", "CREATING", "PROVISIONING", "WAITING_FOR_RESOURCES"}
+# States of a queued resource, or of a node of an ACTIVE one, that pass by themselves: wait for ACTIVE.
+WAITING = {"ACCEPTED", "CREATING", "PROVISIONING", "WAITING_FOR_RESOURCES", "STARTING", "RESTARTING", "REPAIRING"}
 POLL_SECONDS = float(os.environ.get("MLCD_JAX_POLL_SECONDS", "30"))
 
 # Refused while the trainer runs. Python >= 3.11 for the venv: python3.12 / python3.11 / python3 on PATH,
@@ -176,7 +177,7 @@ class Slice:
     def wait_active(self) -> None:
         """Polls the queued resource until it is ACTIVE with every node READY."""
         while (state := self.state()) != "ACTIVE" and not self.args.dry_run:
-            if state not in WAITING and state not in (None, "CREATING"):
+            if state is not None and state not in WAITING:
                 raise SystemExit(f"tpu_pod: queued resource {self.args.name} is {state}")
             print(f"{self.args.name}: {state or 'not visible yet'}; waiting", flush=True)
             time.sleep(POLL_SECONDS)
