@@ -1,14 +1,15 @@
 """Plan a run before renting the hardware: compile the full train step ahead of time for a TPU slice.
 
-``python -m mlcd_jax.aot --config=configs/vitl14.py --topology=v5p-64 [--json=OUT.json] [--config.key=value ...]``
+``python -m mlcd_jax.aot --config=configs/vitl14.py --topology=v5p-64 [--num-slices=N] [--json=OUT.json] [--config.key=value ...]``
 
 The step the trainer runs (uint8 canvases cropped and flipped on device, ViT, sharded prototype head,
 optimizer update, state donated) is lowered on abstract arrays and compiled by libtpu for the named
 slice, on any machine and without TPU hardware (``pip install 'mlcd_jax[tpu]'``). ``--topology=cpu:N``
 compiles for N fake CPU devices instead (no libtpu; XLA:CPU's memory plan approximates an
-accelerator's). Prints, and writes to ``--json``::
+accelerator's). ``--num-slices=N`` compiles for N such slices (multislice: the mesh's data axis spans
+them). Prints, and writes to ``--json``::
 
-    {"topology", "num_chips", "hbm_bytes_per_chip",
+    {"topology", "num_slices", "num_chips" (per slice), "hbm_bytes_per_chip",
      "per_chip": {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"},
      "fits", "xla_flops_per_step", "model_flops_per_step"}
 
@@ -44,6 +45,7 @@ def _define_flags() -> None:
     benchmarks) next to ``mlcd_jax.main`` must not define a second ``--config``."""
     config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice (v4-8, v5e-16, v5litepod-16, v5p-64, v6e-8, ...) or cpu:N.")
+    flags.DEFINE_integer("num-slices", 1, "Slices of --topology (multislice over DCN); TPU topologies only.")
     flags.DEFINE_string("json", None, "Also write the plan to this file.")
     flags.mark_flags_as_required(["config", "topology"])
 
@@ -128,11 +130,13 @@ def quiet_libtpu() -> None:
         os.environ.setdefault(key, value)
 
 
-def devices(topology: Topology) -> list[Any]:
-    """Compile-only TPU devices of the slice (libtpu), or this process's CPU devices."""
+def devices(topology: Topology, num_slices: int = 1) -> list[Any]:
+    """Compile-only TPU devices of ``num_slices`` slices (libtpu), or this process's CPU devices."""
     import jax
 
     if topology.generation is None:
+        if num_slices != 1:
+            raise ValueError(f"topology {topology.name}: several slices need a TPU topology")
         found = jax.devices("cpu")
         if len(found) != topology.num_chips:
             raise ValueError(f"topology {topology.name}: this process has {len(found)} CPU devices "
@@ -147,7 +151,7 @@ def devices(topology: Topology) -> list[Any]:
     name = f"{topology.generation.prefix}:{'x'.join(map(str, grid))}"
     return topologies.get_topology_desc(
         platform="tpu", topology_name=name, chip_config_name=topology.generation.chip_config,
-        chips_per_host_bounds=host, num_slices=1,
+        chips_per_host_bounds=host, num_slices=num_slices,
     ).devices
 
 
@@ -166,15 +170,16 @@ def _reported_usage(message: str) -> tuple[int, bool] | None:
     return None
 
 
-def plan(config: Any, topology: Topology) -> dict[str, Any]:
-    """Compiles the train step of ``config`` for ``topology`` and returns the contract's dict."""
+def plan(config: Any, topology: Topology, num_slices: int = 1) -> dict[str, Any]:
+    """Compiles the train step of ``config`` for ``num_slices`` slices of ``topology`` and returns the
+    contract's dict."""
     import jax
     import jax.numpy as jnp
 
     from mlcd_jax import sharding, train
     from mlcd_jax.data import pipeline
 
-    mesh = sharding.make_mesh(dict(config.mesh), devices=devices(topology))
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices(topology, num_slices))
     train.validate(config, mesh)
     steps = config.num_train_steps if config.num_train_steps > 0 else 10_000  # shapes only
     setup = train.TrainSetup.create(config, mesh, steps)
@@ -198,7 +203,7 @@ def plan(config: Any, topology: Topology) -> dict[str, Any]:
                                          crop_scale=tuple(config.data.crop_scale))
 
     result: dict[str, Any] = {
-        "topology": topology.name, "num_chips": topology.num_chips,
+        "topology": topology.name, "num_slices": num_slices, "num_chips": topology.num_chips,
         "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
         "per_chip": dict.fromkeys(("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")),
         "fits": False, "xla_flops_per_step": None, "model_flops_per_step": setup.flops_per_step,
@@ -250,10 +255,10 @@ def main(argv: list[str]) -> None:
 
     config = FLAGS.config
     print(f"compiling {config.model.name} @ {config.data.image_size}px, k={config.loss.num_classes:,}, "
-          f"global batch {config.batch_size:,} for {topology.name} ({topology.num_chips} chips)",
-          file=sys.stderr, flush=True)
+          f"global batch {config.batch_size:,} for {FLAGS['num-slices'].value} x {topology.name} "
+          f"({topology.num_chips} chips each)", file=sys.stderr, flush=True)
     try:
-        result = plan(config, topology)
+        result = plan(config, topology, FLAGS["num-slices"].value)
     except ValueError as err:  # train.ConfigError too
         sys.exit(f"config error: {err}")
     text = json.dumps(result, indent=2)

@@ -53,7 +53,10 @@ def with_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.data.shards:
         return config
     if not config.data.cluster or not config.data.cluster.get("source"):
-        raise ConfigError("data.shards is empty and data.cluster.source is not set: nothing to train on")
+        raise ConfigError("nothing to train on: set --config.data.shards=DIR_OR_GLOB (a clustering job's "
+                          "ArrayRecord shards, e.g. gs://BUCKET/mlcd_cluster) or --config.data.cluster.source=SPEC "
+                          "(images to cluster first); from LAION to shards to a run: launch/README.md, "
+                          "\"At scale: LAION to a trained L/14\"")
     finished = epath.Path(cluster_cache_dir(config), "manifest.json").exists()
     if jax.process_count() > 1 and not finished and config.data.cluster.get("teacher", "").startswith("checkpoint:"):
         raise ConfigError(f"data.cluster.teacher={config.data.cluster.teacher}: a run's checkpoint cannot be read by "

@@ -1,6 +1,7 @@
 """Entry point: ``python -m mlcd_jax.main --config=configs/<name>.py --workdir=DIR [--config.key=value ...]``.
 
-Initialises multi-process JAX first (explicit flags, or discovered on TPU pods and SLURM), then runs the
+Initialises multi-process JAX first (explicit flags, the ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment, or discovered on TPU pods and SLURM), then runs the
 experiment of ``config.mode`` (``train``: cluster if needed, train, evaluate; ``eval``: evaluate a
 trained workdir). Configuration errors are printed as one line and exit with status 2.
 """
@@ -22,9 +23,11 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, metrics and results.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-process runs (default: $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None,
+                     "Number of processes in a multi-process run (default: $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run (default: $JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,6 +35,24 @@ def _cluster_environment() -> bool:
     """True on a multi-host TPU slice or a multi-task SLURM job, where jax discovers its peers."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def distributed_settings() -> dict[str, Any]:
+    """``jax.distributed.initialize``'s arguments from the flags, else from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (what GKE JobSets, Ray or ssh scripts set); empty when
+    neither names a coordinator or a process count."""
+    env = os.environ
+    settings = {
+        "coordinator_address": FLAGS.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
+        "num_processes": FLAGS.num_processes if FLAGS.num_processes is not None else _env_int("JAX_NUM_PROCESSES"),
+        "process_id": FLAGS.process_id if FLAGS.process_id is not None else _env_int("JAX_PROCESS_ID"),
+    }
+    return settings if settings["coordinator_address"] or settings["num_processes"] else {}
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value else None
 
 
 def prepare_process(config: ml_collections.ConfigDict) -> None:
@@ -111,14 +132,11 @@ def main(argv: list[str], mode: str | None = None) -> None:
     prepare_process(config)
     import jax
 
-    if FLAGS.coordinator_address or FLAGS.num_processes:
+    settings = distributed_settings()
+    if settings:
         # CPU devices need a cross-process collectives backend (GPUs/TPUs bring their own; harmless there).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
+        jax.distributed.initialize(**settings)
     elif _cluster_environment():
         jax.distributed.initialize()
     logging.info(

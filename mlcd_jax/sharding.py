@@ -142,10 +142,15 @@ def make_mesh(
 ) -> Mesh:
     """Builds a mesh over ``devices`` (default: all) from name/size pairs, -1 meaning the rest.
 
-    The default spec is pure data parallelism over the standard axes ``data``/``fsdp``/``model``.
+    The default spec is pure data parallelism over the standard axes ``data``/``fsdp``/``model``. Devices
+    of several TPU slices (multislice: they carry ``slice_index``) get a hybrid mesh whose ``data`` axis
+    is split over the slices first, so only data-parallel traffic crosses the slower network between them.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(spec or {"data": -1, "fsdp": 1, "model": 1}, len(devices))
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        return Mesh(_multislice_grid(shape, devices, num_slices), tuple(shape.keys()))
     try:
         grid = mesh_utils.create_device_mesh(
             tuple(shape.values()), devices=devices, allow_split_physical_axes=True
@@ -153,6 +158,18 @@ def make_mesh(
     except (AssertionError, NotImplementedError, ValueError):
         grid = np.asarray(devices).reshape(tuple(shape.values()))
     return Mesh(grid, tuple(shape.keys()))
+
+
+def _multislice_grid(shape: Mapping[str, int], devices: Sequence[jax.Device], num_slices: int) -> np.ndarray:
+    """The device grid over several TPU slices: the ``data`` axis spans the slices (over DCN, outermost),
+    every other axis stays inside a slice (ICI)."""
+    data = shape.get("data", 1)
+    if data % num_slices:
+        raise ValueError(f"mesh data axis {data} is not a multiple of the {num_slices} slices: only the data "
+                         f"axis crosses slices (set --config.mesh.data to a multiple of {num_slices})")
+    ici = tuple(n // num_slices if name == "data" else n for name, n in shape.items())
+    dcn = tuple(num_slices if name == "data" else 1 for name in shape)
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
 
 
 def logical_to_mesh_spec(logical_axes: Sequence[str | None], rules: Rules | None = None) -> P:

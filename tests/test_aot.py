@@ -13,7 +13,7 @@ from mlcd_jax import aot
 from mlcd_jax.models import flops_per_image, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"topology", "num_chips", "hbm_bytes_per_chip", "per_chip", "fits", "xla_flops_per_step",
+KEYS = {"topology", "num_slices", "num_chips", "hbm_bytes_per_chip", "per_chip", "fits", "xla_flops_per_step",
         "model_flops_per_step"}
 PER_CHIP = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"}
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -71,6 +71,28 @@ def test_compiles_for_a_tpu_slice_with_libtpu(tmp_path, topology, chips, hbm_gib
     _check_contract(result, topology, chips, 8 * chips)
     assert result["hbm_bytes_per_chip"] == hbm_gib * 2**30 and result["fits"] is True
     assert "metadata" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr  # libtpu kept quiet
+
+
+@needs_libtpu
+def test_compiles_for_two_slices_with_the_data_axis_across_them():
+    out = _run("v5p-8", "--num-slices=2", "--config.batch_size=64", "--config.mesh.data=2", "--config.mesh.fsdp=-1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert set(result) == KEYS and (result["num_slices"], result["num_chips"], result["fits"]) == (2, 4, True)
+    assert result["per_chip"]["argument_bytes"] > 3 * 4 * 100_000 * 64 / 8  # the state over all 8 chips
+    bad = _run("v5p-8", "--num-slices=2", "--config.batch_size=64", "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+    assert bad.returncode != 0 and "not a multiple of the 2 slices" in bad.stderr.splitlines()[-1]
+
+
+@needs_libtpu
+def test_multislice_mesh_splits_only_the_data_axis_over_slices():
+    code = ("from mlcd_jax import aot, sharding; aot.quiet_libtpu(); "
+            "mesh = sharding.make_mesh({'data': 4, 'fsdp': 2, 'model': 1}, aot.devices(aot.parse_topology('v5p-8'), 2)); "
+            "print([[d.slice_index for d in row] for row in mesh.devices[:, :, 0]])")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[[0, 0], [0, 0], [1, 1], [1, 1]]"  # an fsdp row: one slice
 
 
 @needs_libtpu
