@@ -79,7 +79,7 @@ def size_cpu_thread_pool() -> None:
     XLA:CPU runs each device's part of a program on a pool of max(cores, devices) threads, and a part
     with a collective holds its thread until every device has arrived. With exactly one thread per fake
     device, one more queued launch took the last thread and deadlocked training on a 2-core box (LiT on
-    emoji; README, "What the image-text demo shows"). Twice the devices leaves room.
+    emoji; docs/results.md, "The image–text demo"). Twice the devices leaves room.
     """
     devices = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
     if devices and int(devices.group(1)) > 1:
