@@ -61,6 +61,7 @@ setup(
     description="Multi-Label Cluster Discrimination (MLCD) vision-encoder training in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["mlcd_jax", "mlcd_jax.*"]),
     install_requires=INSTALL_REQUIRES,
