@@ -15,7 +15,9 @@ from ``config.eval.source`` (train split -> test split), read once per process.
   zero-shot top-1 on the test split with the class names of ``eval.source``, ``zero_shot_top1``; targets
   with a text tower only (LiT and CLIP runs).
 - ``retrieval`` (options ``source``, ``split``, ``limit``): image<->text Recall@1/5/10 on a captioned
-  source's split (e.g. ``emoji``), ``i2t_r@K`` / ``t2i_r@K``; targets with a text tower only.
+  source's split (e.g. ``emoji``, or ``karpathy:DIR/dataset_coco.json`` with split ``test``: COCO /
+  Flickr30k with their five captions per image, :mod:`mlcd_jax.data.karpathy`), ``i2t_r@K`` /
+  ``t2i_r@K``; targets with a text tower only. ``limit`` counts images.
 - ``pictures``: ``patch_pca.png`` (patch-feature PCA of 8 test images, paper Fig. 6) and
   ``cosine_curves.png`` (loss terms and cosines over training, Fig. 3) in the workdir; trained runs only.
 """
@@ -34,6 +36,7 @@ from etils import epath
 from flax import nnx
 
 from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.data import karpathy
 
 Embed = Callable[[np.ndarray], np.ndarray]
 EncodeText = Callable[[Sequence[str]], np.ndarray]
@@ -146,13 +149,22 @@ class Pictures(Evaluator):
 
 
 @functools.cache
-def _captioned_split(source: str, split: str, limit: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """One split's (images, captions) of a captioned source, read once per process (read-only)."""
-    from mlcd_jax.data.sources import load_captioned
+def _captioned_split(
+    source: str, split: str, limit: int, image_size: int
+) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+    """One split's (images, captions, the image of each caption) of a captioned source, read once per
+    process (read-only): a Karpathy JSON's (several captions per image, stored at ``image_size``), or
+    any other captioned source's (one caption per image)."""
+    if source.startswith(karpathy.PREFIX):
+        found = karpathy.load(source, split, image_size, limit or None)
+        images, captions, image_of = found.images, found.captions, found.image_of
+    else:
+        from mlcd_jax.data.sources import load_captioned
 
-    images, captions = load_captioned(source, split=split, limit=limit or None)
+        images, captions = load_captioned(source, split=split, limit=limit or None)
+        image_of = np.arange(len(captions))
     images.flags.writeable = False
-    return images, tuple(captions)
+    return images, tuple(captions), image_of
 
 
 @dataclasses.dataclass
@@ -196,13 +208,12 @@ class Retrieval(Evaluator):
             return {}
         from mlcd_jax.evaluate.zero_shot import retrieval_recall
 
-        from mlcd_jax.data.sources import SourceError
-
         try:
-            images, captions = _captioned_split(self.source or self.config.eval.source, self.split, self.limit)
-        except SourceError as err:
+            images, captions, image_of = _captioned_split(self.source or self.config.eval.source, self.split,
+                                                          self.limit, self.config.data.image_size)
+        except ValueError as err:  # a SourceError, or a Karpathy JSON / image that does not read
             raise ConfigError(f"evals.{self.name}: {err}") from None
-        return retrieval_recall(target.features(images), target.encode_text(captions))
+        return retrieval_recall(target.features(images), target.encode_text(captions), image_of=image_of)
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {

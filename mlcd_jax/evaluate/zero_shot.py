@@ -3,8 +3,9 @@
 Zero-shot (CLIP's protocol): each class name is written into every template, the text tower embeds the
 prompts, their L2-normalised embeddings are averaged per class and normalised again; an image is
 assigned the class whose embedding has the highest cosine with its (normalised) image embedding.
-Retrieval: paired images and captions, Recall@K both ways (image->text: is the image's own caption
-among the K captions nearest to it; text->image likewise).
+Retrieval: images and their captions (one or several each, as COCO's and Flickr's five), Recall@K both
+ways (image->text: is one of the image's captions among the K captions nearest to it; text->image: is
+the caption's image among the K images nearest to it).
 """
 
 from __future__ import annotations
@@ -49,17 +50,27 @@ def zero_shot_top1(image_features: np.ndarray, labels: np.ndarray, classes: np.n
 
 
 def retrieval_recall(
-    image_features: np.ndarray, text_features: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+    image_features: np.ndarray, text_features: np.ndarray, ks: Sequence[int] = (1, 5, 10),
+    image_of: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """``{"i2t_r@K": ..., "t2i_r@K": ...}`` for paired rows (row i of each is one pair)."""
-    if len(image_features) != len(text_features):
-        raise ValueError(f"{len(image_features)} images but {len(text_features)} captions: retrieval needs pairs")
-    sim = _normalize(image_features) @ _normalize(text_features).T
-    out = {}
-    for name, scores in (("i2t", sim), ("t2i", sim.T)):
-        # rank of the true pair = other candidates scoring at least as high (a tie counts against it, so
-        # a collapsed model that scores everything alike gets chance-level recall, not a perfect one)
-        rank = np.sum(scores >= np.diag(scores)[:, None], axis=1) - 1
-        for k in ks:
-            out[f"{name}_r@{k}"] = float(np.mean(rank < k))
-    return out
+    """``{"i2t_r@K": ..., "t2i_r@K": ...}``: Recall@K both ways.
+
+    ``image_of[j]`` is the image caption j describes (default: row j of each is one pair). Image->text
+    is a hit when any of the image's captions is among the K texts nearest to it; text->image when the
+    caption's image is among the K nearest images. A tie with a wrong candidate counts against the true
+    one (a collapsed model that scores everything alike gets chance-level recall, not a perfect one).
+    """
+    image_of = np.arange(len(text_features)) if image_of is None else np.asarray(image_of)
+    if image_of.shape != (len(text_features),) or not np.all((image_of >= 0) & (image_of < len(image_features))):
+        raise ValueError(f"{len(image_features)} images and {len(text_features)} captions: every caption needs "
+                         "the index of its image (image_of)")
+    if np.bincount(image_of, minlength=len(image_features)).min() == 0:
+        raise ValueError("an image without a caption: retrieval needs every image captioned")
+    sim = _normalize(image_features) @ _normalize(text_features).T  # [images, texts]
+    true = image_of[None, :] == np.arange(len(image_features))[:, None]
+    best_true = np.where(true, sim, -np.inf).max(axis=1)  # each image's best-scoring caption
+    ranks = {
+        "i2t": np.sum(~true & (sim >= best_true[:, None]), axis=1),  # wrong captions at least as close
+        "t2i": np.sum(~true & (sim >= sim[image_of, np.arange(len(image_of))][None, :]), axis=0),
+    }
+    return {f"{name}_r@{k}": float(np.mean(rank < k)) for name, rank in ranks.items() for k in ks}
