@@ -64,6 +64,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["mlcd_jax", "mlcd_jax.*"]),
+    package_data={"mlcd_jax.evaluate": ["imagenet.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -65,7 +65,7 @@ def test_zero_shot_reads_the_class_names_once_and_they_are_no_option(monkeypatch
     assert calls == [(c.eval.source, "test")]  # once, when built
     with c.unlocked():
         c.evals.zs = {"type": "zero_shot", "names": ["x"]}
-    with pytest.raises(ConfigError, match=r"zero_shot has no options \['names'\]; its options: \['templates'\]"):
+    with pytest.raises(ConfigError, match=r"zero_shot has no options \['names'\]; its options: \['templates', 'class_names'\]"):
         ev.build_evaluators(c)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.data import karpathy
 from mlcd_jax.evaluate import zero_shot
-from mlcd_jax.evaluate.evaluators import Retrieval, Target
+from mlcd_jax.evaluate.evaluators import Retrieval, Target, ZeroShot
 
 
 def _reference(sim: np.ndarray, image_of: np.ndarray, k: int) -> tuple[float, float]:
@@ -96,3 +96,23 @@ def test_the_retrieval_evaluator_reads_a_karpathy_json(tmp_path):
     bad = Retrieval(name="coco", every=0, config=config, source=spec, split="testing")
     with pytest.raises(ConfigError, match="evals.coco: .*split 'testing'"):
         bad(Target("model", embed, encode_text=encode_text))
+
+
+def test_imagenet_zero_shot_uses_clips_names_and_80_templates(tmp_path):
+    """A folder of 1,000 synset directories (names are WordNet ids) prompts with CLIP's ImageNet names."""
+    names, templates = zero_shot.CLASS_NAMES["imagenet"], zero_shot.TEMPLATES["clip80"]
+    assert len(names) == 1000 and names[:3] == ("tench", "goldfish", "great white shark")
+    assert len(set(templates)) == 80 and all(t.count("{}") == 1 for t in templates)
+    for i in range(1000):  # label order = sorted synset ids
+        (tmp_path / "test" / f"n{i:08d}").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "test" / f"n{i:08d}" / "a.png")
+    config = ml_collections.ConfigDict({"eval": {"source": f"folder:{tmp_path}"}})
+    evaluator = ZeroShot(name="zs", every=0, config=config, templates="clip80", class_names="imagenet")
+    assert evaluator._names == list(names)
+    own = ZeroShot(name="zs", every=0, config=config)
+    assert own._names[:2] == ["n00000000", "n00000001"]
+    with pytest.raises(ConfigError, match="evals.zs.class_names='coco': use '' .* or one of imagenet"):
+        ZeroShot(name="zs", every=0, config=config, class_names="coco")
+    config.eval.source = "digits"
+    with pytest.raises(ConfigError, match="has 10 classes but class_names='imagenet' names 1000"):
+        ZeroShot(name="zs", every=0, config=config, class_names="imagenet")

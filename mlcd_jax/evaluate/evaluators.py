@@ -11,9 +11,10 @@ from ``config.eval.source`` (train split -> test split), read once per process.
 
 - ``knn`` (option ``k``): cosine k-NN top-1, ``knn_top1``.
 - ``linear_probe``: CLIP-protocol logistic regression top-1, ``linear_top1``.
-- ``zero_shot`` (option ``templates``, a name in :data:`mlcd_jax.evaluate.zero_shot.TEMPLATES`): CLIP-protocol
-  zero-shot top-1 on the test split with the class names of ``eval.source``, ``zero_shot_top1``; targets
-  with a text tower only (LiT and CLIP runs).
+- ``zero_shot`` (options ``templates``, a name in :data:`mlcd_jax.evaluate.zero_shot.TEMPLATES`, e.g.
+  ``clip80``; ``class_names``, ``imagenet`` for CLIP's ImageNet-1K names where the source's are WordNet
+  ids): CLIP-protocol zero-shot top-1 on the test split with the class names of ``eval.source``,
+  ``zero_shot_top1``; targets with a text tower only (LiT and CLIP runs).
 - ``retrieval`` (options ``source``, ``split``, ``limit``): image<->text Recall@1/5/10 on a captioned
   source's split (e.g. ``emoji``, or ``karpathy:DIR/dataset_coco.json`` with split ``test``: COCO /
   Flickr30k with their five captions per image, :mod:`mlcd_jax.data.karpathy`), ``i2t_r@K`` /
@@ -170,21 +171,29 @@ def _captioned_split(
 @dataclasses.dataclass
 class ZeroShot(Evaluator):
     templates: str = "simple"
-    # eval.source's test-split class names, read once when the evaluator is built (None without eval.source)
+    class_names: str = ""  # "" = eval.source's own; "imagenet" = CLIP's 1,000 ImageNet names (label order)
+    # the class names of the prompts, read once when the evaluator is built (None without eval.source)
     _names: list[str] | None = dataclasses.field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from mlcd_jax.evaluate.zero_shot import TEMPLATES
+        from mlcd_jax.evaluate.zero_shot import CLASS_NAMES, TEMPLATES
 
         from mlcd_jax.data.sources import class_names
 
         if self.templates not in TEMPLATES:
             raise ConfigError(f"evals.{self.name}.templates={self.templates!r}: choose one of {', '.join(TEMPLATES)}")
+        if self.class_names and self.class_names not in CLASS_NAMES:
+            raise ConfigError(f"evals.{self.name}.class_names={self.class_names!r}: use '' (the source's own) or "
+                              f"one of {', '.join(CLASS_NAMES)}")
         if self.config.eval.source:  # checked before any training
-            self._names = class_names(self.config.eval.source, "test")
+            own = class_names(self.config.eval.source, "test")
+            self._names = list(CLASS_NAMES[self.class_names]) if self.class_names else own
             if not self._names:
                 raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has no class names "
-                                  "for zero-shot prompts")
+                                  "for zero-shot prompts (class_names='imagenet' gives ImageNet-1K's)")
+            if own and len(own) != len(self._names):
+                raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has {len(own)} classes "
+                                  f"but class_names={self.class_names!r} names {len(self._names)}")
 
     def __call__(self, target: Target) -> dict[str, float]:
         if target.encode_text is None:

@@ -10,23 +10,34 @@ the caption's image among the K images nearest to it).
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from mlcd_jax.data.sources import CAPTION_TEMPLATES
 
+# CLIP's ImageNet-1K class names (label order: sorted WordNet ids, as tfds's imagenet2012 and a folder
+# of synset directories) and its 80 prompt templates; imagenet.json names their source and licence.
+IMAGENET: dict = json.loads((importlib.resources.files("mlcd_jax.evaluate") / "imagenet.json").read_text("utf-8"))
+
 # Prompt templates by name. "simple": one prompt; "clip7": the seven templates CLIP's prompt-engineering
-# notebook selected from its 80 ImageNet prompts; "captions": the templates the raw-pixel sources write
-# their training captions with (mlcd_jax.data.sources.CAPTION_TEMPLATES), the demo's ensemble.
+# notebook selected from its 80 ImageNet prompts; "clip80": all 80 (the papers' ImageNet zero-shot);
+# "captions": the templates the raw-pixel sources write their training captions with
+# (mlcd_jax.data.sources.CAPTION_TEMPLATES), the demo's ensemble.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "simple": ("a photo of a {}.",),
     "clip7": (
         "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
         "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
     ),
+    "clip80": tuple(IMAGENET["templates"]),
     "captions": tuple(CAPTION_TEMPLATES),
 }
+
+# Built-in class-name lists by name, for sources whose own names are ids (ImageNet's WordNet synsets).
+CLASS_NAMES: dict[str, tuple[str, ...]] = {"imagenet": tuple(IMAGENET["class_names"])}
 
 EncodeText = Callable[[Sequence[str]], np.ndarray]
 
