@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "portpicker>=1.6",
+    "huggingface-hub>=0.30",  # hf-hub:ORG/NAME checkpoint ids (mlcd_jax.interop.hub), its cache and offline mode
     # CLIP's BPE tokenizer (mlcd_jax.data.tokenizer). Wheels for CPython 3.11 and 3.12 only and no sdist
     # of 0.1.1, so it is skipped elsewhere; importing the tokenizer there says what is missing.
     'instant-clip-tokenizer>=0.1.1; python_version < "3.13"',
