@@ -24,8 +24,7 @@ read from the program libtpu compiled (its optimized HLO, dumped to a temporary 
 every collective that spans slices to megascale ``send`` ops, one per chip and cross-slice hop, and
 ``bytes_per_chip`` sums their payloads (``by_collective``: per ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER,
 ...); ``bytes_per_step`` is that times all chips of all slices. One slice sends nothing (all zeros);
-``cpu:N``, and a program that does not fit, give null. The train step has no loops, so each send runs
-once a step. Slice names follow Cloud TPU: ``v4-N`` and
+``cpu:N``, and a program that does not fit, give null. Slice names follow Cloud TPU: ``v4-N`` and
 ``v5p-N`` count TensorCores (two per chip), ``v5e-N`` / ``v5litepod-N`` and ``v6e-N`` count chips.
 """
 
@@ -184,6 +183,10 @@ _STEP_MODULE = "jit_step_fn"
 # A megascale send: "%send.3 = (bf16[24,8,128]{...}, u32[]..., token[]) send(...), ...
 # _xla_megascale_transfer_type="ALL_REDUCE"": its payload is the tuple's first shape.
 _SEND = re.compile(r"= \((\w+)\[([\d,]*)\][^ ]* .* send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+_COMPUTATION = re.compile(r"(ENTRY )?%([\w.-]+) \(")  # a computation's header line
+_CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|false_computation)"
+                     r"=\{?(%[\w.-]+(?:, ?%[\w.-]+)*)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _BITS = re.compile(r"[a-z]+(\d+)")  # an HLO element type's width: s32, bf16, f8e4m3fn; pred is a byte
 
 
@@ -197,13 +200,30 @@ def dump_hlo(directory: str) -> None:
 
 def cross_slice_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes one chip sends to other slices per step, by collective kind, from an optimized HLO module's
-    text (the megascale ``send`` ops libtpu lowers cross-slice collectives to)."""
+    text (the megascale ``send`` ops libtpu lowers cross-slice collectives to). A send inside a loop
+    counts once per iteration (XLA's ``known_trip_count``; a loop without one counts once)."""
+    blocks: list[tuple[str, list[str]]] = []
+    entry = ""
+    for line in hlo_text.splitlines():
+        if header := _COMPUTATION.match(line):
+            blocks.append((header.group(2), []))
+            entry = header.group(2) if header.group(1) else entry
+        elif blocks:
+            blocks[-1][1].append(line)
+    runs = dict.fromkeys((name for name, _ in blocks), 0) | {entry: 1}  # times each computation runs a step
     sent: dict[str, int] = {}
-    for m in _SEND.finditer(hlo_text):
-        dtype, dims, kind = m.groups()
-        bits = _BITS.match(dtype)
-        size = math.prod(int(d) for d in dims.split(",") if d) * (int(bits.group(1)) // 8 if bits else 1)
-        sent[kind] = sent.get(kind, 0) + size
+    for name, lines in reversed(blocks):  # callers come after their callees in the text
+        for line in lines:
+            trip = _TRIP.search(line) if " while(" in line else None
+            for key, callees in _CALLED.findall(line):
+                times = runs[name] * (int(trip.group(1)) if trip and key == "body" else 1)
+                for callee in callees.split(","):
+                    runs[callee.strip().lstrip("%")] += times
+            if send := _SEND.search(line):
+                dtype, dims, kind = send.groups()
+                bits = _BITS.match(dtype)
+                size = math.prod(int(d) for d in dims.split(",") if d) * (int(bits.group(1)) // 8 if bits else 1)
+                sent[kind] = sent.get(kind, 0) + size * runs[name]
     return sent
 
 

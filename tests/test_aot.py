@@ -106,7 +106,20 @@ def test_cross_slice_bytes_are_the_megascale_sends_of_the_compiled_step():
         'frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}',
         '  %all-reduce.1 = bf16[64,256]{1,0} all-reduce(%d), channel_id=8, replica_groups={{0,1,2,3}}',
     ])
-    assert aot.cross_slice_bytes(hlo) == {"ALL_REDUCE": 24 * 8 * 128 * 2 + 128 * 4, "ALL_GATHER": 64 * 4}
+    layer = "\n".join([  # a scanned layer sending its gradients: once per iteration
+        "%body.1 (p: (s32[], bf16[4,128])) -> (s32[], bf16[4,128]) {",
+        '  %send.9 = (bf16[4,128]{1,0}, u32[], token[]) send(%g, %after-all.9), channel_id=9, '
+        'frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}',
+        "}",
+        "%cond.1 (p: (s32[], bf16[4,128])) -> pred[] {",
+        "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+        "}",
+    ])
+    entry = "ENTRY %main.1_spmd (param: f32[8]) -> f32[8] {"
+    loop = ('  %while.1 = (s32[], bf16[4,128]) while(%t), condition=%cond.1, body=%body.1, '
+            'backend_config={"known_trip_count":{"n":"24"}}')
+    assert aot.cross_slice_bytes("\n".join([layer, entry, hlo, loop, "}"])) == {
+        "ALL_REDUCE": 24 * 8 * 128 * 2 + 128 * 4 + 24 * 4 * 128 * 2, "ALL_GATHER": 64 * 4}
 
 
 @needs_libtpu
