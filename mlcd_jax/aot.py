@@ -31,6 +31,7 @@ every collective that spans slices to megascale ``send`` ops, one per chip and c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -202,28 +203,37 @@ def cross_slice_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes one chip sends to other slices per step, by collective kind, from an optimized HLO module's
     text (the megascale ``send`` ops libtpu lowers cross-slice collectives to). A send inside a loop
     counts once per iteration (XLA's ``known_trip_count``; a loop without one counts once)."""
-    blocks: list[tuple[str, list[str]]] = []
+    blocks: dict[str, list[str]] = {}
     entry = ""
+    lines: list[str] = []
     for line in hlo_text.splitlines():
         if header := _COMPUTATION.match(line):
-            blocks.append((header.group(2), []))
+            lines = blocks.setdefault(header.group(2), [])
             entry = header.group(2) if header.group(1) else entry
-        elif blocks:
-            blocks[-1][1].append(line)
-    runs = dict.fromkeys((name for name, _ in blocks), 0) | {entry: 1}  # times each computation runs a step
-    sent: dict[str, int] = {}
-    for name, lines in reversed(blocks):  # callers come after their callees in the text
-        for line in lines:
+        else:
+            lines.append(line)
+    callers: dict[str, list[tuple[str, int]]] = {}  # computation -> (caller, times per call of the caller)
+    for name, body in blocks.items():
+        for line in body:
             trip = _TRIP.search(line) if " while(" in line else None
             for key, callees in _CALLED.findall(line):
-                times = runs[name] * (int(trip.group(1)) if trip and key == "body" else 1)
                 for callee in callees.split(","):
-                    runs[callee.strip().lstrip("%")] += times
+                    times = int(trip.group(1)) if trip and key == "body" else 1
+                    callers.setdefault(callee.strip().lstrip("%"), []).append((name, times))
+
+    @functools.cache
+    def runs(name: str) -> int:
+        """How often computation ``name`` runs in one step."""
+        return 1 if name == entry else sum(runs(caller) * times for caller, times in callers.get(name, []))
+
+    sent: dict[str, int] = {}
+    for name, body in blocks.items():
+        for line in body:
             if send := _SEND.search(line):
                 dtype, dims, kind = send.groups()
                 bits = _BITS.match(dtype)
                 size = math.prod(int(d) for d in dims.split(",") if d) * (int(bits.group(1)) // 8 if bits else 1)
-                sent[kind] = sent.get(kind, 0) + size * runs[name]
+                sent[kind] = sent.get(kind, 0) + size * runs(name)
     return sent
 
 

@@ -118,7 +118,7 @@ def test_cross_slice_bytes_are_the_megascale_sends_of_the_compiled_step():
     entry = "ENTRY %main.1_spmd (param: f32[8]) -> f32[8] {"
     loop = ('  %while.1 = (s32[], bf16[4,128]) while(%t), condition=%cond.1, body=%body.1, '
             'backend_config={"known_trip_count":{"n":"24"}}')
-    assert aot.cross_slice_bytes("\n".join([layer, entry, hlo, loop, "}"])) == {
+    assert aot.cross_slice_bytes("\n".join([entry, hlo, loop, "}", layer])) == {
         "ALL_REDUCE": 24 * 8 * 128 * 2 + 128 * 4 + 24 * 4 * 128 * 2, "ALL_GATHER": 64 * 4}
 
 
