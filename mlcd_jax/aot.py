@@ -187,6 +187,7 @@ _SEND = re.compile(r"= \((\w+)\[([\d,]*)\][^ ]* .* send\(.*_xla_megascale_transf
 _COMPUTATION = re.compile(r"(ENTRY )?%([\w.-]+) \(")  # a computation's header line
 _CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|false_computation)"
                      r"=\{?(%[\w.-]+(?:, ?%[\w.-]+)*)")
+_DEF = re.compile(r"\s+(?:ROOT )?%([\w.-]+) = ")  # an instruction's name
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _BITS = re.compile(r"[a-z]+(\d+)")  # an HLO element type's width: s32, bf16, f8e4m3fn; pred is a byte
 
@@ -202,7 +203,7 @@ def dump_hlo(directory: str) -> None:
 def cross_slice_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes one chip sends to other slices per step, by collective kind, from an optimized HLO module's
     text (the megascale ``send`` ops libtpu lowers cross-slice collectives to). A send inside a loop
-    counts once per iteration (XLA's ``known_trip_count``; a loop without one counts once)."""
+    counts once per iteration (see :func:`_trip_count`)."""
     blocks: dict[str, list[str]] = {}
     entry = ""
     lines: list[str] = []
@@ -212,14 +213,14 @@ def cross_slice_bytes(hlo_text: str) -> dict[str, int]:
             entry = header.group(2) if header.group(1) else entry
         else:
             lines.append(line)
+    defs = {m.group(1): line for body in blocks.values() for line in body if (m := _DEF.match(line))}
     callers: dict[str, list[tuple[str, int]]] = {}  # computation -> (caller, times per call of the caller)
     for name, body in blocks.items():
         for line in body:
-            trip = _TRIP.search(line) if " while(" in line else None
+            trip = _trip_count(line, blocks, defs) if " while(" in line else 1
             for key, callees in _CALLED.findall(line):
                 for callee in callees.split(","):
-                    times = int(trip.group(1)) if trip and key == "body" else 1
-                    callers.setdefault(callee.strip().lstrip("%"), []).append((name, times))
+                    callers.setdefault(callee.strip().lstrip("%"), []).append((name, trip if key == "body" else 1))
 
     @functools.cache
     def runs(name: str) -> int:
@@ -235,6 +236,26 @@ def cross_slice_bytes(hlo_text: str) -> dict[str, int]:
                 size = math.prod(int(d) for d in dims.split(",") if d) * (int(bits.group(1)) // 8 if bits else 1)
                 sent[kind] = sent.get(kind, 0) + size * runs(name)
     return sent
+
+
+def _trip_count(loop: str, blocks: dict[str, list[str]], defs: dict[str, str]) -> int:
+    """Iterations of the ``while`` instruction ``loop``: its ``known_trip_count``, else, for a counted
+    loop (``i < N`` in its condition), N minus the counter's constant start (1 after libtpu peeled the
+    first iteration); 1 when neither can be read."""
+    if known := _TRIP.search(loop):
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.-]+)", loop)
+    init = re.search(r" while\(%([\w.-]+)\)", loop)
+    cond = "\n".join(blocks.get(condition.group(1), [])) if condition else ""
+    bound = re.search(r"s32\[\][^ ]* constant\((\d+)\)", cond)
+    if not (init and bound and "direction=LT" in cond):
+        return 1
+    counter = re.search(r" tuple\(%([\w.-]+)", defs.get(init.group(1), ""))
+    line = defs.get(counter.group(1), "") if counter else ""
+    while copied := re.search(r" copy\(%([\w.-]+)\)", line):  # the counter's start, through its copies
+        line = defs.get(copied.group(1), "")
+    start = re.search(r" constant\((\d+)\)", line)
+    return int(bound.group(1)) - (int(start.group(1)) if start else 0)
 
 
 def _cross_slice(hlo_dir: str | None, topology: Topology, num_slices: int) -> dict[str, Any]:

@@ -112,14 +112,22 @@ def test_cross_slice_bytes_are_the_megascale_sends_of_the_compiled_step():
         'frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}',
         "}",
         "%cond.1 (p: (s32[], bf16[4,128])) -> pred[] {",
-        "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+        "  %constant.7 = s32[]{:T(128)} constant(24)",
+        "  %i = s32[]{:T(128)} get-tuple-element(%p), index=0",
+        "  ROOT %lt = pred[] compare(%i, %constant.7), direction=LT",
         "}",
     ])
     entry = "ENTRY %main.1_spmd (param: f32[8]) -> f32[8] {"
-    loop = ('  %while.1 = (s32[], bf16[4,128]) while(%t), condition=%cond.1, body=%body.1, '
-            'backend_config={"known_trip_count":{"n":"24"}}')
-    assert aot.cross_slice_bytes("\n".join([entry, hlo, loop, "}", layer])) == {
-        "ALL_REDUCE": 24 * 8 * 128 * 2 + 128 * 4 + 24 * 4 * 128 * 2, "ALL_GATHER": 64 * 4}
+    loops = [  # XLA's trip count; libtpu's form: i = 1 (the first iteration peeled off) while i < 24
+        '  %while.1 = (s32[], bf16[4,128]) while(%t), condition=%cond.1, body=%body.1, '
+        'backend_config={"known_trip_count":{"n":"24"}}',
+        "  %constant.8 = s32[]{:T(128)} constant(1)",
+        "  %copy.9 = s32[]{:T(128)} copy(%constant.8), backend_config={}",
+        "  %tuple.2 = (s32[], bf16[4,128]) tuple(%copy.9, %g), metadata={}",
+        "  %while.2 = (s32[], bf16[4,128]) while(%tuple.2), condition=%cond.1, body=%body.1",
+    ]
+    assert aot.cross_slice_bytes("\n".join([entry, hlo, *loops, "}", layer])) == {
+        "ALL_REDUCE": 24 * 8 * 128 * 2 + 128 * 4 + (24 + 23) * 4 * 128 * 2, "ALL_GATHER": 64 * 4}
 
 
 @needs_libtpu
