@@ -11,6 +11,7 @@ them). Prints, and writes to ``--json``::
 
     {"topology", "num_slices", "num_chips" (per slice), "hbm_bytes_per_chip",
      "per_chip": {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"},
+     "cross_slice": {"bytes_per_chip", "bytes_per_step", "by_collective"},
      "fits", "xla_flops_per_step", "model_flops_per_step"}
 
 ``total_bytes`` = arguments + outputs − donated (aliased) bytes + temporaries: the step's peak. libtpu
@@ -18,19 +19,28 @@ refuses a program larger than the chip's HBM; such a config prints ``fits: false
 compiler reported as ``total_bytes`` (a lower bound when it reports the temporaries alone, which then
 are ``temp_bytes``; the rest of the split is unknown: null). On ``cpu:N`` ``fits`` is null. ``xla_flops_per_step`` is XLA's count for
 one device times the device count; ``model_flops_per_step`` the trainer's MFU convention (3 × the
-backbone's matmul FLOPs per image × global batch). Slice names follow Cloud TPU: ``v4-N`` and
+backbone's matmul FLOPs per image × global batch). ``cross_slice`` counts what one step sends over DCN,
+read from the program libtpu compiled (its optimized HLO, dumped to a temporary folder): libtpu lowers
+every collective that spans slices to megascale ``send`` ops, one per chip and cross-slice hop, and
+``bytes_per_chip`` sums their payloads (``by_collective``: per ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER,
+...); ``bytes_per_step`` is that times all chips of all slices. One slice sends nothing (all zeros);
+``cpu:N``, and a program that does not fit, give null. Slice names follow Cloud TPU: ``v4-N`` and
 ``v5p-N`` count TensorCores (two per chip), ``v5e-N`` / ``v5litepod-N`` and ``v6e-N`` count chips.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import importlib.util
 import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -170,9 +180,100 @@ def _reported_usage(message: str) -> tuple[int, bool] | None:
     return None
 
 
-def plan(config: Any, topology: Topology, num_slices: int = 1) -> dict[str, Any]:
+_STEP_MODULE = "jit_step_fn"
+# A megascale send: "%send.3 = (bf16[24,8,128]{...}, u32[]..., token[]) send(...), ...
+# _xla_megascale_transfer_type="ALL_REDUCE"": its payload is the tuple's first shape.
+_SEND = re.compile(r"= \((\w+)\[([\d,]*)\][^ ]* .* send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+_COMPUTATION = re.compile(r"(ENTRY )?%([\w.-]+) \(")  # a computation's header line
+_CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|false_computation)"
+                     r"=\{?(%[\w.-]+(?:, ?%[\w.-]+)*)")
+_DEF = re.compile(r"\s+(?:ROOT )?%([\w.-]+) = ")  # an instruction's name
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_BITS = re.compile(r"[a-z]+(\d+)")  # an HLO element type's width: s32, bf16, f8e4m3fn; pred is a byte
+
+
+def dump_hlo(directory: str) -> None:
+    """Makes XLA (and libtpu, which reads the same flags) write the train step's optimized HLO as text
+    under ``directory``; call before JAX starts its backends."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (f"{flags_now} --xla_dump_to={directory} --xla_dump_hlo_as_text "
+                               f"--xla_dump_hlo_module_re={_STEP_MODULE}")
+
+
+def cross_slice_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes one chip sends to other slices per step, by collective kind, from an optimized HLO module's
+    text (the megascale ``send`` ops libtpu lowers cross-slice collectives to). A send inside a loop
+    counts once per iteration (see :func:`_trip_count`)."""
+    blocks: dict[str, list[str]] = {}
+    entry = ""
+    lines: list[str] = []
+    for line in hlo_text.splitlines():
+        if header := _COMPUTATION.match(line):
+            lines = blocks.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        else:
+            lines.append(line)
+    defs = {m.group(1): line for body in blocks.values() for line in body if (m := _DEF.match(line))}
+    callers: dict[str, list[tuple[str, int]]] = {}  # computation -> (caller, times per call of the caller)
+    for name, body in blocks.items():
+        for line in body:
+            trip = _trip_count(line, blocks, defs) if " while(" in line else 1
+            for key, callees in _CALLED.findall(line):
+                for callee in callees.split(","):
+                    callers.setdefault(callee.strip().lstrip("%"), []).append((name, trip if key == "body" else 1))
+
+    @functools.cache
+    def runs(name: str) -> int:
+        """How often computation ``name`` runs in one step."""
+        return 1 if name == entry else sum(runs(caller) * times for caller, times in callers.get(name, []))
+
+    sent: dict[str, int] = {}
+    for name, body in blocks.items():
+        for line in body:
+            if send := _SEND.search(line):
+                dtype, dims, kind = send.groups()
+                bits = _BITS.match(dtype)
+                size = math.prod(int(d) for d in dims.split(",") if d) * (int(bits.group(1)) // 8 if bits else 1)
+                sent[kind] = sent.get(kind, 0) + size * runs(name)
+    return sent
+
+
+def _trip_count(loop: str, blocks: dict[str, list[str]], defs: dict[str, str]) -> int:
+    """Iterations of the ``while`` instruction ``loop``: its ``known_trip_count``, else, for a counted
+    loop (``i < N`` in its condition), N minus the counter's constant start (1 after libtpu peeled the
+    first iteration); 1 when neither can be read."""
+    if known := _TRIP.search(loop):
+        return int(known.group(1))
+    condition = re.search(r"condition=%([\w.-]+)", loop)
+    init = re.search(r" while\(%([\w.-]+)\)", loop)
+    cond = "\n".join(blocks.get(condition.group(1), [])) if condition else ""
+    bound = re.search(r"s32\[\][^ ]* constant\((\d+)\)", cond)
+    if not (init and bound and "direction=LT" in cond):
+        return 1
+    counter = re.search(r" tuple\(%([\w.-]+)", defs.get(init.group(1), ""))
+    line = defs.get(counter.group(1), "") if counter else ""
+    while copied := re.search(r" copy\(%([\w.-]+)\)", line):  # the counter's start, through its copies
+        line = defs.get(copied.group(1), "")
+    start = re.search(r" constant\((\d+)\)", line)
+    return int(bound.group(1)) - (int(start.group(1)) if start else 0)
+
+
+def _cross_slice(hlo_dir: str | None, topology: Topology, num_slices: int) -> dict[str, Any]:
+    """The contract's ``cross_slice`` entry from the train step dumped under ``hlo_dir`` (one slice: zeros)."""
+    if num_slices == 1:
+        return {"bytes_per_chip": 0, "bytes_per_step": 0, "by_collective": {}}
+    [path] = glob.glob(os.path.join(hlo_dir, f"*.{_STEP_MODULE}*.after_optimizations.txt"))
+    with open(path) as f:
+        by_collective = cross_slice_bytes(f.read())
+    per_chip = sum(by_collective.values())
+    return {"bytes_per_chip": per_chip, "bytes_per_step": per_chip * topology.num_chips * num_slices,
+            "by_collective": by_collective}
+
+
+def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | None = None) -> dict[str, Any]:
     """Compiles the train step of ``config`` for ``num_slices`` slices of ``topology`` and returns the
-    contract's dict."""
+    contract's dict; ``hlo_dir``: where :func:`dump_hlo` made libtpu write the step (needed for the
+    ``cross_slice`` figures of several slices, null without it)."""
     import jax
     import jax.numpy as jnp
 
@@ -206,7 +307,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1) -> dict[str, Any]
         "topology": topology.name, "num_slices": num_slices, "num_chips": topology.num_chips,
         "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
         "per_chip": dict.fromkeys(("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")),
-        "fits": False, "xla_flops_per_step": None, "model_flops_per_step": setup.flops_per_step,
+        "cross_slice": None, "fits": False, "xla_flops_per_step": None, "model_flops_per_step": setup.flops_per_step,
     }
     t0 = time.perf_counter()
     lowered = train.make_train_step(setup, preprocess).lower(setup.abstract_state, batch)
@@ -231,6 +332,8 @@ def plan(config: Any, topology: Topology, num_slices: int = 1) -> dict[str, Any]
         "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
         "temp_bytes": int(m.temp_size_in_bytes), "total_bytes": int(total),
     }
+    if topology.generation is not None and (num_slices == 1 or hlo_dir is not None):
+        result["cross_slice"] = _cross_slice(hlo_dir, topology, num_slices)
     hbm = topology.hbm_bytes_per_chip
     result["fits"] = None if hbm is None else total <= hbm  # fake CPU devices have no capacity
     cost = compiled.cost_analysis()
@@ -246,21 +349,28 @@ def main(argv: list[str]) -> None:
         topology = parse_topology(FLAGS.topology)
     except ValueError as err:
         sys.exit(f"config error: {err}")
+    hlo_dir = None
     if topology.generation is None:
         flags_now = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags_now:
             os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={topology.num_chips}"
     else:
         quiet_libtpu()
+        if FLAGS["num-slices"].value > 1:
+            hlo_dir = tempfile.mkdtemp(prefix="mlcd_jax_aot_hlo_")
+            dump_hlo(hlo_dir)
 
     config = FLAGS.config
     print(f"compiling {config.model.name} @ {config.data.image_size}px, k={config.loss.num_classes:,}, "
           f"global batch {config.batch_size:,} for {FLAGS['num-slices'].value} x {topology.name} "
           f"({topology.num_chips} chips each)", file=sys.stderr, flush=True)
     try:
-        result = plan(config, topology, FLAGS["num-slices"].value)
+        result = plan(config, topology, FLAGS["num-slices"].value, hlo_dir)
     except ValueError as err:  # train.ConfigError too
         sys.exit(f"config error: {err}")
+    finally:
+        if hlo_dir is not None:
+            shutil.rmtree(hlo_dir, ignore_errors=True)
     text = json.dumps(result, indent=2)
     print(text)
     if FLAGS.json:

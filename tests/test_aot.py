@@ -13,8 +13,8 @@ from mlcd_jax import aot
 from mlcd_jax.models import flops_per_image, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"topology", "num_slices", "num_chips", "hbm_bytes_per_chip", "per_chip", "fits", "xla_flops_per_step",
-        "model_flops_per_step"}
+KEYS = {"topology", "num_slices", "num_chips", "hbm_bytes_per_chip", "per_chip", "cross_slice", "fits",
+        "xla_flops_per_step", "model_flops_per_step"}
 PER_CHIP = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"}
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install 'mlcd_jax[tpu]')")
@@ -70,6 +70,7 @@ def test_compiles_for_a_tpu_slice_with_libtpu(tmp_path, topology, chips, hbm_gib
     assert json.loads((tmp_path / "plan.json").read_text()) == result
     _check_contract(result, topology, chips, 8 * chips)
     assert result["hbm_bytes_per_chip"] == hbm_gib * 2**30 and result["fits"] is True
+    assert result["cross_slice"] == {"bytes_per_chip": 0, "bytes_per_step": 0, "by_collective": {}}
     assert "metadata" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr  # libtpu kept quiet
 
 
@@ -80,8 +81,53 @@ def test_compiles_for_two_slices_with_the_data_axis_across_them():
     result = json.loads(out.stdout)
     assert set(result) == KEYS and (result["num_slices"], result["num_chips"], result["fits"]) == (2, 4, True)
     assert result["per_chip"]["argument_bytes"] > 3 * 4 * 100_000 * 64 / 8  # the state over all 8 chips
+    # Over DCN: the gradients' all-reduce over the data axis (at least each chip's bf16 share of tiny's 2
+    # blocks of 64 x 64 and 64 x 256 matrices, split 4 ways by fsdp) and the prototype head's gathers of
+    # the global batch (each chip's 8 images: a bf16 embedding of 64, int32 top-8 labels).
+    cross = result["cross_slice"]
+    assert cross["bytes_per_chip"] == sum(cross["by_collective"].values()) > 0
+    assert cross["bytes_per_step"] == 8 * cross["bytes_per_chip"]
+    assert cross["by_collective"]["ALL_REDUCE"] > 2 * 2 * (4 * 64 * 64 + 2 * 64 * 256) / 4
+    assert cross["by_collective"]["ALL_GATHER"] >= 8 * (64 * 2 + 8 * 4)
     bad = _run("v5p-8", "--num-slices=2", "--config.batch_size=64", "--config.mesh.data=1", "--config.mesh.fsdp=-1")
     assert bad.returncode != 0 and "not a multiple of the 2 slices" in bad.stderr.splitlines()[-1]
+
+
+def test_cross_slice_bytes_are_the_megascale_sends_of_the_compiled_step():
+    hlo = "\n".join([
+        '  %send = (bf16[24,8,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}, token[]) send(%a, %after-all), channel_id=4, '
+        'is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",'
+        '_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}',
+        '  %send.1 = (s32[8,8]{1,0:T(8,128)}, u32[]{:S(2)}, token[]) send(%b, %after-all.1), channel_id=5, '
+        'frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}',
+        '  %send.2 = (f32[1,1,128]{2,1,0}, u32[]{:S(2)}, token[]) send(%c, %after-all.2), channel_id=6, '
+        'frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}',
+        '  %recv = (s32[16,8]{1,0:T(8,128)}, u32[]{:S(2)}, token[]) recv(%after-all.3), channel_id=7, '
+        'frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}',
+        '  %all-reduce.1 = bf16[64,256]{1,0} all-reduce(%d), channel_id=8, replica_groups={{0,1,2,3}}',
+    ])
+    layer = "\n".join([  # a scanned layer sending its gradients: once per iteration
+        "%body.1 (p: (s32[], bf16[4,128])) -> (s32[], bf16[4,128]) {",
+        '  %send.9 = (bf16[4,128]{1,0}, u32[], token[]) send(%g, %after-all.9), channel_id=9, '
+        'frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}',
+        "}",
+        "%cond.1 (p: (s32[], bf16[4,128])) -> pred[] {",
+        "  %constant.7 = s32[]{:T(128)} constant(24)",
+        "  %i = s32[]{:T(128)} get-tuple-element(%p), index=0",
+        "  ROOT %lt = pred[] compare(%i, %constant.7), direction=LT",
+        "}",
+    ])
+    entry = "ENTRY %main.1_spmd (param: f32[8]) -> f32[8] {"
+    loops = [  # XLA's trip count; libtpu's form: i = 1 (the first iteration peeled off) while i < 24
+        '  %while.1 = (s32[], bf16[4,128]) while(%t), condition=%cond.1, body=%body.1, '
+        'backend_config={"known_trip_count":{"n":"24"}}',
+        "  %constant.8 = s32[]{:T(128)} constant(1)",
+        "  %copy.9 = s32[]{:T(128)} copy(%constant.8), backend_config={}",
+        "  %tuple.2 = (s32[], bf16[4,128]) tuple(%copy.9, %g), metadata={}",
+        "  %while.2 = (s32[], bf16[4,128]) while(%tuple.2), condition=%cond.1, body=%body.1",
+    ]
+    assert aot.cross_slice_bytes("\n".join([entry, hlo, *loops, "}", layer])) == {
+        "ALL_REDUCE": 24 * 8 * 128 * 2 + 128 * 4 + (24 + 23) * 4 * 128 * 2, "ALL_GATHER": 64 * 4}
 
 
 @needs_libtpu

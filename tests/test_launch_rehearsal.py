@@ -1,10 +1,14 @@
-"""The TPU launcher's whole cycle against tests/fake_gcloud.py: a slice of 2 local workers x 4 CPU devices.
+"""The TPU launcher's whole cycle against tests/fake_gcloud.py: a slice of 2 local workers x 4 CPU devices,
+on the at-scale chain in miniature (launch/README.md, "At scale").
 
-create (queued, then ACTIVE) -> install this checkout into each worker's fresh venv -> run detached ->
-logs -> stop (SIGTERM: checkpoint, exit 75 on both workers) -> the spot slice is preempted -> run
-(deletes and recreates the slice, installs again, resumes) -> the per-step losses equal an uninterrupted
-one-process run's -> delete. Once with a python3.11 on the workers' PATH, once with only Ubuntu 22.04's
-python3 (3.10), where the launcher gets 3.11 through uv. The cluster cache path holds a space: the
+WebDataset tars of the digits images (img2dataset's layout) -> ``python -m mlcd_jax.cluster`` on
+``wds:PATTERN`` -> ArrayRecord shards -> create (queued, then ACTIVE) -> install this checkout into each
+worker's fresh venv -> run detached on ``--config.data.shards`` -> logs -> stop (SIGTERM: checkpoint, exit
+75 on both workers) -> the spot slice is preempted -> run (deletes and recreates the slice, installs
+again, resumes) -> the per-step losses equal an uninterrupted one-process run's -> evaluation (kNN and
+linear probe; results.json written by process 0 only) -> delete. Once with a python3.11 on the workers'
+PATH, once with only Ubuntu 22.04's python3 (3.10), where the launcher gets 3.11 through uv; the second
+cycle skips the evaluation, which does not depend on the interpreter. The shards' path holds a space: the
 override naming it must arrive as one argument.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -21,11 +26,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlcd_jax.data import augment
+from mlcd_jax.data.sources import load_arrays
+from test_webdataset import _write_tars
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
+TARS = 3
 TRAIN = ["--config.num_train_steps=%d" % STEPS, "--config.batch_size=32", "--config.log_every_steps=1",
          "--config.checkpoint_every_steps=8", "--config.eval.source=", "--config.loss.num_classes=64",
-         "--config.data.cluster.num_clusters=64", "--config.loss.top_l=4", "--config.data.cluster.top_l=4"]
+         "--config.loss.top_l=4"]
+# Evaluated after training: kNN and a linear probe on a few hundred digits, no baselines or pictures.
+EVAL = ["--config.eval.source=digits", "--config.eval.train_limit=400", "--config.eval.test_limit=200",
+        "--config.eval.baselines=", "--config.evals.pictures.every=-1"]
 SLICE = ["--name", "rehearsal", "--zone", "fake-zone1-a", "--type", "v4-16", "--spot"]
 
 
@@ -35,18 +48,31 @@ def _losses(workdir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """A cluster cache shared by the workers (as gs:// would be), with a space in its path."""
-    return tmp_path_factory.mktemp("shared") / "cluster cache"
+def shards(tmp_path_factory) -> Path:
+    """The digits training images as img2dataset's wds tars, clustered by ``python -m mlcd_jax.cluster``
+    into ArrayRecord shards shared by the workers (as gs:// would be), in a path with a space."""
+    shared = tmp_path_factory.mktemp("shared")
+    images, labels = load_arrays("digits", split="train")
+    per_tar = -(-len(images) // TARS)
+    _write_tars(shared / "tars", [(f"{i // per_tar:05d}", f"{i:06d}", augment.encode_png(image), f"a digit {label}")
+                                  for i, (image, label) in enumerate(zip(images, labels))])
+    out_dir = shared / "mlcd shards"
+    out = subprocess.run([sys.executable, "-m", "mlcd_jax.cluster", f"--config={ROOT}/configs/cluster/default.py",
+                          f"--config.source=wds:{shared}/tars/{{00000..{TARS - 1:05d}}}.tar",
+                          f"--config.output_dir={out_dir}", "--config.num_clusters=64", "--config.top_l=4",
+                          "--config.progress=False"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.loads(out.stdout)["num_images"] == len(images), out.stdout
+    return out_dir
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache) -> dict[int, float]:
+def reference(tmp_path_factory, shards) -> dict[int, float]:
     """Per-step losses of one uninterrupted process with all 8 devices."""
     workdir = tmp_path_factory.mktemp("reference")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run([sys.executable, "-m", "mlcd_jax.main", f"--config={ROOT}/configs/demo.py:digits",
-                          f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *TRAIN],
+                          f"--workdir={workdir}", f"--config.data.shards={shards}", *TRAIN],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return _losses(workdir)
@@ -84,11 +110,12 @@ class Launcher:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("python", ["3.11", "3.10"])
-def test_launcher_cycle_on_a_fake_slice(tmp_path, cache, reference, python):
+def test_launcher_cycle_on_a_fake_slice(tmp_path, shards, reference, python):
     launch = Launcher(tmp_path, python)
     workdir = tmp_path / "run"
+    evaluated = python == "3.11"
     run = ["--config", "configs/demo.py:digits", "--workdir", str(workdir), "--",
-           f"--config.data.cache_dir={cache}", *TRAIN]
+           f"--config.data.shards={shards}", *TRAIN, *(EVAL if evaluated else [])]
     try:
         out = launch("create")
         assert "WAITING_FOR_RESOURCES" in out  # it waited for the queued resource
@@ -126,6 +153,16 @@ def test_launcher_cycle_on_a_fake_slice(tmp_path, cache, reference, python):
                                    rtol=1e-4)
         resumed = (workdir / "logs" / "rehearsal-w-0.log").read_text().split("stopped by SIGTERM", 1)[1]
         assert f"\nstep {stopped + 1}/{STEPS} " in resumed and f"\nstep {stopped}/" not in resumed
+        if evaluated:
+            rows = {r["model"]: r for r in json.loads((workdir / "results.json").read_text())}
+            assert list(rows) == ["MLCD ViT"] and {"knn_top1", "linear_top1"} <= set(rows["MLCD ViT"]), rows
+            logs = [(workdir / "logs" / f"rehearsal-w-{i}.log").read_text() for i in range(2)]
+            scores = [re.findall(r"\n  MLCD ViT: knn_top1 .*\n", log) for log in logs]
+            assert len(scores[0]) == 1 and scores[0] == scores[1], scores  # both processes evaluated, alike
+            assert "evaluating on digits: 400 train / 200 test images" in logs[0]
+            assert "\nMLCD ViT  " in logs[0] and "\nMLCD ViT  " not in logs[1]  # process 0 alone wrote results
+        else:
+            assert not (workdir / "results.json").exists()
     finally:
         launch("delete")
     assert json.loads((launch.state / "state.json").read_text()) == {"queued_resources": {}, "nodes": {}}
