@@ -42,7 +42,7 @@ def _forward_rate(model: VisionTransformer, batch: np.ndarray, devices: list[jax
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x = jax.device_put(batch, NamedSharding(mesh, P("batch")))
-    compiled = jax.jit(features._forward, static_argnums=(0, 3)).lower(graphdef, state, x, False).compile()
+    compiled = features._forward.lower(graphdef, state, x, False, NamedSharding(mesh, P())).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     xla_flops = float(cost["flops"]) * len(devices) / len(batch) if cost and "flops" in cost else None
@@ -76,7 +76,7 @@ def tpu_plan(teacher: str, topology: str, batch: int, dtype: str) -> dict[str, A
     replicated = NamedSharding(mesh, P())
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
     x = jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, 3), np.uint8, sharding=NamedSharding(mesh, P("batch")))
-    compiled = jax.jit(features._forward, static_argnums=(0, 3)).lower(graphdef, state, x, False).compile()
+    compiled = features._forward.lower(graphdef, state, x, False, replicated).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
