@@ -30,10 +30,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
 from mlcd_jax.objectives import OBJECTIVES, Objective, objective
-from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.config_lib import ConfigError, ResumeMismatch
 from mlcd_jax.losses import l2_normalize, pad_num_classes, partial_fc_loss
 from mlcd_jax.losses.contrastive import INIT_LOG_SCALE, contrastive_loss
-from mlcd_jax.losses.protoclip import EpisodePrototypes, episode_prototypes, protoclip_loss
+from mlcd_jax.losses.protoclip import EpisodePrototypes, cluster_features, episode_prototypes, protoclip_loss
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.models import VisionTransformer
 from mlcd_jax.runs import (
@@ -385,8 +385,6 @@ def build_episode(
     """Episode ``index``'s state: its pairs' head features under the current weights, k-means of each
     modality (and of the external teacher's features), and the back-translated prototypes. A function of
     the state and the episode number, so a resumed run rebuilds the same episode."""
-    from mlcd_jax.cluster.episodes import cluster_features
-
     p, b = setup.config.protoclip, setup.config.batch_size
     rows = loader.decoded.episode_rows(index)
     image_f, text_f = [], []
@@ -619,7 +617,7 @@ def train_and_evaluate(
     ``evals``: ``(every, fn)`` pairs; ``fn(image_model, text_model) -> scalars`` runs every ``every`` steps and its results
     are logged with the training metrics (the caller builds them from ``config.evals``).
     """
-    from mlcd_jax.data.pipeline import ResumeMismatch, make_train_loader
+    from mlcd_jax.data.pipeline import make_train_loader
 
     fileio.makedirs(workdir)
     mesh = checked_mesh(config)
@@ -672,7 +670,7 @@ def train_and_evaluate(
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
     step_fn = make_train_step(setup, loader.augment)  # crops, flips, normalisation inside the step
     if goal.episodes:
-        from mlcd_jax.cluster.episodes import tfidf_teacher
+        from mlcd_jax.losses.protoclip import tfidf_teacher
 
         steps_per_episode = config.protoclip.episode_size // config.batch_size
         external = (tfidf_teacher(list(loader.decoded.captions), config.protoclip.external_dim, config.seed)

@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mlcd_jax.data import augment, records, sources
-from mlcd_jax.data.sources import SourceError, load_arrays, open_source
+from mlcd_jax.data.source_base import SourceError
+from mlcd_jax.data.sources import load_arrays, open_source
 
 
 def _record(**overrides):

@@ -21,14 +21,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlcd_jax"
 MAX_LINES = 450
 
 KNOWN: dict[str, set[str]] = {
-    "cycles": {"mlcd_jax.data.emoji -> mlcd_jax.data.sources -> mlcd_jax.data.emoji"},
-    "entry_points": {"mlcd_jax.evaluate.__main__ -> mlcd_jax.main", "mlcd_jax.study -> mlcd_jax.main"},
+    "cycles": set(),
+    "entry_points": set(),
     "sizes": {"mlcd_jax.data.pipeline", "mlcd_jax.data.sources", "mlcd_jax.interop.hf", "mlcd_jax.train"},
-    "layers": {
-        "mlcd_jax.checkpointing -> mlcd_jax.data.pipeline",
-        "mlcd_jax.cluster.teachers -> mlcd_jax.evaluate.features",
-        "mlcd_jax.train -> mlcd_jax.cluster.episodes",
-    },
+    "layers": set(),
 }
 
 

@@ -115,7 +115,7 @@ def _hf(
         from mlcd_jax.interop.hf import InteropError, load_vision
     except ImportError as e:
         raise TeacherError(f"teacher 'hf:{arg}' needs mlcd_jax.interop.hf.load_vision ({e})") from e
-    from mlcd_jax.evaluate.features import FeatureExtractor
+    from mlcd_jax.models.features import FeatureExtractor
 
     from mlcd_jax.runs import DTYPES
 
@@ -129,7 +129,7 @@ def _hf(
 def _checkpoint(
     arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
 ) -> Teacher:
-    from mlcd_jax.evaluate.features import FeatureExtractor
+    from mlcd_jax.models.features import FeatureExtractor
     from mlcd_jax.runs import load_model, load_run_config
 
     try:

@@ -47,6 +47,7 @@ from absl import flags
 from etils import epath
 
 from mlcd_jax import fileio
+from mlcd_jax.config_lib import ResumeMismatch
 from mlcd_jax.data import augment, order, records
 from mlcd_jax.data.augment import CLIP_MEAN, CLIP_STD, augment_batch
 
@@ -364,10 +365,6 @@ class ToCanvas(grain.transforms.RandomMap):
 class DropSkipped(grain.transforms.Filter):
     def filter(self, element: dict[str, Any]) -> bool:
         return _SKIPPED not in element
-
-
-class ResumeMismatch(ValueError):
-    """A checkpoint's data order is not this run's (other shards, seed, batch size or process count)."""
 
 
 _WORKER_COUNT_RE = re.compile(r",? ?worker_count=\d+")

@@ -57,6 +57,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlcd_jax.data import augment, records
+from mlcd_jax.data.source_base import SPLITS, SourceError, cache_root
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (  # the IDX reader's names, also the names on Fashion-MNIST's download host
@@ -64,7 +65,6 @@ FASHION_MNIST_FILES = (  # the IDX reader's names, also the names on Fashion-MNI
 )
 ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SPLITS = ("train", "test", "all")
 DIGITS_TRAIN = 1437
 # Class names as CLIP's zero-shot prompts use them (lower case)
 FASHION_MNIST_CLASSES = (
@@ -82,10 +82,6 @@ CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
 
 
 TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
-
-
-class SourceError(ValueError):
-    """A source spec is malformed or points at nothing usable."""
 
 
 class Source(Protocol):
@@ -559,11 +555,6 @@ def _downloadable(url: str, timeout_s: float = ONLINE_TIMEOUT_S) -> bool:
 
     threading.Thread(target=head, daemon=True).start()
     return answered.wait(timeout_s)
-
-
-def cache_root() -> str:
-    """Where downloaded and rendered data is kept: ``$MLCD_JAX_CACHE`` (default ``~/.cache/mlcd_jax``)."""
-    return os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
 
 
 def _fashion_mnist_cache() -> str:
