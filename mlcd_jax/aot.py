@@ -259,7 +259,7 @@ def main(argv: list[str]) -> None:
           f"({topology.num_chips} chips each)", file=sys.stderr, flush=True)
     try:
         result = plan(config, topology, FLAGS["num-slices"].value)
-    except ValueError as err:  # train.ConfigError too
+    except ValueError as err:  # ConfigError too
         sys.exit(f"config error: {err}")
     text = json.dumps(result, indent=2)
     print(text)
