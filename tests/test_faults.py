@@ -135,7 +135,8 @@ def test_a_damaged_hf_checkpoint_is_one_error_naming_the_file(hf_dir, damage, me
     """A non-JSON config.json, a truncated safetensors file or a config whose hidden size differs from the
     weights ('cannot reshape array of size 4096 ...') raised without naming the file."""
     from mlcd_jax.cluster.teachers import TeacherError, build_teacher
-    from mlcd_jax.interop.hf import InteropError, load_vision
+    from mlcd_jax.interop.files import InteropError
+    from mlcd_jax.interop.hf import load_vision
 
     config_path, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
     if damage == "config_not_json":
