@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mlcd_jax.data import augment, records, sources
+from mlcd_jax.data import augment, records
 from mlcd_jax.data import fashion_mnist as fmnist  # "fashion_mnist" is a fixture here
-from mlcd_jax.data.source_base import SourceError
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError
 from mlcd_jax.data.sources import load_arrays, open_source
 
 
@@ -123,7 +123,7 @@ def test_tfds_source_reads_an_mnist_style_dataset_like_the_idx_files(fashion_mni
     source = open_source("tfds:mlcd_test_garments:train")
     assert len(source) == 12 and isinstance(source[0]["image"], bytes) and source[0]["key"].startswith("mlcd_test")
     item = source[0]  # ClassLabel without names given: the label's string form, in a caption template
-    assert item["caption"] in {t.format(str(item["label"])) for t in sources.CAPTION_TEMPLATES}
+    assert item["caption"] in {t.format(str(item["label"])) for t in CAPTION_TEMPLATES}
     images, labels = load_arrays("tfds:mlcd_test_garments", split="test")
     assert images.shape == (5, 28, 28, 1) and images.dtype == np.uint8 and labels.dtype == np.int64
     # tfds stores examples in its own order: compare as (label, pixels) multisets

@@ -19,8 +19,9 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_capt
   ``U+1F304``; ``train``/``test`` is a fixed 80/20 split by a hash of the code point
   (:mod:`mlcd_jax.data.emoji`; rendered once, then cached under ``$MLCD_JAX_CACHE/emoji``).
 - ``tfds:NAME[:SPLIT]`` — ``tfds.data_source`` of an already prepared TFDS dataset in ArrayRecord
-  format (never downloads); the image feature is read undecoded, so the bytes are the stored
-  originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files).
+  format (never downloads; :mod:`mlcd_jax.data.tfds_source`); the image feature is read undecoded, so
+  the bytes are the stored originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the
+  IDX files).
 - ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
   with another teacher; label None.
 - ``wds:PATTERN`` — WebDataset tar shards, local or ``gs://``, for the clustering job only: they are
@@ -28,8 +29,8 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_capt
 
 Raw-pixel sources (IDX, digits, emoji) store a lossless PNG of exactly their pixels; grayscale stays
 grayscale. Fashion-MNIST's and digits' items are captioned from their class (:func:`class_names`) with
-one of the CLIP-style ``CAPTION_TEMPLATES`` ("a photo of a sneaker."), picked by a CRC-32 of the
-item's pixels: the same image gets the same caption in every split spec and on every machine. The
+one of the CLIP-style ``source_base.CAPTION_TEMPLATES`` ("a photo of a sneaker."), picked by a CRC-32
+of the item's pixels: the same image gets the same caption in every split spec and on every machine. The
 captions are part of :func:`source_identity`, so a clustering job started before its source had
 captions (or with other ones) is refused on resume instead of mixing shards with and without them.
 
@@ -50,7 +51,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlcd_jax.data import augment, fashion_mnist, records
-from mlcd_jax.data.source_base import SPLITS, SourceError
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SPLITS, SourceError, decode_caption, item
+from mlcd_jax.data.tfds_source import TfdsSource
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGITS_TRAIN = 1437
@@ -59,17 +61,6 @@ FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
 )
 DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
-    "a photo of a {}.",
-    "a black and white photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a cropped photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-)
-
-
-TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
 
 
 class Source(Protocol):
@@ -104,19 +95,6 @@ def identity_digest(parts: Iterable[str], num_images: int | None) -> dict[str, A
     return {"num_images": num_images, "sha256": digest.hexdigest()}
 
 
-def decode_caption(data: bytes) -> str:
-    """A caption file's text: UTF-8 (a BOM dropped), or Latin-1 when the bytes are not UTF-8 (every byte
-    is a Latin-1 character, so a caption is never lost; Windows-1252 quotes come out as control chars)."""
-    try:
-        return data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        return data.decode("latin-1").strip()
-
-
-def _item(key: str, image: bytes, label: int | None = None, caption: str | None = None) -> dict[str, Any]:
-    return {"key": key, "image": image, "label": label, "caption": caption}
-
-
 def templated_captions(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> list[str]:
     """A caption per image naming its class ``names[label]`` in one of ``CAPTION_TEMPLATES``, picked by a
     CRC-32 of the image's pixels (so it does not depend on the image's position in a split)."""
@@ -149,7 +127,7 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = None if self.labels is None else int(self.labels[index])
         caption = None if self.captions is None else self.captions[index]
-        return _item(self.key(index), augment.encode_png(self.images[index]), label, caption)
+        return item(self.key(index), augment.encode_png(self.images[index]), label, caption)
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         """Name, count and image shape, then the own keys and the captions (what the records carry)."""
@@ -215,60 +193,10 @@ class FolderSource:
         if os.path.exists(caption_path):
             with open(caption_path, "rb") as f:
                 caption = decode_caption(f.read())
-        return _item(rel, image, self.label(index), caption)
+        return item(rel, image, self.label(index), caption)
 
     def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, n={len(self)})"
-
-
-class TfdsSource:
-    """A prepared TFDS split through ``tfds.data_source`` with the image feature left encoded."""
-
-    def __init__(self, name: str, split: str) -> None:
-        import tensorflow_datasets as tfds
-
-        try:
-            builder = tfds.builder(name)
-            image_key = next(k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image))
-            self.source = tfds.data_source(
-                name, split=split, download=False, decoders={image_key: tfds.decode.SkipDecoding()}
-            )
-        except StopIteration:
-            raise SourceError(f"tfds dataset {name!r} has no Image feature") from None
-        except Exception as e:  # tfds raises many types for missing / unprepared datasets
-            raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e})") from e
-        self.name, self.split, self.image_key = name, split, image_key
-        features = builder.info.features
-        self.label_key = "label" if "label" in features else None
-        # captions: the dataset's own text feature, else its class name in one of CAPTION_TEMPLATES
-        self.text_key = next((k for k in TFDS_CAPTION_KEYS if k in features and isinstance(features[k], tfds.features.Text)),
-                             None)
-        label = features[self.label_key] if self.label_key else None
-        self.names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.source[index]
-        label = int(example[self.label_key]) if self.label_key else None
-        image = bytes(example[self.image_key])
-        caption = None
-        if self.text_key:
-            text = example[self.text_key]
-            caption = decode_caption(text) if isinstance(text, bytes) else str(text)
-        elif self.names and label is not None:
-            caption = CAPTION_TEMPLATES[zlib.crc32(image) % len(CAPTION_TEMPLATES)].format(self.names[label])
-        return _item(self.key(index), image, label, caption)
-
-    def key(self, index: int) -> str:
-        return f"{self.name}/{self.split}/{index:08d}"
-
-    def identity_parts(self, num_images: int) -> Iterable[str]:
-        return [self.name, self.split, str(num_images), f"captions: {self.text_key or ('classes' if self.names else '')}"]
-
-    def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
 
 
 class ArrayRecordSource:
@@ -287,7 +215,7 @@ class ArrayRecordSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = records.decode(self.source[index])
-        return _item(rec["key"], rec["image"], None, rec["caption"])
+        return item(rec["key"], rec["image"], None, rec["caption"])
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         return [*(f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.paths), str(num_images)]

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mlcd_jax.data.sources import CAPTION_TEMPLATES
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES
 
 # Prompt templates by name. "simple": one prompt; "clip7": the seven templates CLIP's prompt-engineering
 # notebook selected from its 80 ImageNet prompts; "captions": the templates the raw-pixel sources write
-# their training captions with (mlcd_jax.data.sources.CAPTION_TEMPLATES), the demo's ensemble.
+# their training captions with (mlcd_jax.data.source_base.CAPTION_TEMPLATES), the demo's ensemble.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "simple": ("a photo of a {}.",),
     "clip7": (
