@@ -35,9 +35,9 @@ from data import jpeg_images
 from mlcd_jax import cluster
 from mlcd_jax.cluster import storage
 from mlcd_jax.cluster.context import Context
-from mlcd_jax.evaluate.features import FeatureExtractor
 from mlcd_jax.interop.hf import save_vision
 from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
+from mlcd_jax.models.features import FeatureExtractor
 from mlcd_jax.runs import DTYPES
 
 UNIQUE_JPEGS = 512  # distinct images, repeated under distinct keys (decoding costs the same)

@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 from sklearn.model_selection import train_test_split
 
-from mlcd_jax import main as main_lib
+from mlcd_jax import cli
 from mlcd_jax import runs
 from mlcd_jax import experiment
 from mlcd_jax.evaluate.evaluators import Knn, build_evaluators, eval_arrays, eval_split
@@ -77,7 +77,7 @@ def main() -> None:
     if not 0 <= args.heldout < 1:
         raise SystemExit(f"error: --heldout={args.heldout} must be in [0, 1)")
     targets = _targets(epath.Path(args.study))
-    main_lib.prepare_process(targets[0][1])  # the study's fake CPU devices, before JAX starts
+    cli.prepare_process(targets[0][1])  # the study's fake CPU devices, before JAX starts
     train_x, train_y, test_x, test_y = _arrays(targets[0][1], args.heldout)
     scored = "held-out train" if args.heldout else "test"
     print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} {scored} images; split seeds "

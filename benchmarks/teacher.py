@@ -31,8 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax.data.pipeline import eval_pixels
-from mlcd_jax.evaluate import features
-from mlcd_jax.models import VisionTransformer, flops_per_image, get_preset
+from mlcd_jax.models import VisionTransformer, features, flops_per_image, get_preset
 from mlcd_jax.runs import DTYPES
 
 

@@ -20,7 +20,7 @@ import ml_collections
 
 from mlcd_jax.cluster.config import default_config as cluster_config
 from mlcd_jax.config_lib import base_config
-from mlcd_jax.data import sources
+from mlcd_jax.data import fashion_mnist
 
 # Per dataset: image size, k, steps (batch 256).
 SIZING = {
@@ -31,7 +31,7 @@ SIZING = {
 
 def get_config(arg: str = ""):
     c = base_config()
-    source = "digits" if arg == "digits" else sources.demo_source()
+    source = "digits" if arg == "digits" else fashion_mnist.demo_source()
     sizing = SIZING["digits" if source == "digits" else "fashion_mnist"]
 
     c.model.name = "tiny"

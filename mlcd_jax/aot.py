@@ -52,7 +52,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """The CLI's flags, defined only when run as a program: importing this module (tests, notebooks,
-    benchmarks) next to ``mlcd_jax.main`` must not define a second ``--config``."""
+    benchmarks) next to ``mlcd_jax.cli`` must not define a second ``--config``."""
     config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice (v4-8, v5e-16, v5litepod-16, v5p-64, v6e-8, ...) or cpu:N.")
     flags.DEFINE_integer("num-slices", 1, "Slices of --topology (multislice over DCN); TPU topologies only.")
@@ -366,7 +366,7 @@ def main(argv: list[str]) -> None:
           f"({topology.num_chips} chips each)", file=sys.stderr, flush=True)
     try:
         result = plan(config, topology, FLAGS["num-slices"].value, hlo_dir)
-    except ValueError as err:  # train.ConfigError too
+    except ValueError as err:  # ConfigError too
         sys.exit(f"config error: {err}")
     finally:
         if hlo_dir is not None:

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mlcd_jax.data.pipeline import ResumeMismatch
+from mlcd_jax.config_lib import ResumeMismatch
 
 
 def create_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:

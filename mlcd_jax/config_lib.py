@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line that names the key and the fix."""
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint's data order is not this run's (other shards, seed, batch size or process count).
+
+    Raised by the data loader's restore, caught by the checkpoint reader (the run's fault, not the
+    checkpoint's) and reported by the trainer as a :class:`ConfigError`; here so both import it."""
+
+
 # Table 9 of the paper.
 PAPER_LEARNING_RATE = {"B/32": 5e-4, "B/16": 5e-4, "L/14": 4e-4, "L/14-336": 4e-4, "bigG/14": 4e-4}
 

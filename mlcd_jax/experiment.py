@@ -115,7 +115,7 @@ def model_target(
 ) -> Target:
     """A ViT's pooled features as an evaluation target (with its workdir when it is a trained run, and
     its text tower when it has one)."""
-    from mlcd_jax.evaluate.features import FeatureExtractor, TextEncoder
+    from mlcd_jax.models.features import FeatureExtractor, TextEncoder
 
     encode_text = TextEncoder(text_model) if text_model is not None else None
     return Target(name, FeatureExtractor(model, config.data.image_size), model, workdir, encode_text)
@@ -125,7 +125,7 @@ def baseline_row(config: ml_collections.ConfigDict, baseline: str) -> dict[str, 
     """The results row of one of :data:`BASELINE_MODELS`: ``pixels``, ``teacher`` (the embedding that
     clustered ``config.data.shards``) or ``random_init`` (the ViT initialised with ``config.seed``)."""
     from mlcd_jax.cluster import load_teacher
-    from mlcd_jax.evaluate.features import pixel_features
+    from mlcd_jax.models.features import pixel_features
 
     name = BASELINE_MODELS[baseline]
     if baseline == "pixels":

@@ -36,9 +36,9 @@ from etils import epath
 from ml_collections.config_flags import config_path
 
 from mlcd_jax import fileio
-from mlcd_jax import main as main_lib
+from mlcd_jax import cli
 
-FLAGS = main_lib.FLAGS
+FLAGS = cli.FLAGS
 flags.DEFINE_string("sweep", "", "KEY=V1,V2[;KEY2=W1,W2]: config values to sweep (cartesian product); empty: "
                     "the config alone.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed); every sweep point runs with each.")
@@ -337,16 +337,16 @@ def _config_error(err: Exception) -> NoReturn:
 
 def main(argv: list[str]) -> None:
     del argv
-    config = main_lib.loaded_config()
-    main_lib.prepare_process(config)
+    config = cli.loaded_config()
+    cli.prepare_process(config)
     try:
         if FLAGS.coordinator_address or FLAGS.num_processes:
             raise ValueError("a study runs in one process: drop --coordinator_address / --num_processes")
         points, seeds = parse_sweep(config, FLAGS.sweep), parse_seeds(FLAGS.seeds)
     except ValueError as err:
         _config_error(err)
-    main_lib.run_or_exit(lambda: run_study(config, points, seeds, FLAGS.workdir))
+    cli.run_or_exit(lambda: run_study(config, points, seeds, FLAGS.workdir))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=main_lib.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

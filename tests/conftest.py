@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from gcs_emulator import gcs_bucket, gcs_server  # noqa: E402,F401  (fixtures, registered by import)
 
-from mlcd_jax.main import size_cpu_thread_pool  # noqa: E402
+from mlcd_jax.cli import size_cpu_thread_pool  # noqa: E402
 
 size_cpu_thread_pool()  # as the entry points do: a collective over the fake devices never takes every thread
 

@@ -176,9 +176,9 @@ def test_a_tpu_slice_without_libtpu_names_the_extra(monkeypatch):
 
 def test_importing_aot_defines_no_flags_next_to_main():
     """Both modules in one process (a pytest worker, a notebook): no duplicate --config."""
-    from mlcd_jax import main, study  # noqa: F401  (they define the run's flags)
+    from mlcd_jax import cli, study  # noqa: F401  (they define the run's flags)
 
-    assert "topology" not in main.FLAGS
+    assert "topology" not in cli.FLAGS
 
 
 @needs_libtpu

@@ -13,11 +13,10 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from mlcd_jax import cluster
 from mlcd_jax.data import augment, emoji, records, sources
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError
 from mlcd_jax.data.sources import (
-    CAPTION_TEMPLATES,
     DIGIT_CLASSES,
     FASHION_MNIST_CLASSES,
-    SourceError,
     class_names,
     load_arrays,
     load_captioned,

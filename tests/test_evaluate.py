@@ -411,7 +411,7 @@ def test_image_and_text_encoders_pad_batches_over_the_devices_and_match_the_mode
 
     from mlcd_jax.data import augment
     from mlcd_jax.data.tokenizer import tokenize
-    from mlcd_jax.evaluate.features import FeatureExtractor, TextEncoder
+    from mlcd_jax.models.features import FeatureExtractor, TextEncoder
     from mlcd_jax.models import TextTransformer, VisionTransformer, get_preset, get_text_preset
 
     vit = VisionTransformer(get_preset("tiny"), rngs=nnx.Rngs(0))

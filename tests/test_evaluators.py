@@ -12,9 +12,9 @@ from ml_collections.config_flags import config_path
 from mlcd_jax import experiment, train
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.evaluate import evaluators as ev
-from mlcd_jax.evaluate.features import pixel_features
 from mlcd_jax.evaluate.knn import knn_accuracy
 from mlcd_jax.evaluate.linear_probe import linear_probe
+from mlcd_jax.models.features import pixel_features
 
 ROOT = Path(__file__).resolve().parents[1]
 

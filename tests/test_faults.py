@@ -135,7 +135,8 @@ def test_a_damaged_hf_checkpoint_is_one_error_naming_the_file(hf_dir, damage, me
     """A non-JSON config.json, a truncated safetensors file or a config whose hidden size differs from the
     weights ('cannot reshape array of size 4096 ...') raised without naming the file."""
     from mlcd_jax.cluster.teachers import TeacherError, build_teacher
-    from mlcd_jax.interop.hf import InteropError, load_vision
+    from mlcd_jax.interop.files import InteropError
+    from mlcd_jax.interop.hf import load_vision
 
     config_path, weights = hf_dir / "config.json", hf_dir / "model.safetensors"
     if damage == "config_not_json":
@@ -324,12 +325,12 @@ def test_fake_cpu_devices_get_twice_their_threads(monkeypatch, env, want):
     """XLA:CPU's pool of max(cores, devices) threads let a collective over the 8 fake devices hold every
     thread; one more queued launch deadlocked LiT's training on the 2-core box in 4 of 7 runs, in none of
     6 with twice the threads. prepare_process sizes the pool before JAX starts."""
-    from mlcd_jax import main
+    from mlcd_jax import cli
 
     for key in ("XLA_FLAGS", "PJRT_NPROC"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    main.prepare_process(ml_collections.ConfigDict({"cpu_devices": 8}))
+    cli.prepare_process(ml_collections.ConfigDict({"cpu_devices": 8}))
     assert "xla_force_host_platform_device_count=" in os.environ["XLA_FLAGS"]
     assert os.environ.get("PJRT_NPROC") == want

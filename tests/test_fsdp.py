@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mlcd_jax import sharding, train
-from mlcd_jax.config_lib import base_config
+from mlcd_jax.config_lib import ConfigError, base_config
 
 BATCH = 64
 # Activations dominate weights here: 65 tokens x 64 images x width 256 per layer vs 0.8M weights.
@@ -177,7 +177,7 @@ def test_mesh_rules_override_the_table_and_reject_unknown_names():
             sharding.parse_rules(bad)
     c = _config(DATA8, scan=False, remat="")
     c.mesh_rules = "proto=dat"
-    with pytest.raises(train.ConfigError, match="mesh_rules: .*unknown mesh axes"):
+    with pytest.raises(ConfigError, match="mesh_rules: .*unknown mesh axes"):
         train.checked_mesh(c)
 
 

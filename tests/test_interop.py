@@ -11,7 +11,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mlcd_jax.interop import hf  # noqa: E402
+from mlcd_jax.interop import files, hf  # noqa: E402
 from mlcd_jax.interop.hf import load_vision, save_vision  # noqa: E402
 from mlcd_jax.models import VisionTransformer, get_preset  # noqa: E402
 from mlcd_jax.models.vit import bicubic_matrix  # noqa: E402
@@ -162,7 +162,7 @@ def test_errors_name_the_problem(tmp_path):
         load_vision(str(tmp_path))
 
     (tmp_path / "config.json").write_text(json.dumps(config))
-    tensors = hf._strip(hf.read_safetensors(str(tmp_path)))
+    tensors = hf._strip(files.read_safetensors(str(tmp_path)))
     cfg, _ = hf.config_from_hf(config)
     incomplete = {k: v for k, v in tensors.items() if "layers.1.mlp.fc2" not in k}
     with pytest.raises(KeyError, match=r"missing 2 tensor\(s\).*encoder.layers.1.mlp.fc2.bias"):

@@ -114,9 +114,9 @@ def test_tpu_pod_override_with_a_space_arrives_as_one_argument(tmp_path):
 
 
 def test_main_takes_multiprocess_settings_from_the_environment():
-    code = ("from absl import flags; from mlcd_jax import main; "
+    code = ("from absl import flags; from mlcd_jax import cli; "
             "flags.FLAGS(['main', '--config=configs/vitb32.py', '--workdir=/tmp/x', *__import__('sys').argv[1:]]); "
-            "print(main.distributed_settings())")
+            "print(cli.distributed_settings())")
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
 
     def settings(*flags: str, environ: dict[str, str] = env) -> str:

@@ -279,7 +279,7 @@ def test_num_negatives_is_the_exact_ceiling():
 
 def test_unknown_sampling_and_the_partial_fc_warning(caplog):
     from mlcd_jax import train
-    from mlcd_jax.config_lib import base_config
+    from mlcd_jax.config_lib import ConfigError, base_config
 
     e, w, y = _data()
     mesh = make_mesh({"x": 8})
@@ -287,7 +287,7 @@ def test_unknown_sampling_and_the_partial_fc_warning(caplog):
         partial_fc_loss(e, w, y, jax.random.key(0), mesh=mesh, sampling="uniform")
     c = base_config()  # B·l = 32768 · 8 >= r·k = 0.1 · 1M
     c.loss.sampling = "uniform"
-    with pytest.raises(train.ConfigError, match="loss.sampling='uniform': choose one of paper, partial_fc"):
+    with pytest.raises(ConfigError, match="loss.sampling='uniform': choose one of paper, partial_fc"):
         train.validate(c, mesh)
     for sampling, warns in (("paper", False), ("partial_fc", True)):
         c.loss.sampling = sampling

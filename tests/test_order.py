@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlcd_jax.data.order import EpochOrder
-from mlcd_jax.data.pipeline import GlobalOrderSampler
+from mlcd_jax.data.sampling import GlobalOrderSampler
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 600, 1000, 1025, 4099])

@@ -16,8 +16,9 @@ from grain import sharding
 from PIL import Image
 
 from mlcd_jax.cluster.writer import write_shard
+from mlcd_jax.config_lib import ResumeMismatch
 from mlcd_jax.data import augment, order, records
-from mlcd_jax.data.pipeline import CLIP_MEAN, CLIP_STD, ResumeMismatch, make_train_loader, preprocess_eval
+from mlcd_jax.data.pipeline import CLIP_MEAN, CLIP_STD, make_train_loader, preprocess_eval
 from mlcd_jax.data.sources import load_arrays
 
 N = 600

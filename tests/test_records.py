@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mlcd_jax.data import augment, records, sources
-from mlcd_jax.data.sources import SourceError, load_arrays, open_source
+from mlcd_jax.data import augment, records
+from mlcd_jax.data import fashion_mnist as fmnist  # "fashion_mnist" is a fixture here
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError
+from mlcd_jax.data.sources import load_arrays, open_source
 
 
 def _record(**overrides):
@@ -63,30 +65,30 @@ def test_idx_reader_round_trips_header_shape_and_dtype(tmp_path, write_idx, name
     array = np.random.default_rng(0).integers(0, 256, (5, 3, 4), dtype=np.uint8)
     write_idx(tmp_path / name, array)
     assert (tmp_path / name).read_bytes()[:2] == (b"\x1f\x8b" if name.endswith(".gz") else b"\x00\x00")
-    got = sources._read_idx(str(tmp_path / name))
+    got = fmnist.read_idx(str(tmp_path / name))
     assert got.dtype == np.uint8 and got.shape == (5, 3, 4)
     np.testing.assert_array_equal(got, array)
     write_idx(tmp_path / name, array[:, 0, 0])  # labels: one dimension
-    np.testing.assert_array_equal(sources._read_idx(str(tmp_path / name)), array[:, 0, 0])
+    np.testing.assert_array_equal(fmnist.read_idx(str(tmp_path / name)), array[:, 0, 0])
 
 
 def test_idx_reader_rejects_other_types_and_broken_files(tmp_path, write_idx):
     write_idx(tmp_path / "floats.gz", np.zeros((2, 3), np.float32))
     with pytest.raises(SourceError, match=r"floats.gz holds IDX data type 0x0d; only unsigned bytes \(0x08\)"):
-        sources._read_idx(str(tmp_path / "floats.gz"))
+        fmnist.read_idx(str(tmp_path / "floats.gz"))
     write_idx(tmp_path / "short", np.zeros((4, 5), np.uint8))
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
     with pytest.raises(SourceError, match=r"short holds 19 bytes of data, its header declares \(4, 5\)"):
-        sources._read_idx(str(tmp_path / "short"))
+        fmnist.read_idx(str(tmp_path / "short"))
     (tmp_path / "png").write_bytes(augment.encode_png(np.zeros((2, 2), np.uint8)))
     with pytest.raises(SourceError, match="png is not an IDX file"):
-        sources._read_idx(str(tmp_path / "png"))
+        fmnist.read_idx(str(tmp_path / "png"))
     with pytest.raises(SourceError, match="train-images-idx3-ubyte.*not found in .*pass fashion_mnist:DIR"):
         open_source(f"fashion_mnist:{tmp_path}:train")
 
 
-@pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR),
-                    reason=f"needs the real Fashion-MNIST: Debian's dataset-fashion-mnist ({sources.FASHION_MNIST_DIR})")
+@pytest.mark.skipif(not os.path.isdir(fmnist.FASHION_MNIST_DIR),
+                    reason=f"needs the real Fashion-MNIST: Debian's dataset-fashion-mnist ({fmnist.FASHION_MNIST_DIR})")
 def test_debian_fashion_mnist_has_its_published_sizes():
     train, test = open_source("fashion_mnist"), open_source("fashion_mnist:test")
     assert (len(train), len(test)) == (60_000, 10_000)
@@ -121,7 +123,7 @@ def test_tfds_source_reads_an_mnist_style_dataset_like_the_idx_files(fashion_mni
     source = open_source("tfds:mlcd_test_garments:train")
     assert len(source) == 12 and isinstance(source[0]["image"], bytes) and source[0]["key"].startswith("mlcd_test")
     item = source[0]  # ClassLabel without names given: the label's string form, in a caption template
-    assert item["caption"] in {t.format(str(item["label"])) for t in sources.CAPTION_TEMPLATES}
+    assert item["caption"] in {t.format(str(item["label"])) for t in CAPTION_TEMPLATES}
     images, labels = load_arrays("tfds:mlcd_test_garments", split="test")
     assert images.shape == (5, 28, 28, 1) and images.dtype == np.uint8 and labels.dtype == np.int64
     # tfds stores examples in its own order: compare as (label, pixels) multisets
@@ -136,7 +138,7 @@ def test_tfds_source_reads_an_mnist_style_dataset_like_the_idx_files(fashion_mni
 
 @pytest.fixture
 def no_debian_fashion_mnist(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
 
 
 @pytest.fixture
@@ -160,23 +162,23 @@ def fashion_mnist_host(fashion_mnist, tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=served))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
-    monkeypatch.setattr(sources, "_fashion_mnist_urls", lambda: {n: base + n for n in sources.FASHION_MNIST_FILES})
+    monkeypatch.setattr(fmnist, "_fashion_mnist_urls", lambda: {n: base + n for n in fmnist.FASHION_MNIST_FILES})
     yield served
     server.shutdown()
     server.server_close()
 
 
 def test_demo_source_prefers_debian_fashion_mnist(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(tmp_path))
-    assert sources.demo_source() == "fashion_mnist" and capsys.readouterr().out == ""
+    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(tmp_path))
+    assert fmnist.demo_source() == "fashion_mnist" and capsys.readouterr().out == ""
 
 
 def test_demo_source_uses_a_complete_download_cache_without_the_network(no_debian_fashion_mnist, cache_root,
                                                                        fashion_mnist, monkeypatch, capsys):
     shutil.copytree(fashion_mnist.directory, cache_root / "fashion_mnist")
-    monkeypatch.setattr(sources, "_downloadable", lambda url: pytest.fail("probed the network"))
-    monkeypatch.setattr(sources, "_fashion_mnist_urls", lambda: pytest.fail("looked up the download"))
-    spec = sources.demo_source()
+    monkeypatch.setattr(fmnist, "_downloadable", lambda url: pytest.fail("probed the network"))
+    monkeypatch.setattr(fmnist, "_fashion_mnist_urls", lambda: pytest.fail("looked up the download"))
+    spec = fmnist.demo_source()
     assert spec == f"fashion_mnist:{cache_root / 'fashion_mnist'}" and capsys.readouterr().out == ""
     # as configs/demo.py uses it: f"{spec}:train" to cluster, spec (with a split) to evaluate
     assert len(open_source(f"{spec}:train")) == len(fashion_mnist.labels["train"])
@@ -187,8 +189,8 @@ def test_fashion_mnist_urls_are_tfds_registered_ones():
     """The real addresses come from tfds's builder, and tfds has checksums for all four to verify them."""
     from tensorflow_datasets.core.download import checksums
 
-    urls = sources._fashion_mnist_urls()
-    assert sorted(urls) == sorted(sources.FASHION_MNIST_FILES)
+    urls = fmnist._fashion_mnist_urls()
+    assert sorted(urls) == sorted(fmnist.FASHION_MNIST_FILES)
     host = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
     assert urls["t10k-labels-idx1-ubyte.gz"] == host + "t10k-labels-idx1-ubyte.gz"
     assert set(urls.values()) <= set(checksums.get_all_url_infos())
@@ -202,21 +204,21 @@ def test_demo_source_downloads_fashion_mnist_when_online(no_debian_fashion_mnist
     cache.mkdir(parents=True)
     (cache / "train-images-idx3-ubyte.gz").write_bytes(b"left by an interrupted run")
     probed = []
-    real_probe = sources._downloadable
-    monkeypatch.setattr(sources, "_downloadable", lambda url: probed.append(url) or real_probe(url))
-    spec = sources.demo_source()
+    real_probe = fmnist._downloadable
+    monkeypatch.setattr(fmnist, "_downloadable", lambda url: probed.append(url) or real_probe(url))
+    spec = fmnist.demo_source()
     assert spec == f"fashion_mnist:{cache}"
-    assert probed == [sources._fashion_mnist_urls()["train-labels-idx1-ubyte.gz"]]
+    assert probed == [fmnist._fashion_mnist_urls()["train-labels-idx1-ubyte.gz"]]
     out = capsys.readouterr().out
     assert out == f"notice: downloading Fashion-MNIST with tensorflow_datasets into {cache} (once)\n"
     assert sorted(os.listdir(cache_root)) == ["fashion_mnist"]  # no temporary folder left
-    assert sorted(os.listdir(cache)) == sorted(sources.FASHION_MNIST_FILES)
-    for name in sources.FASHION_MNIST_FILES:
+    assert sorted(os.listdir(cache)) == sorted(fmnist.FASHION_MNIST_FILES)
+    for name in fmnist.FASHION_MNIST_FILES:
         assert (cache / name).read_bytes() == (fashion_mnist.directory / name).read_bytes()
     images, _ = load_arrays(spec, split="train", limit=5)
     np.testing.assert_array_equal(images[..., 0], fashion_mnist.images["train"][:5])
-    monkeypatch.setattr(sources, "_downloadable", lambda url: pytest.fail("probed the network again"))
-    assert sources.demo_source() == spec and capsys.readouterr().out == ""
+    monkeypatch.setattr(fmnist, "_downloadable", lambda url: pytest.fail("probed the network again"))
+    assert fmnist.demo_source() == spec and capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("failure, reason", [
@@ -229,24 +231,24 @@ def test_demo_source_falls_back_to_digits_with_one_notice(no_debian_fashion_mnis
                                                           monkeypatch, capsys, failure, reason):
     """Whatever stops the download leaves no complete-looking cache (nor temporary files) behind."""
     if failure == "offline":
-        monkeypatch.setattr(sources, "_downloadable", lambda url: False)
+        monkeypatch.setattr(fmnist, "_downloadable", lambda url: False)
     elif failure == "missing file":  # the other three download, then this one answers 404
         (fashion_mnist_host / "t10k-images-idx3-ubyte.gz").unlink()
     elif failure == "bad checksum":
         from tensorflow_datasets.core.download import checksums
 
         registered = checksums.get_all_url_infos()
-        url = sources._fashion_mnist_urls()["train-images-idx3-ubyte.gz"]
+        url = fmnist._fashion_mnist_urls()["train-images-idx3-ubyte.gz"]
         registered[url] = checksums.UrlInfo(size=(fashion_mnist_host / "train-images-idx3-ubyte.gz").stat().st_size,
                                             checksum="0" * 64, filename="train-images-idx3-ubyte.gz")
         monkeypatch.setattr(checksums, "get_all_url_infos", lambda: dict(registered))
     else:
-        monkeypatch.setattr(sources, "_fashion_mnist_urls", lambda: {}["no fashion_mnist builder"])
-    assert sources.demo_source() == "digits"
+        monkeypatch.setattr(fmnist, "_fashion_mnist_urls", lambda: {}["no fashion_mnist builder"])
+    assert fmnist.demo_source() == "digits"
     notices = [line for line in capsys.readouterr().out.splitlines() if "the demo uses" in line]
-    assert len(notices) == 1 and notices[0].startswith(f"notice: {sources.FASHION_MNIST_DIR} not found")
+    assert len(notices) == 1 and notices[0].startswith(f"notice: {fmnist.FASHION_MNIST_DIR} not found")
     assert reason in notices[0] and notices[0].endswith("the demo uses scikit-learn's bundled digits")
-    assert not sources._has_fashion_mnist(str(cache_root / "fashion_mnist"))
+    assert not fmnist._has_fashion_mnist(str(cache_root / "fashion_mnist"))
     assert not os.path.exists(cache_root) or os.listdir(cache_root) in ([], ["fashion_mnist"])
     assert not os.path.exists(cache_root / "fashion_mnist") or os.listdir(cache_root / "fashion_mnist") == []
 
@@ -270,7 +272,7 @@ def test_downloadable_needs_a_2xx_answer_and_never_waits_past_its_timeout():
         closed.bind(("127.0.0.1", 0))
         closed_port = closed.getsockname()[1]
     try:
-        check = functools.partial(sources._downloadable, timeout_s=0.5)
+        check = functools.partial(fmnist._downloadable, timeout_s=0.5)
         assert check(f"{base}/file.gz")
         assert not check(f"{base}/missing.gz")  # a server that answers, but not with the file
         assert not check(f"http://127.0.0.1:{closed_port}/file.gz") and not check("http://name.invalid/file.gz")

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from mlcd_jax import sharding  # noqa: E402
 from mlcd_jax.data.tokenizer import EOT, SOT, tokenize  # noqa: E402
 from mlcd_jax.interop import load_text, save_text  # noqa: E402
-from mlcd_jax.interop.hf import InteropError  # noqa: E402
+from mlcd_jax.interop.files import InteropError  # noqa: E402
 from mlcd_jax.models import TEXT_PRESETS, TextTransformer, get_text_preset  # noqa: E402
 
 BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"

@@ -142,7 +142,7 @@ def test_a_trained_run_is_a_clustering_teacher(uninterrupted, tmp_path):
 
     from mlcd_jax import cluster, runs
     from mlcd_jax.data.sources import load_arrays
-    from mlcd_jax.evaluate.features import FeatureExtractor
+    from mlcd_jax.models.features import FeatureExtractor
 
     _, straight, _, _ = uninterrupted
     config = ml_collections.ConfigDict(dict(

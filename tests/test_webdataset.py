@@ -15,7 +15,8 @@ from etils import epath
 from mlcd_jax import cluster
 from mlcd_jax.cluster.config import ClusterError
 from mlcd_jax.data import augment, webdataset
-from mlcd_jax.data.sources import SourceError, load_arrays, open_source
+from mlcd_jax.data.source_base import SourceError
+from mlcd_jax.data.sources import load_arrays, open_source
 from test_cluster import _bytes, _cli, _records
 
 TARS, PER_TAR = 4, 60

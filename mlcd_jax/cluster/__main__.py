@@ -16,7 +16,7 @@ from mlcd_jax.cluster.config import ClusterError
 from mlcd_jax.cluster.job import run
 from mlcd_jax.cluster.teachers import TeacherError
 from mlcd_jax.data.records import RecordError
-from mlcd_jax.data.sources import SourceError
+from mlcd_jax.data.source_base import SourceError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "clustering job config file", lock_config=True)
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "print the plan (runner=beam: the pipeline options) and exit")

@@ -112,10 +112,11 @@ def _hf(
     if not arg or not os.path.isdir(arg):
         raise TeacherError(f"teacher 'hf:{arg}': {arg!r} is not a directory with config.json + safetensors")
     try:
-        from mlcd_jax.interop.hf import InteropError, load_vision
+        from mlcd_jax.interop.files import InteropError
+        from mlcd_jax.interop.hf import load_vision
     except ImportError as e:
         raise TeacherError(f"teacher 'hf:{arg}' needs mlcd_jax.interop.hf.load_vision ({e})") from e
-    from mlcd_jax.evaluate.features import FeatureExtractor
+    from mlcd_jax.models.features import FeatureExtractor
 
     from mlcd_jax.runs import DTYPES
 
@@ -129,7 +130,7 @@ def _hf(
 def _checkpoint(
     arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
 ) -> Teacher:
-    from mlcd_jax.evaluate.features import FeatureExtractor
+    from mlcd_jax.models.features import FeatureExtractor
     from mlcd_jax.runs import load_model, load_run_config
 
     try:

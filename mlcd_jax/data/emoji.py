@@ -9,7 +9,7 @@ Python's ``unicodedata`` cannot name (newer than its Unicode version) are left o
 
 Split: a CRC-32 of the key (``U+1F304``) puts a fixed fifth of the emoji in ``test``, the rest in
 ``train``, the same on every machine. Rendering takes 2-4 s on one core; the arrays are cached in
-``$MLCD_JAX_CACHE/emoji`` (see :func:`mlcd_jax.data.sources.cache_root`), keyed by the font's
+``$MLCD_JAX_CACHE/emoji`` (see :func:`mlcd_jax.data.source_base.cache_root`), keyed by the font's
 SHA-256, the Unicode version of ``unicodedata``, ``RENDERING`` and ``size``.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mlcd_jax import fileio
-from mlcd_jax.data.sources import SPLITS, SourceError, cache_root
+from mlcd_jax.data.source_base import SPLITS, SourceError, cache_root
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_PACKAGE = "fonts-noto-color-emoji"

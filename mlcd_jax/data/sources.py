@@ -19,8 +19,9 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_capt
   ``U+1F304``; ``train``/``test`` is a fixed 80/20 split by a hash of the code point
   (:mod:`mlcd_jax.data.emoji`; rendered once, then cached under ``$MLCD_JAX_CACHE/emoji``).
 - ``tfds:NAME[:SPLIT]`` — ``tfds.data_source`` of an already prepared TFDS dataset in ArrayRecord
-  format (never downloads); the image feature is read undecoded, so the bytes are the stored
-  originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files).
+  format (never downloads; :mod:`mlcd_jax.data.tfds_source`); the image feature is read undecoded, so
+  the bytes are the stored originals (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the
+  IDX files).
 - ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
   with another teacher; label None.
 - ``wds:PATTERN`` — WebDataset tar shards, local or ``gs://``, for the clustering job only: they are
@@ -28,64 +29,38 @@ Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_capt
 
 Raw-pixel sources (IDX, digits, emoji) store a lossless PNG of exactly their pixels; grayscale stays
 grayscale. Fashion-MNIST's and digits' items are captioned from their class (:func:`class_names`) with
-one of the CLIP-style ``CAPTION_TEMPLATES`` ("a photo of a sneaker."), picked by a CRC-32 of the
-item's pixels: the same image gets the same caption in every split spec and on every machine. The
+one of the CLIP-style ``source_base.CAPTION_TEMPLATES`` ("a photo of a sneaker."), picked by a CRC-32
+of the item's pixels: the same image gets the same caption in every split spec and on every machine. The
 captions are part of :func:`source_identity`, so a clustering job started before its source had
 captions (or with other ones) is refused on resume instead of mixing shards with and without them.
 
-:func:`demo_source` picks the demo's data: Debian's Fashion-MNIST, else the same IDX files downloaded
-once (where the machine is online) into ``$MLCD_JAX_CACHE/fashion_mnist``, else digits.
+:func:`mlcd_jax.data.fashion_mnist.demo_source` picks the demo's data: Debian's Fashion-MNIST, else the
+same IDX files downloaded once (where the machine is online) into ``$MLCD_JAX_CACHE/fashion_mnist``,
+else digits.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import math
 import os
-import shutil
-import struct
-import tempfile
-import threading
-import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from mlcd_jax.data import augment, records
+from mlcd_jax.data import augment, fashion_mnist, records
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SPLITS, SourceError, decode_caption, item
+from mlcd_jax.data.tfds_source import TfdsSource
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = (  # the IDX reader's names, also the names on Fashion-MNIST's download host
-    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
-)
-ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a download
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SPLITS = ("train", "test", "all")
 DIGITS_TRAIN = 1437
 # Class names as CLIP's zero-shot prompts use them (lower case)
 FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
 )
 DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
-    "a photo of a {}.",
-    "a black and white photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a cropped photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-)
-
-
-TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
-
-
-class SourceError(ValueError):
-    """A source spec is malformed or points at nothing usable."""
 
 
 class Source(Protocol):
@@ -120,19 +95,6 @@ def identity_digest(parts: Iterable[str], num_images: int | None) -> dict[str, A
     return {"num_images": num_images, "sha256": digest.hexdigest()}
 
 
-def decode_caption(data: bytes) -> str:
-    """A caption file's text: UTF-8 (a BOM dropped), or Latin-1 when the bytes are not UTF-8 (every byte
-    is a Latin-1 character, so a caption is never lost; Windows-1252 quotes come out as control chars)."""
-    try:
-        return data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        return data.decode("latin-1").strip()
-
-
-def _item(key: str, image: bytes, label: int | None = None, caption: str | None = None) -> dict[str, Any]:
-    return {"key": key, "image": image, "label": label, "caption": caption}
-
-
 def templated_captions(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> list[str]:
     """A caption per image naming its class ``names[label]`` in one of ``CAPTION_TEMPLATES``, picked by a
     CRC-32 of the image's pixels (so it does not depend on the image's position in a split)."""
@@ -165,7 +127,7 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = None if self.labels is None else int(self.labels[index])
         caption = None if self.captions is None else self.captions[index]
-        return _item(self.key(index), augment.encode_png(self.images[index]), label, caption)
+        return item(self.key(index), augment.encode_png(self.images[index]), label, caption)
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         """Name, count and image shape, then the own keys and the captions (what the records carry)."""
@@ -231,60 +193,10 @@ class FolderSource:
         if os.path.exists(caption_path):
             with open(caption_path, "rb") as f:
                 caption = decode_caption(f.read())
-        return _item(rel, image, self.label(index), caption)
+        return item(rel, image, self.label(index), caption)
 
     def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, n={len(self)})"
-
-
-class TfdsSource:
-    """A prepared TFDS split through ``tfds.data_source`` with the image feature left encoded."""
-
-    def __init__(self, name: str, split: str) -> None:
-        import tensorflow_datasets as tfds
-
-        try:
-            builder = tfds.builder(name)
-            image_key = next(k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image))
-            self.source = tfds.data_source(
-                name, split=split, download=False, decoders={image_key: tfds.decode.SkipDecoding()}
-            )
-        except StopIteration:
-            raise SourceError(f"tfds dataset {name!r} has no Image feature") from None
-        except Exception as e:  # tfds raises many types for missing / unprepared datasets
-            raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e})") from e
-        self.name, self.split, self.image_key = name, split, image_key
-        features = builder.info.features
-        self.label_key = "label" if "label" in features else None
-        # captions: the dataset's own text feature, else its class name in one of CAPTION_TEMPLATES
-        self.text_key = next((k for k in TFDS_CAPTION_KEYS if k in features and isinstance(features[k], tfds.features.Text)),
-                             None)
-        label = features[self.label_key] if self.label_key else None
-        self.names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.source[index]
-        label = int(example[self.label_key]) if self.label_key else None
-        image = bytes(example[self.image_key])
-        caption = None
-        if self.text_key:
-            text = example[self.text_key]
-            caption = decode_caption(text) if isinstance(text, bytes) else str(text)
-        elif self.names and label is not None:
-            caption = CAPTION_TEMPLATES[zlib.crc32(image) % len(CAPTION_TEMPLATES)].format(self.names[label])
-        return _item(self.key(index), image, label, caption)
-
-    def key(self, index: int) -> str:
-        return f"{self.name}/{self.split}/{index:08d}"
-
-    def identity_parts(self, num_images: int) -> Iterable[str]:
-        return [self.name, self.split, str(num_images), f"captions: {self.text_key or ('classes' if self.names else '')}"]
-
-    def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
 
 
 class ArrayRecordSource:
@@ -303,7 +215,7 @@ class ArrayRecordSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = records.decode(self.source[index])
-        return _item(rec["key"], rec["image"], None, rec["caption"])
+        return item(rec["key"], rec["image"], None, rec["caption"])
 
     def identity_parts(self, num_images: int) -> Iterable[str]:
         return [*(f"{os.path.basename(p)}:{os.path.getsize(p)}" for p in self.paths), str(num_images)]
@@ -319,41 +231,6 @@ def _split_arg(spec: str, value: str, allowed: tuple[str, ...] = SPLITS) -> str:
     if value not in allowed:
         raise SourceError(f"{spec!r}: split {value!r} is not one of {', '.join(allowed)}")
     return value
-
-
-def _read_idx(path: str) -> np.ndarray:
-    """One (optionally gzipped) IDX file as a uint8 array of its declared shape (MNIST-style data is uint8)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\0\0" or len(data) < 4 + 4 * data[3]:
-        raise SourceError(f"{path} is not an IDX file (no 0x0000 magic and dimensions header)")
-    dtype, ndim = data[2], data[3]
-    if dtype != 0x08:
-        raise SourceError(f"{path} holds IDX data type 0x{dtype:02x}; only unsigned bytes (0x08) are supported")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    if len(data) - 4 - 4 * ndim != math.prod(shape):
-        raise SourceError(f"{path} holds {len(data) - 4 - 4 * ndim} bytes of data, its header declares {shape}")
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _idx_file(directory: str, stem: str) -> str:
-    for name in (f"{stem}.gz", stem):
-        if os.path.exists(os.path.join(directory, name)):
-            return os.path.join(directory, name)
-    raise SourceError(
-        f"{stem}[.gz] not found in {directory}: install Debian's dataset-fashion-mnist or pass fashion_mnist:DIR"
-    )
-
-
-def _fashion_mnist_arrays(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    if split == "all":
-        parts = [_fashion_mnist_arrays(directory, s) for s in ("train", "test")]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))[..., None]
-    labels = _read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-    return images, labels
 
 
 def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +253,7 @@ def _parse(spec: str) -> tuple[str, list[str]]:
 
 
 def _fashion_args(spec: str, args: list[str]) -> tuple[str, str]:
-    directory, split = FASHION_MNIST_DIR, "train"
+    directory, split = fashion_mnist.FASHION_MNIST_DIR, "train"
     for arg in args:
         if arg in SPLITS:
             split = arg
@@ -437,7 +314,7 @@ def _open(spec: str, split: str | None) -> Source:
     if kind == "fashion_mnist":
         directory, own = _fashion_args(spec, args)
         split = split or own
-        return _classified(f"fashion_mnist/{split}", *_fashion_mnist_arrays(directory, split), FASHION_MNIST_CLASSES)
+        return _classified(f"fashion_mnist/{split}", *fashion_mnist.arrays(directory, split), FASHION_MNIST_CLASSES)
     if kind == "digits":
         split = split or (_split_arg(spec, args[0]) if args else "train")
         return _classified(f"digits/{split}", *_digits_arrays(split), DIGIT_CLASSES)
@@ -539,112 +416,3 @@ def load_captioned(spec: str, split: str = "train", limit: int | None = None) ->
     source = _open(spec, _split_arg(spec, split))
     images, captions = _loaded(source, limit, "caption", "has no caption (a sibling <stem>.txt)")
     return (images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)), list(captions)
-
-
-def _downloadable(url: str, timeout_s: float = ONLINE_TIMEOUT_S) -> bool:
-    """Whether an HTTP HEAD of ``url`` succeeds (2xx) within ``timeout_s``, name lookup included.
-
-    HEAD of the file itself, not a TCP connect: behind a transparent proxy every connect succeeds. The
-    lookup has no timeout of its own, so the request runs in a daemon thread that is abandoned after
-    ``timeout_s``: an offline machine gets its answer in ``timeout_s`` at most.
-    """
-    answered = threading.Event()
-
-    def head() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
-            answered.set()
-        except (OSError, ValueError):  # URLError / HTTPError / timeouts are OSErrors
-            pass
-
-    threading.Thread(target=head, daemon=True).start()
-    return answered.wait(timeout_s)
-
-
-def cache_root() -> str:
-    """Where downloaded and rendered data is kept: ``$MLCD_JAX_CACHE`` (default ``~/.cache/mlcd_jax``)."""
-    return os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
-
-
-def _fashion_mnist_cache() -> str:
-    """Where :func:`demo_source` keeps a downloaded Fashion-MNIST: ``<cache_root>/fashion_mnist``."""
-    return os.path.join(cache_root(), "fashion_mnist")
-
-
-def _has_fashion_mnist(directory: str) -> bool:
-    return all(os.path.isfile(os.path.join(directory, name)) for name in FASHION_MNIST_FILES)
-
-
-def _fashion_mnist_urls() -> dict[str, str]:
-    """File name -> URL of the four IDX files, on the host of tfds's fashion_mnist builder."""
-    import tensorflow_datasets as tfds
-
-    base = tfds.builder_cls("fashion_mnist").URL
-    return {name: urllib.parse.urljoin(base, name) for name in FASHION_MNIST_FILES}
-
-
-def _download_fashion_mnist(directory: str) -> None:
-    """Downloads the four IDX files into ``directory`` with tfds's download manager (no TensorFlow
-    needed; it verifies the sizes and sha256 sums tfds registers for these URLs).
-
-    All or nothing: the files download into a temporary sibling folder and move into ``directory``
-    only once all four are there; the temporary folder is removed whatever happens.
-    """
-    import tensorflow_datasets as tfds
-
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".fashion_mnist-", dir=parent)
-    try:
-        manager = tfds.download.DownloadManager(
-            download_dir=os.path.join(stage, "downloads"), dataset_name="fashion_mnist"
-        )
-        # one at a time: a failed download then leaves no other still writing into the folder removed below
-        downloaded = {name: manager.download(url) for name, url in _fashion_mnist_urls().items()}
-        missing = [name for name in FASHION_MNIST_FILES if not os.path.isfile(downloaded.get(name, ""))]
-        if missing:
-            raise SourceError(f"the download manager returned no {', '.join(missing)}")
-        os.makedirs(directory, exist_ok=True)
-        for name in FASHION_MNIST_FILES:  # all four are complete here; each move is atomic
-            os.replace(downloaded[name], os.path.join(directory, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _fetch_fashion_mnist(directory: str) -> str | None:
-    """Downloads Fashion-MNIST into ``directory`` when its host answers; None on success, else why not."""
-    try:
-        probe = _fashion_mnist_urls()["train-labels-idx1-ubyte.gz"]
-    except Exception as e:  # tensorflow_datasets missing or without a fashion_mnist builder
-        return f"no Fashion-MNIST download address ({type(e).__name__}: {e})"
-    if not _downloadable(probe):
-        return f"no answer from {urllib.parse.urlsplit(probe).hostname} (offline)"
-    print(f"notice: downloading Fashion-MNIST with tensorflow_datasets into {directory} (once)", flush=True)
-    try:
-        _download_fashion_mnist(directory)
-    except Exception as e:  # network, checksum and file-system errors of every kind
-        return f"could not download Fashion-MNIST ({type(e).__name__}: {' '.join(str(e).split())})"
-    return None
-
-
-def demo_source() -> str:
-    """The demo's labelled source spec: Fashion-MNIST where it can be had, else scikit-learn's digits.
-
-    ``fashion_mnist`` when Debian's dataset-fashion-mnist is installed; else
-    ``fashion_mnist:<cache>`` (see :func:`_fashion_mnist_cache`) when the four IDX files are there
-    (no network access) or can be downloaded now (the download host is probed first, so an offline
-    machine waits ~3 s, not for a download to time out); else ``digits``, with one ``notice:`` line
-    saying why.
-    """
-    if os.path.isdir(FASHION_MNIST_DIR):
-        return "fashion_mnist"
-    cache = _fashion_mnist_cache()
-    why_not = None if _has_fashion_mnist(cache) else _fetch_fashion_mnist(cache)
-    if why_not is None:
-        return f"fashion_mnist:{cache}"
-    print(
-        f"notice: {FASHION_MNIST_DIR} not found (apt-get install dataset-fashion-mnist) and {why_not}; "
-        "the demo uses scikit-learn's bundled digits",
-        flush=True,
-    )
-    return "digits"

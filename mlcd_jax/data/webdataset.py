@@ -27,7 +27,8 @@ from typing import BinaryIO
 
 from etils import epath
 
-from mlcd_jax.data.sources import IMAGE_EXTENSIONS, SourceError, decode_caption
+from mlcd_jax.data.source_base import SourceError, decode_caption
+from mlcd_jax.data.sources import IMAGE_EXTENSIONS
 
 SPEC_PREFIX = "wds:"
 CAPTION_EXTENSION = ".txt"

@@ -1,6 +1,5 @@
-"""mlcd_jax.evaluate: how good are frozen features, in numbers and in pictures.
+"""mlcd_jax.evaluate: how good are frozen features (:mod:`mlcd_jax.models.features`), in numbers and in pictures.
 
-- :mod:`~mlcd_jax.evaluate.features`: frozen features of a ViT (or raw pixels) on image arrays.
 - :mod:`~mlcd_jax.evaluate.knn`: cosine k-NN with a temperature-weighted vote (``knn_classify``, ``knn_accuracy``).
 - :mod:`~mlcd_jax.evaluate.linear_probe`: CLIP-protocol logistic-regression probe (``linear_probe``).
 - :mod:`~mlcd_jax.evaluate.pictures`: patch-feature PCA pictures and cosine-over-training curves (PNG).

@@ -9,7 +9,7 @@ import functools
 
 from absl import app
 
-from mlcd_jax import main as main_lib
+from mlcd_jax import cli
 
 if __name__ == "__main__":
-    app.run(functools.partial(main_lib.main, mode="eval"), flags_parser=main_lib.parse_flags)
+    app.run(functools.partial(cli.main, mode="eval"), flags_parser=cli.parse_flags)

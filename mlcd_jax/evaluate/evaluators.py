@@ -129,7 +129,7 @@ class Pictures(Evaluator):
     def __call__(self, target: Target) -> dict[str, float]:
         if target.model is None or target.workdir is None:
             return {}  # baselines have no patch tokens or training curves
-        from mlcd_jax.evaluate.features import FeatureExtractor
+        from mlcd_jax.models.features import FeatureExtractor
         from mlcd_jax.evaluate.pictures import cosine_curves_png, patch_pca_image, pca_grid_png
 
         images = eval_arrays(self.config)[2][: self.num_images]

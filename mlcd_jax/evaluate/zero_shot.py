@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mlcd_jax.data.sources import CAPTION_TEMPLATES
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES
 
 # CLIP's ImageNet-1K class names (label order: sorted WordNet ids, as tfds's imagenet2012 and a folder
 # of synset directories) and its 80 prompt templates; imagenet.json names their source and licence.
@@ -25,7 +25,7 @@ IMAGENET: dict = json.loads((importlib.resources.files("mlcd_jax.evaluate") / "i
 # Prompt templates by name. "simple": one prompt; "clip7": the seven templates CLIP's prompt-engineering
 # notebook selected from its 80 ImageNet prompts; "clip80": all 80 (the papers' ImageNet zero-shot);
 # "captions": the templates the raw-pixel sources write their training captions with
-# (mlcd_jax.data.sources.CAPTION_TEMPLATES), the demo's ensemble.
+# (mlcd_jax.data.source_base.CAPTION_TEMPLATES), the demo's ensemble.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "simple": ("a photo of a {}.",),
     "clip7": (

@@ -13,17 +13,14 @@ Layout conversion (HF is torch, ``[out, in]`` linears, NCHW conv):
 q/k/v_proj ``[W, W]`` -> fused ``qkv_kernel [W, 3, heads, head_dim]``; out_proj -> ``[heads, head_dim, W]``;
 fc1/fc2/visual_projection transposed; patch conv ``[W, C, p, p]`` -> ``[p, p, C, W]``.
 
-CLIP's text tower (:mod:`mlcd_jax.interop.hf_text`) reuses the reading, per-layer conversion and
-writing helpers here.
+CLIP's text tower (:mod:`mlcd_jax.interop.hf_text`) reuses the per-layer conversion here; both read and
+write the directory's files through :mod:`mlcd_jax.interop.files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -33,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mlcd_jax.interop.files import InteropError, read_config, read_safetensors, write_checkpoint
 from mlcd_jax.models.presets import TextConfig, ViTConfig
 from mlcd_jax.models.vit import VisionTransformer, resize_pos_embed
 
@@ -46,11 +44,8 @@ _PREFIX = "vision_model."
 _PROJ = "visual_projection.weight"
 _IGNORED_SUFFIXES = ("position_ids",)  # non-persistent buffers some old checkpoints contain
 _IGNORED_PREFIXES = ("text_model.", "text_projection.", "logit_scale")  # CLIPModel's text tower
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 Params = dict[str, Any]
-_Config = TypeVar("_Config", ViTConfig, TextConfig)
 _Module = TypeVar("_Module", bound=nnx.Module)
 
 
@@ -147,38 +142,6 @@ def config_to_hf(cfg: ViTConfig, arch: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- tensors
-
-
-class InteropError(ValueError):
-    """An HF checkpoint directory that cannot be read as it says: the message names the file and why."""
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of ``path`` (one file, or a directory with ``model.safetensors`` or a sharded index)."""
-    from safetensors import safe_open
-
-    if os.path.isdir(path):
-        index = os.path.join(path, INDEX)
-        if os.path.exists(os.path.join(path, WEIGHTS)):
-            files = [os.path.join(path, WEIGHTS)]
-        elif os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        else:
-            raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {path}")
-    else:
-        files = [path]
-    tensors: dict[str, np.ndarray] = {}
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        for file in files:
-            try:
-                with safe_open(file, framework="flax") as f:
-                    for key in f.keys():
-                        tensors[key] = np.asarray(f.get_tensor(key))
-            except Exception as err:  # noqa: BLE001  (safetensors' SafetensorError derives from Exception only)
-                raise InteropError(f"{file} is not a readable safetensors file ({type(err).__name__}: {err})") from None
-    return tensors
 
 
 def _strip(
@@ -323,7 +286,7 @@ def load_vision(
     ``interpolate_pos_encoding`` does per call); other sizes also work per call without it.
     ``model_kwargs`` go to :class:`VisionTransformer` (``dtype``, ``attention_impl``, ``remat`` ...).
     """
-    cfg, arch = _read_config(path, config_from_hf)
+    cfg, arch = read_config(path, config_from_hf)
     tensors = _strip(read_safetensors(path))
     try:
         params = params_from_hf(tensors, cfg, scan_layers=scan_layers)
@@ -338,22 +301,6 @@ def load_vision(
     model = from_params(cfg, params, scan_layers=scan_layers, **model_kwargs)
     logging.info("loaded %s from %s: %s", arch, path, cfg)
     return model, cfg
-
-
-def _read_config(path: str, parse: Callable[[Mapping[str, Any]], tuple[_Config, str]]) -> tuple[_Config, str]:
-    """``parse`` of ``path``/config.json: our config and the architecture; errors name the file."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"no config.json in {path}; expected a transformers save_pretrained directory")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            hf_config = json.load(f)
-        except ValueError as err:
-            raise InteropError(f"{config_path} is not JSON ({err})") from None
-    try:
-        return parse(hf_config)
-    except (KeyError, TypeError, ValueError) as err:
-        raise InteropError(f"{config_path}: {err}") from None
 
 
 def from_params(cfg: ViTConfig, params: Params, **model_kwargs: Any) -> VisionTransformer:
@@ -419,41 +366,4 @@ def save_vision(
     multi-host job every process must call this (arrays are gathered); process 0 writes.
     """
     tensors, cfg, arch = hf_tensors(model, drop_projection=drop_projection)
-    _write_checkpoint(tensors, config_to_hf(cfg, arch), path, max_shard_bytes)
-
-
-def _write_checkpoint(
-    tensors: Mapping[str, np.ndarray], hf_config: dict[str, Any], path: str, max_shard_bytes: int
-) -> None:
-    """Writes ``config.json`` (with the tensors' ``dtype``) and the tensors, split into shards of at most
-    ``max_shard_bytes`` with a ``model.safetensors.index.json`` when they exceed it; process 0 only."""
-    from safetensors.numpy import save_file
-
-    if jax.process_index() != 0:
-        return
-    os.makedirs(path, exist_ok=True)
-    hf_config = {**hf_config, "dtype": str(next(iter(tensors.values())).dtype)}
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key in sorted(tensors):
-        if shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensors[key]
-        size += tensors[key].nbytes
-    for stale in [WEIGHTS, INDEX, *glob.glob(os.path.join(path, "model-*-of-*.safetensors"))]:
-        if os.path.exists(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        with open(os.path.join(path, INDEX), "w") as f:
-            json.dump(index, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    write_checkpoint(tensors, config_to_hf(cfg, arch), path, max_shard_bytes)

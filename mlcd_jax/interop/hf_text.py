@@ -1,10 +1,10 @@
 """Hugging Face CLIP text checkpoints (``config.json`` + safetensors) <-> :class:`TextTransformer`.
 
 Supported architectures: ``CLIPTextModel``, ``CLIPTextModelWithProjection``, and for loading also the
-text tower (+ ``text_projection``, ``projection_dim``) of a full ``CLIPModel``. Reading, sharded
-writing and the per-block layout conversion are :mod:`mlcd_jax.interop.hf`'s (CLIP's text and vision
-encoder layers share their key names); this module adds the text embeddings, the final LayerNorm and
-the config.
+text tower (+ ``text_projection``, ``projection_dim``) of a full ``CLIPModel``. Reading and sharded
+writing are :mod:`mlcd_jax.interop.files`', the per-block layout conversion :mod:`mlcd_jax.interop.hf`'s
+(CLIP's text and vision encoder layers share their key names); this module adds the text embeddings,
+the final LayerNorm and the config.
 
 Key names: ``CLIPTextModelWithProjection`` and ``CLIPModel`` prefix the tower with ``text_model.``;
 transformers 5 writes ``CLIPTextModel`` without it. We read both and write the prefixed layout.
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from mlcd_jax.interop.files import InteropError, read_config, read_safetensors, write_checkpoint
 from mlcd_jax.interop.hf import (
-    InteropError,
     Params,
     _architecture,
     _collect,
@@ -33,10 +33,7 @@ from mlcd_jax.interop.hf import (
     _layer_to_hf,
     _module_from_params,
     _numpy_params,
-    _read_config,
     _strip,
-    _write_checkpoint,
-    read_safetensors,
 )
 from mlcd_jax.models.presets import TextConfig
 from mlcd_jax.models.text import TextTransformer
@@ -155,7 +152,7 @@ def load_text(path: str, **model_kwargs: Any) -> tuple[TextTransformer, TextConf
     ``model.encode(ids)`` its ``(pooler_output, last_hidden_state)``. ``model_kwargs`` go to
     :class:`TextTransformer` (``dtype``, ``param_dtype``, ``attention_impl``, ``remat``).
     """
-    cfg, arch = _read_config(path, text_config_from_hf)
+    cfg, arch = read_config(path, text_config_from_hf)
     tensors = _strip(read_safetensors(path), _TEXT_PREFIX, _VISION_PREFIXES)
     try:
         params = text_params_from_hf(tensors, cfg)
@@ -174,4 +171,4 @@ def save_text(model: TextTransformer, path: str, *, max_shard_bytes: int = 5 * 2
     cfg = model.config
     tower = text_params_to_hf(_numpy_params(model), cfg)
     tensors = {(k if k == _TEXT_PROJ else _TEXT_PREFIX + k): np.ascontiguousarray(v) for k, v in tower.items()}
-    _write_checkpoint(tensors, text_config_to_hf(cfg), path, max_shard_bytes)
+    write_checkpoint(tensors, text_config_to_hf(cfg), path, max_shard_bytes)

@@ -1,4 +1,7 @@
-"""Vision Transformer family (CLIP layout, optional 2-D RoPE), CLIP's text tower, and their size presets."""
+"""Vision Transformer family (CLIP layout, optional 2-D RoPE), CLIP's text tower, and their size presets.
+
+Frozen features of either tower in batches (evaluation, clustering teachers) are in
+:mod:`mlcd_jax.models.features`, imported from there (it loads the data pipeline's eval preprocessing)."""
 
 from mlcd_jax.models.presets import (
     PRESETS,

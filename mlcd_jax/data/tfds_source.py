@@ -1,0 +1,62 @@
+"""``tfds:NAME[:SPLIT]``: a prepared TFDS dataset in ArrayRecord format through ``tfds.data_source``
+(never downloads), the image feature read undecoded (see :mod:`mlcd_jax.data.sources`)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError, decode_caption, item
+
+TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
+
+
+class TfdsSource:
+    """A prepared TFDS split through ``tfds.data_source`` with the image feature left encoded."""
+
+    def __init__(self, name: str, split: str) -> None:
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name)
+            image_key = next(k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image))
+            self.source = tfds.data_source(
+                name, split=split, download=False, decoders={image_key: tfds.decode.SkipDecoding()}
+            )
+        except StopIteration:
+            raise SourceError(f"tfds dataset {name!r} has no Image feature") from None
+        except Exception as e:  # tfds raises many types for missing / unprepared datasets
+            raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e})") from e
+        self.name, self.split, self.image_key = name, split, image_key
+        features = builder.info.features
+        self.label_key = "label" if "label" in features else None
+        # captions: the dataset's own text feature, else its class name in one of CAPTION_TEMPLATES
+        self.text_key = next((k for k in TFDS_CAPTION_KEYS if k in features and isinstance(features[k], tfds.features.Text)),
+                             None)
+        label = features[self.label_key] if self.label_key else None
+        self.names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.source[index]
+        label = int(example[self.label_key]) if self.label_key else None
+        image = bytes(example[self.image_key])
+        caption = None
+        if self.text_key:
+            text = example[self.text_key]
+            caption = decode_caption(text) if isinstance(text, bytes) else str(text)
+        elif self.names and label is not None:
+            caption = CAPTION_TEMPLATES[zlib.crc32(image) % len(CAPTION_TEMPLATES)].format(self.names[label])
+        return item(self.key(index), image, label, caption)
+
+    def key(self, index: int) -> str:
+        return f"{self.name}/{self.split}/{index:08d}"
+
+    def identity_parts(self, num_images: int) -> Iterable[str]:
+        return [self.name, self.split, str(num_images), f"captions: {self.text_key or ('classes' if self.names else '')}"]
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"

@@ -1,0 +1,213 @@
+"""The training loop: data, checkpoints and resume, ProtoCLIP's episodes, metrics, periodic evaluation."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import parameter_overview
+from etils import epath
+from flax import nnx
+
+from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
+from mlcd_jax.config_lib import ConfigError, ResumeMismatch
+from mlcd_jax.models import VisionTransformer
+from mlcd_jax.objectives import objective
+from mlcd_jax.train.episodes import build_episode, make_episode_features
+from mlcd_jax.train.preemption import Preempted, Preemption
+from mlcd_jax.train.state import TrainSetup
+from mlcd_jax.train.step import make_train_step
+from mlcd_jax.train.validate import checked_mesh
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+def _dataset_info(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, Any]]:
+    """Shard paths and the clustering manifest for ``config.data.shards`` (a job's output dir or a glob)."""
+    from mlcd_jax.data.pipeline import resolve_shards
+
+    try:
+        return resolve_shards(config.data.shards)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.shards: {err}") from None
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """``num_train_steps`` if positive, else ``num_epochs`` over the dataset (rounded up)."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(math.ceil(config.num_epochs * num_examples / config.batch_size))
+
+
+def _log_step(
+    config: ml_collections.ConfigDict, setup: TrainSetup, writer: Any, step: int, total_steps: int,
+    metrics: dict[str, Any], timing: dict[str, float], peak: float | None,
+) -> dict[str, Any]:
+    """Writes one step's metrics (and throughput of the window) and prints its line; returns the scalars."""
+    step_time = timing["step_time_s"]
+    scalars = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+    scalars.update(timing, images_per_s=config.batch_size / step_time,
+                   flops_per_s=setup.flops_per_step / step_time)
+    if peak:
+        scalars["mfu"] = setup.flops_per_step / step_time / (peak * jax.device_count())
+    writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
+    terms = (f"pos {scalars['loss_pos']:.3f} neg {scalars['loss_neg']:.3f}" if "loss_pos" in scalars
+             else f"i2t {scalars['loss_i2t']:.3f} t2i {scalars['loss_t2i']:.3f}, scale {scalars['logit_scale']:.1f}")
+    if "loss_proto" in scalars:
+        terms += f", proto {scalars['loss_proto']:.3f} ext {scalars['loss_ext']:.3f}"
+    print(
+        f"step {step}/{total_steps} loss {scalars['loss']:.4f} ({terms}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
+        f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
+        f"{scalars['images_per_s']:.1f} img/s, data wait {100 * scalars['data_wait_frac']:.0f}%"
+        + (f", MFU {100 * scalars['mfu']:.1f}%" if peak else f", {scalars['flops_per_s'] / 1e9:.1f} GFLOP/s"),
+        flush=True,
+    )
+    return scalars
+
+
+# (every, fn(image tower, text tower or None) -> scalars)
+PeriodicEval = tuple[int, Callable[[VisionTransformer, nnx.Module | None], dict[str, float]]]
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    evals: Sequence[PeriodicEval] = (),
+) -> dict[str, Any]:
+    """Trains (resuming from ``workdir`` when it holds a checkpoint) and returns the last logged metrics.
+
+    ``evals``: ``(every, fn)`` pairs; ``fn(image_model, text_model) -> scalars`` runs every ``every`` steps and its results
+    are logged with the training metrics (the caller builds them from ``config.evals``).
+    """
+    from mlcd_jax.data.pipeline import make_train_loader
+
+    fileio.makedirs(workdir)
+    mesh = checked_mesh(config)
+    shards, manifest = _dataset_info(config)
+    goal = objective(config.loss.kind)
+    if goal.clusters and manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
+        raise ConfigError(
+            f"loss.top_l={config.loss.top_l} but the shards carry only l={manifest['top_l']} "
+            "(a smaller loss.top_l uses each image's best labels)"
+        )
+    if goal.clusters and manifest and manifest.get("num_clusters") and manifest["num_clusters"] != config.loss.num_classes:
+        raise ConfigError(
+            f"loss.num_classes={config.loss.num_classes} but the shards were clustered into "
+            f"k={manifest['num_clusters']}"
+        )
+    total_steps = num_train_steps(config, int(manifest.get("num_images", 0)) if manifest else 0)
+    if total_steps <= 0:
+        raise ConfigError("set num_train_steps > 0, or num_epochs with shards that have a manifest")
+    setup = TrainSetup.create(config, mesh, total_steps)
+    if jax.process_index() == 0:
+        head = (f"prototypes {setup.k_pad} x {setup.embed_dim}" if goal.clusters
+                else f"text tower {config.text.name}, context {config.text.context_length}")
+        print(f"training {config.model.name} with {config.loss.kind} on mesh {dict(mesh.shape)} "
+              f"({jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices): "
+              f"{total_steps} steps of {config.batch_size}, {head}",
+              flush=True)
+    try:
+        loader = make_train_loader(
+            shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
+            top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
+            num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
+            context_length=config.text.context_length if goal.text else 0,
+            episode_size=config.protoclip.episode_size if goal.episodes else 0,
+            # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)
+            skip_log_dir=None if fileio.is_remote(workdir) else os.path.join(workdir, "skipped_records"),
+        )
+    except ValueError as err:  # shards that cannot feed this objective (no captions)
+        raise ConfigError(f"data.shards: {err}") from None
+    iterator = iter(loader)
+    manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+    try:
+        restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
+    except (checkpointing.CheckpointMismatch, ResumeMismatch) as err:
+        raise ConfigError(str(err)) from None
+    state, start = (restored if restored else (setup.init_state(config.seed), 0))
+    writer = metrics_lib.create_writer(workdir, resume_step=start)
+    if start == 0 and jax.process_index() == 0:
+        fileio.write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
+        writer.write_hparams(config.to_dict())
+        parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
+    step_fn = make_train_step(setup, loader.augment)  # crops, flips, normalisation inside the step
+    if goal.episodes:
+        from mlcd_jax.losses.protoclip import tfidf_teacher
+
+        steps_per_episode = config.protoclip.episode_size // config.batch_size
+        external = (tfidf_teacher(list(loader.decoded.captions), config.protoclip.external_dim, config.seed)
+                    if config.protoclip.external else None)
+        episode_features = make_episode_features(setup)
+        built = int(state["episode"]["index"])  # the episode whose labels the state holds
+    peak = metrics_lib.device_peak_flops()
+    preemption = Preemption(manager)
+    stop_after = min(config.get("stop_after_steps", 0) or total_steps, total_steps)
+    timer = periodic.StepTimer()
+    profiler = periodic.Profiler(workdir, int(config.get("profile_steps", 0)), first=start + 5)
+    last: dict[str, Any] = {}
+    if start >= stop_after:
+        print(f"{workdir} already holds step {start} (>= {stop_after}): nothing to train", flush=True)
+    try:
+        for step in range(start + 1, stop_after + 1):  # empty when the workdir is already there
+            if goal.episodes and (step - 1) // steps_per_episode != built and step > steps_per_episode:
+                built = (step - 1) // steps_per_episode  # episode 0 trains InfoNCE only
+                t0 = time.perf_counter()
+                state = {**state, "episode": build_episode(setup, state, loader, built, external, episode_features)}
+                print(f"episode {built}: clustered {config.protoclip.episode_size} pairs into "
+                      f"{config.protoclip.num_clusters} prototypes per modality in {time.perf_counter() - t0:.1f} s",
+                      flush=True)
+            with timer.data_wait():
+                local = next(iterator)
+            profiler.before(step)
+            state, metrics = step_fn(state, sharding.host_to_global(local, mesh, setup.rules))
+            profiler.after(step, metrics)
+            preempted = preemption.requested(step)
+            is_last = step >= stop_after
+            evals_now = [fn for every, fn in evals if periodic.due(step, every)]
+            log_now = periodic.due(step, config.log_every_steps, last=is_last) or bool(evals_now)
+            ckpt_now = periodic.due(step, config.checkpoint_every_steps, last=is_last or preempted)
+            if log_now or ckpt_now:
+                metrics = jax.device_get(metrics)
+                for name in ("loss", "grad_norm"):
+                    if not np.isfinite(metrics[name]):
+                        raise TrainingDiverged(
+                            f"{name} is {metrics[name]} at step {step}; stopped, the last good checkpoint "
+                            f"(step {manager.latest_step()}) is kept"
+                        )
+            if log_now:
+                timing = timer.report()
+                results: dict[str, float] = {}
+                if evals_now:
+                    writer.flush()  # evaluators may read metrics.jsonl (the training curves)
+                text_model = setup.text_model.merge(state["text"]) if goal.text else None
+                for fn in evals_now:
+                    results.update(fn(setup.merge(state["params"]), text_model))
+                if results:
+                    print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                          flush=True)
+                extra = {**results, "skipped_records": loader.skipped_records}  # corrupt records, this process
+                last = _log_step(config, setup, writer, step, total_steps, {**metrics, **extra}, timing, peak)
+                timer.reset()  # the next window starts after logging and evaluation
+            if ckpt_now:
+                writer.flush()  # every row up to a checkpoint is on disk before the checkpoint exists
+                checkpointing.save(manager, step, state, iterator, force=preempted or is_last)
+            if preempted:
+                raise Preempted(step, preemption.signal_name or "SIGTERM")
+            if is_last:
+                break
+    finally:
+        profiler.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+        writer.close()
+        preemption.restore()
+    return last

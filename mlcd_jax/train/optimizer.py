@@ -1,0 +1,95 @@
+"""The optimizer: AdamW in groups (towers, prototypes, temperature) on a warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from mlcd_jax.objectives import objective
+
+
+# Leaf names (the last key of a parameter's path) that weight decay skips: biases (incl. the fused
+# ``qkv_bias``), LayerNorm scales, class token and position tables. Matrix weights end in ``kernel``.
+_NO_DECAY_SUFFIXES = ("bias", "scale", "embedding", "pos_embed", "pos_emb")
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for the backbone leaves AdamW decays: matrix weights (names ending in ``kernel``), nothing else.
+
+    Decided from the parameter's name, not its rank, so it holds for 3-D ``qkv_bias`` and for the
+    ``layers``-stacked leaves of ``scan_layers``. A leaf with neither kind of name raises, so a new
+    parameter cannot silently get the wrong role.
+    """
+
+    def decays(path: tuple[Any, ...], _) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("kernel"):
+            return True
+        if name.endswith(_NO_DECAY_SUFFIXES):
+            return False
+        raise ValueError(
+            f"parameter {jax.tree_util.keystr(path)} has no weight-decay role: name matrix weights "
+            f"'*kernel' or add its suffix to train.optimizer._NO_DECAY_SUFFIXES"
+        )
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+# The optimizer group of each trainable state key: both towers are "backbone".
+_GROUPS = {"params": "backbone", "text": "backbone", "heads": "backbone", "proto": "proto", "logit_scale": "scale",
+           "logit_scale_proto": "scale"}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on the objective's trainable state keys (:mod:`mlcd_jax.objectives`) in groups: the towers
+    (``params``, ``text``), the prototypes (``proto``) and the temperature (``logit_scale``, no weight
+    decay); warm-up + cosine schedule.
+
+    Backbone: gradients clipped by their own global norm (``grad_clip``), weight decay on matrix weights
+    only (:func:`weight_decay_mask`). Prototypes: learning rate x ``loss.proto_lr_mult``, weight decay
+    ``loss.proto_weight_decay`` (None = ``weight_decay``), not clipped (as PartialFC, which clips only
+    the backbone), so one step's head gradient never shrinks the backbone's update.
+
+    With ``grad_accum_steps = a`` the optimizer updates every ``a`` of the ``num_steps`` train steps: the
+    schedule counts updates (``num_steps // a`` of them, ``warmup_steps // a`` of warm-up, both given in
+    train steps). The returned schedule maps a train step to the backbone learning rate of the update its
+    gradient goes into (what the train step logs as ``lr``).
+    """
+    accum = max(int(config.get("grad_accum_steps", 1)), 1)
+    num_updates = max(num_steps // accum, 1)
+    warmup = min(config.warmup_steps // accum, num_updates - 1)
+    update_schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(num_updates, warmup + 1), end_value=0.0
+    )
+    loss_cfg = config.loss
+    proto_lr_mult = float(loss_cfg.get("proto_lr_mult", 1.0))
+    proto_wd = loss_cfg.get("proto_weight_decay")
+
+    def adamw(
+        learning_rate: optax.Schedule, weight_decay: float, mask: Any = None
+    ) -> optax.GradientTransformation:
+        return optax.adamw(
+            learning_rate, b1=config.get("b1", 0.9), b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
+            weight_decay=weight_decay, mask=mask,
+        )
+
+    backbone = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+        adamw(update_schedule, config.weight_decay, weight_decay_mask),
+    )
+    proto = adamw(
+        lambda count: proto_lr_mult * update_schedule(count),
+        config.weight_decay if proto_wd is None else float(proto_wd),
+    )
+    # The temperature of the contrastive objectives: same schedule, no weight decay, not clipped.
+    scale = adamw(update_schedule, 0.0)
+    tx = optax.multi_transform(
+        {"backbone": backbone, "proto": proto, "scale": scale},
+        param_labels={key: _GROUPS[key] for key in objective(loss_cfg.kind).trainable},
+    )
+    if accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    return tx, lambda step: update_schedule(step // accum)
