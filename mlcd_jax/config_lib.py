@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     # mlcd (Eq. 5), mlc (Eq. 4), softmax (single label, UNICOM); clip (both towers, InfoNCE; FLIP with
     # data.patch_drop); lit (text tower against the locked image tower of loss.image_tower); protoclip.
     c.loss.kind = "mlcd"
-    c.loss.image_tower = ""  # lit: workdir:DIR (a trained run), hf:DIR (a CLIP/MLCD checkpoint), "" = random init
+    # lit: workdir:DIR (a trained run), hf:DIR or hf-hub:ORG/NAME (a CLIP/MLCD checkpoint), "" = random init
+    c.loss.image_tower = ""
     c.loss.text_tower = ""  # clip / lit / protoclip: start the text tower from workdir:DIR or hf:DIR ("" = random)
     c.loss.init_logit_scale = 2.6592600  # ln(1/0.07), CLIP's initial temperature (clip, lit)
     c.loss.scale = 32.0

@@ -91,24 +91,27 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
 
 
 # loss.image_tower / loss.text_tower: where a tower's starting weights come from ("" = random init).
-TOWER_PREFIXES = ("workdir:", "hf:")
+TOWER_PREFIXES = ("workdir:", "hf:", "hf-hub:")
 
 
 def load_tower(spec: str, config: ml_collections.ConfigDict, text: bool = False) -> nnx.Module:
     """The image tower (LiT's locked one) or, with ``text``, the text tower that ``spec`` names:
-    ``workdir:DIR`` (a trained run's) or ``hf:DIR`` (an HF CLIP / MLCD checkpoint). Its shape must be the
+    ``workdir:DIR`` (a trained run's), ``hf:DIR`` (an HF CLIP / MLCD checkpoint) or ``hf-hub:ORG/NAME[@REV]``
+    (one on the hub, through its cache: :mod:`mlcd_jax.interop.hub`). Its shape must be the
     one ``config.model`` (``config.text``) describes; ``{seed}`` in ``DIR`` becomes ``config.seed``."""
     key = "text_tower" if text else "image_tower"
     kind, _, path = spec.partition(":")
     path = path.replace("{seed}", str(config.seed))  # one tower per seed, e.g. workdir:STUDY/runs/mlcd/seed{seed}
-    if kind not in ("workdir", "hf"):
-        raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
+    if kind not in ("workdir", "hf", "hf-hub"):
+        raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, hf-hub:ORG/NAME, or '' (random init)")
     from mlcd_jax import interop
+    from mlcd_jax.interop import hub
 
     try:
         if kind == "workdir":
             model = load_model(path, text=text)  # with the run's own config; its shape is compared below
         else:
+            path = hub.snapshot_dir(f"{kind}:{path}")
             model = (interop.load_text(path)[0] if text else
                      interop.load_vision(path, image_size=config.data.image_size,
                                          scan_layers=bool(config.model.get("scan_layers", False)))[0])

@@ -58,3 +58,31 @@ def test_hf_dirs_pass_through_and_malformed_ids_are_one_line():
     for bad in ("hf-hub:tiny-mlcd", "hf-hub:/x", "hf-hub:a/b/c"):
         with pytest.raises(ValueError, match="name a hub model as hf-hub:ORG/NAME"):
             hub.snapshot_dir(bad)
+
+
+def test_a_hub_id_is_a_lit_tower_and_a_clustering_teacher(tmp_path):
+    """The same id in ``loss.image_tower`` (loaded and checked against the config) and as the clustering
+    job's teacher (embedding images), offline from the cache."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--test-org--demo-vit" / "snapshots" / COMMITS["main"]
+    (snapshot.parent.parent / "refs").mkdir(parents=True)
+    (snapshot.parent.parent / "refs" / "main").write_text(COMMITS["main"])
+    code = f"""
+import numpy as np, importlib.util
+from mlcd_jax import runs
+from mlcd_jax.cluster import default_config
+from mlcd_jax.cluster.teachers import build_teacher
+from mlcd_jax.interop.hf import save_vision
+spec = importlib.util.spec_from_file_location("demo", {str(ROOT / "configs" / "demo.py")!r})
+demo = importlib.util.module_from_spec(spec); spec.loader.exec_module(demo)
+config = demo.get_config("digits")
+save_vision(runs.build_model(config, 0), {str(snapshot)!r})
+tower = runs.load_tower("hf-hub:test-org/demo-vit", config)
+assert tower.config == runs.vit_config(config)
+teacher = build_teacher("hf-hub:test-org/demo-vit", default_config(), {str(tmp_path)!r})
+print(teacher(np.zeros((3, 16, 16, 3), np.uint8)).shape)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1].startswith("(3, ")  # three embeddings

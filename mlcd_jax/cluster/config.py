@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.source = ""  # folder:DIR | fashion_mnist[:DIR][:SPLIT] | digits[:SPLIT] | tfds:NAME[:SPLIT] | arrayrecord:GLOB | wds:PATTERN
     c.limit = 0  # use only the first `limit` source images (0 = all)
     c.output_dir = ""
-    c.teacher = "pixels"  # pixels | hf:DIR | checkpoint:WORKDIR
+    c.teacher = "pixels"  # pixels | hf:DIR | hf-hub:ORG/NAME[@REV] | checkpoint:WORKDIR
     c.teacher_dtype = ""  # hf / checkpoint compute dtype: "" = its own (hf float32, a run's model.dtype) | bfloat16 | float32
     c.pixels_size = 16  # pixels teacher: images down-sampled to this square (RGB) ...
     c.pixels_dim = 64  # ... and projected on this many principal components

@@ -9,6 +9,7 @@ centre-cropped to this square first) and ``channels`` (grayscale is repeated to 
 - ``hf:DIR`` — a CLIP / MLCD vision checkpoint directory (config.json + safetensors) through
   ``mlcd_jax.interop.hf.load_vision``; the pooled output is the embedding. The job's ``teacher_dtype``
   (``bfloat16`` on accelerators) sets the compute dtype of this and the ``checkpoint:`` teacher.
+- ``hf-hub:ORG/NAME[@REV]`` — the same from the hub, through its cache (:mod:`mlcd_jax.interop.hub`).
 - ``checkpoint:WORKDIR`` — one of our trained models (needs the trainer's checkpoint loader).
 
 The job runs on one process (a Beam worker, or process 0 of a multi-process training run) and builds
@@ -109,13 +110,30 @@ def _pixels(
 def _hf(
     arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
 ) -> Teacher:
+    return _hf_checkpoint(f"hf:{arg}", config, devices)
+
+
+def _hf_hub(
+    arg: str, config: ml_collections.ConfigDict, state_dir: str, sample: SampleFn | None, devices: Devices,
+) -> Teacher:
+    return _hf_checkpoint(f"hf-hub:{arg}", config, devices)
+
+
+def _hf_checkpoint(spec: str, config: ml_collections.ConfigDict, devices: Devices) -> Teacher:
+    """The teacher of an HF checkpoint, a directory (``hf:DIR``) or a hub id (``hf-hub:ORG/NAME``)."""
+    from mlcd_jax.interop import hub
+
+    try:
+        arg = hub.snapshot_dir(spec)
+    except ValueError as e:
+        raise TeacherError(f"teacher {e}") from None
     if not arg or not os.path.isdir(arg):
-        raise TeacherError(f"teacher 'hf:{arg}': {arg!r} is not a directory with config.json + safetensors")
+        raise TeacherError(f"teacher '{spec}': {arg!r} is not a directory with config.json + safetensors")
     try:
         from mlcd_jax.interop.files import InteropError
         from mlcd_jax.interop.hf import load_vision
     except ImportError as e:
-        raise TeacherError(f"teacher 'hf:{arg}' needs mlcd_jax.interop.hf.load_vision ({e})") from e
+        raise TeacherError(f"teacher '{spec}' needs mlcd_jax.interop.hf.load_vision ({e})") from e
     from mlcd_jax.models.features import FeatureExtractor
 
     from mlcd_jax.runs import DTYPES
@@ -123,7 +141,7 @@ def _hf(
     try:
         model, cfg = load_vision(arg, **({"dtype": DTYPES[config.teacher_dtype]} if config.teacher_dtype else {}))
     except (InteropError, FileNotFoundError) as e:
-        raise TeacherError(f"teacher 'hf:{arg}': {e}") from None
+        raise TeacherError(f"teacher '{spec}': {e}") from None
     return FeatureExtractor(model, int(cfg.image_size), batch_size=config.batch_size, devices=devices)
 
 
@@ -146,6 +164,7 @@ def _checkpoint(
 TEACHERS: dict[str, Callable[[str, ml_collections.ConfigDict, str, SampleFn | None, Devices], Teacher]] = {
     "pixels": _pixels,
     "hf": _hf,
+    "hf-hub": _hf_hub,
     "checkpoint": _checkpoint,
 }
 
@@ -153,7 +172,7 @@ TEACHERS: dict[str, Callable[[str, ml_collections.ConfigDict, str, SampleFn | No
 def check_spec(spec: str) -> None:
     """Raises ``TeacherError`` for a spec whose prefix is not in the registry."""
     if spec.partition(":")[0] not in TEACHERS:
-        raise TeacherError(f"unknown teacher {spec!r}: use one of pixels, hf:DIR, checkpoint:WORKDIR")
+        raise TeacherError(f"unknown teacher {spec!r}: use one of pixels, hf:DIR, hf-hub:ORG/NAME, checkpoint:WORKDIR")
 
 
 def build_teacher(

@@ -103,4 +103,4 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
     for key in ("image_tower", "text_tower"):
         spec = config.loss.get(key, "")
         if spec and not spec.startswith(TOWER_PREFIXES):
-            raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, or '' (random init)")
+            raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, hf-hub:ORG/NAME, or '' (random init)")
