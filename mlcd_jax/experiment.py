@@ -57,8 +57,8 @@ def with_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "ArrayRecord shards, e.g. gs://BUCKET/mlcd_cluster) or --config.data.cluster.source=SPEC "
                           "(images to cluster first); from LAION to shards to a run: launch/README.md, "
                           "\"At scale: LAION to a trained L/14\"")
-    finished = epath.Path(cluster_cache_dir(config), "manifest.json").exists()
-    if jax.process_count() > 1 and not finished and config.data.cluster.get("teacher", "").startswith("checkpoint:"):
+    if (jax.process_count() > 1 and config.data.cluster.get("teacher", "").startswith("checkpoint:")
+            and not epath.Path(cluster_cache_dir(config), "manifest.json").exists()):  # not a finished cache
         raise ConfigError(f"data.cluster.teacher={config.data.cluster.teacher}: a run's checkpoint cannot be read by "
                           "process 0 alone; run `python -m mlcd_jax.cluster` first and set data.shards")
     from mlcd_jax import cluster

@@ -94,16 +94,21 @@ def flops_per_example(config: ml_collections.ConfigDict) -> float:
 TOWER_PREFIXES = ("workdir:", "hf:", "hf-hub:")
 
 
+def check_tower_spec(spec: str, key: str) -> None:
+    """One ConfigError line for a ``loss.<key>`` spec that names no known source of weights."""
+    if not spec.startswith(TOWER_PREFIXES):
+        raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, hf-hub:ORG/NAME, or '' (random init)")
+
+
 def load_tower(spec: str, config: ml_collections.ConfigDict, text: bool = False) -> nnx.Module:
     """The image tower (LiT's locked one) or, with ``text``, the text tower that ``spec`` names:
     ``workdir:DIR`` (a trained run's), ``hf:DIR`` (an HF CLIP / MLCD checkpoint) or ``hf-hub:ORG/NAME[@REV]``
     (one on the hub, through its cache: :mod:`mlcd_jax.interop.hub`). Its shape must be the
     one ``config.model`` (``config.text``) describes; ``{seed}`` in ``DIR`` becomes ``config.seed``."""
     key = "text_tower" if text else "image_tower"
+    check_tower_spec(spec, key)
     kind, _, path = spec.partition(":")
     path = path.replace("{seed}", str(config.seed))  # one tower per seed, e.g. workdir:STUDY/runs/mlcd/seed{seed}
-    if kind not in ("workdir", "hf", "hf-hub"):
-        raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, hf-hub:ORG/NAME, or '' (random init)")
     from mlcd_jax import interop
     from mlcd_jax.interop import hub
 

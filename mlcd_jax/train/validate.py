@@ -12,7 +12,7 @@ from mlcd_jax import sharding
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.objectives import OBJECTIVES, objective
-from mlcd_jax.runs import DTYPES, TOWER_PREFIXES, sharding_rules, text_config, vit_config
+from mlcd_jax.runs import DTYPES, check_tower_spec, sharding_rules, text_config, vit_config
 
 
 def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -102,5 +102,5 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
         )
     for key in ("image_tower", "text_tower"):
         spec = config.loss.get(key, "")
-        if spec and not spec.startswith(TOWER_PREFIXES):
-            raise ConfigError(f"loss.{key}={spec!r}: use workdir:DIR, hf:DIR, hf-hub:ORG/NAME, or '' (random init)")
+        if spec:
+            check_tower_spec(spec, key)
