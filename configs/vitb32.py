@@ -2,6 +2,10 @@
 
 from mlcd_jax.config_lib import model_config
 
+# The Cloud TPU slice this config trains the paper's batch of 32,768 on, as shipped (tests/test_aot.py
+# compiles it there with libtpu: `python -m mlcd_jax.aot --config=configs/vitb32.py --topology=v5p-64`).
+SLICE = "v5p-64"
+
 
 def get_config():
     return model_config("B/32")

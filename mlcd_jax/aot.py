@@ -12,7 +12,8 @@ them). Prints, and writes to ``--json``::
     {"topology", "num_slices", "num_chips" (per slice), "hbm_bytes_per_chip",
      "per_chip": {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"},
      "cross_slice": {"bytes_per_chip", "bytes_per_step", "by_collective"},
-     "fits", "xla_flops_per_step", "model_flops_per_step"}
+     "fits", "xla_flops_per_step", "model_flops_per_step",
+     "head": {"rows_per_shard", "positive_budget", "capacity", "exact_capacity"}}
 
 ``total_bytes`` = arguments + outputs − donated (aliased) bytes + temporaries: the step's peak. libtpu
 refuses a program larger than the chip's HBM; such a config prints ``fits: false`` with the usage the
@@ -26,6 +27,10 @@ every collective that spans slices to megascale ``send`` ops, one per chip and c
 ...); ``bytes_per_step`` is that times all chips of all slices. One slice sends nothing (all zeros);
 ``cpu:N``, and a program that does not fit, give null. Slice names follow Cloud TPU: ``v4-N`` and
 ``v5p-N`` count TensorCores (two per chip), ``v5e-N`` / ``v5litepod-N`` and ``v6e-N`` count chips.
+``head`` (null without prototypes) gives the prototype head's static sizes per shard: its rows (k/N), the
+rows reserved for a batch's positives (null: every possible positive), the rows the compiled step scores
+(``capacity``) and those of the exact step a batch beyond the budget runs instead (``exact_capacity``;
+``losses/partial_fc.py``).
 """
 
 from __future__ import annotations
@@ -308,6 +313,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
         "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
         "per_chip": dict.fromkeys(("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")),
         "cross_slice": None, "fits": False, "xla_flops_per_step": None, "model_flops_per_step": setup.flops_per_step,
+        "head": setup.head.report() if setup.head else None,
     }
     t0 = time.perf_counter()
     lowered = train.make_train_step(setup, preprocess).lower(setup.abstract_state, batch)

@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "B/16"
     c.model.overrides = ml_collections.ConfigDict()  # any ViTConfig field, e.g. depth=2
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
-    c.model.attention = ""  # "" = jax default, "xla", "cudnn"
+    c.model.attention = ""  # "" = cudnn on GPU with bf16/fp16 compute, else jax's default; "xla", "cudnn"
     c.model.remat = ""  # "" = none, "full", "dots"
     c.model.scan_layers = False
     c.model.drop_path = 0.0
@@ -77,7 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.sampling = "paper"  # "paper": r of the negatives; "partial_fc": r·k/N rows incl. positives
     c.loss.proto_lr_mult = 1.0  # prototype learning rate = learning_rate x this
     c.loss.proto_weight_decay = ml_collections.config_dict.placeholder(float)  # None = weight_decay
-    c.loss.max_rows = 0  # 0 = no cap on the per-device sampled rows (see losses/partial_fc.py)
+    # Rows each prototype shard reserves for a batch's positives: "expected" (from B·l and k, about 4
+    # standard deviations above the mean; a batch beyond it runs an exact step instead) or "all".
+    c.loss.positive_budget = "expected"
+    # The head's cosine GEMM: "" = float32 against the float32 prototypes; "bfloat16" = both sides in
+    # bfloat16 with float32 accumulation (half the prototype bytes read, the MXU's fast path).
+    c.loss.head_dtype = ""
     c.loss.histograms = True  # log 40-bin histograms of positive / negative cosine
 
     # loss.kind = protoclip (ProtoCLIP's released defaults: 200K-pair episodes, k = 20,000, 20 k-means
@@ -122,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.b1 = 0.9
     c.b2 = 0.98
     c.eps = 1e-6
+    c.mu_dtype = ""  # AdamW's first moments: "" = the parameters' float32, or "bfloat16" (half their memory)
 
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
@@ -152,10 +158,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
-    """The base config for the ViT preset ``name`` with the paper's learning rate for it."""
+    """The base config for the ViT preset ``name`` at the paper's settings, ready for a TPU slice: the
+    paper's learning rate for it, and what lets the paper's batch of 32,768 fit on its recommended slice
+    (``python -m mlcd_jax.aot``; launch/README.md): blocks rematerialised whole and scanned, and FSDP over
+    every device (weights, AdamW state and prototype rows split over all chips, the batch too)."""
     c = base_config()
     c.model.name = name
     c.learning_rate = PAPER_LEARNING_RATE.get(name, c.learning_rate)
+    c.model.remat, c.model.scan_layers = "full", True
+    c.mesh.data, c.mesh.fsdp = 1, -1
     for key, value in overrides.items():
         target = c
         *path, leaf = key.split(".")

@@ -38,6 +38,15 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
     return get_preset(config.model.name, **overrides)
 
 
+def attention_impl(config: ml_collections.ConfigDict) -> str | None:
+    """``model.attention``, or where unset cuDNN's fused attention on a GPU with bf16/fp16 compute (the
+    fast path there) and JAX's default elsewhere."""
+    if config.model.get("attention"):
+        return config.model.attention
+    gpu = jax.default_backend() == "gpu"
+    return "cudnn" if gpu and config.model.dtype in ("bfloat16", "float16") else None
+
+
 def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> VisionTransformer:
     """The ViT with the run's compute dtype, attention, remat, scan and drop-path options."""
     m = config.model
@@ -45,7 +54,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -> Vis
         vit_config(config),
         rngs=nnx.Rngs(seed),
         dtype=DTYPES[m.dtype],
-        attention_impl=m.get("attention") or None,
+        attention_impl=attention_impl(config),
         remat=m.get("remat") or None,
         scan_layers=bool(m.get("scan_layers", False)),
         drop_path_rate=float(m.get("drop_path", 0.0)),
@@ -66,7 +75,7 @@ def build_text_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -
     """The text tower with the run's compute dtype and attention options."""
     m = config.model
     return TextTransformer(
-        text_config(config), rngs=nnx.Rngs(seed), dtype=DTYPES[m.dtype], attention_impl=m.get("attention") or None,
+        text_config(config), rngs=nnx.Rngs(seed), dtype=DTYPES[m.dtype], attention_impl=attention_impl(config),
     )
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from mlcd_jax import aot
+from mlcd_jax.losses import plan_head
 from mlcd_jax.models import flops_per_image, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"topology", "num_slices", "num_chips", "hbm_bytes_per_chip", "per_chip", "cross_slice", "fits",
-        "xla_flops_per_step", "model_flops_per_step"}
+        "xla_flops_per_step", "model_flops_per_step", "head"}
 PER_CHIP = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes"}
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install 'mlcd_jax[tpu]')")
@@ -59,6 +60,8 @@ def _check_contract(result: dict, topology: str, chips: int, batch: int) -> None
     model = get_preset("tiny", image_size=32)
     assert result["model_flops_per_step"] == pytest.approx(3 * batch * flops_per_image(model))
     assert result["xla_flops_per_step"] > 0
+    # The head: 100,000 rows over every chip, room for the expected positives of B·8 labels.
+    assert result["head"] == plan_head(100_000, chips, batch * 8, 0.1, "paper", "expected").report()
 
 
 @needs_libtpu
@@ -194,3 +197,23 @@ def test_the_teachers_forward_compiles_for_a_tpu_slice(tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["chips"] == 4 and "v5" in plan["device"].lower() and plan["memory_per_chip_bytes"] > 0
     assert 1.0 <= plan["xla_flops_per_image"] / plan["model_flops_per_image"] < 1.3
+
+
+@needs_libtpu
+@pytest.mark.slow  # 2-5 min each on 2 cores: the paper's models at the paper's batch
+@pytest.mark.parametrize("name", ["vitb32", "vitb16", "vitl14", "vitl14_336", "vitbigg14"])
+def test_each_paper_config_as_shipped_fits_the_papers_batch_on_its_slice(tmp_path, name):
+    """`python -m mlcd_jax.aot --config=configs/NAME.py --topology=SLICE`, nothing else: the paper's batch of
+    32,768 with k = 1M prototypes fits the slice the config names, and the head scores under 40 % of
+    each shard's rows."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out = subprocess.run([sys.executable, "-m", "mlcd_jax.aot", f"--config=configs/{name}.py",
+                          f"--topology={module.SLICE}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert module.get_config().batch_size == 32_768 and result["fits"] is True, result["per_chip"]
+    head = result["head"]
+    assert head["capacity"] < 0.4 * head["rows_per_shard"] == 0.4 * head["exact_capacity"]

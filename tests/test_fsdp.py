@@ -193,3 +193,25 @@ def test_constrain_pins_under_a_mesh_and_is_a_no_op_without():
 
     out = pinned(jax.device_put(x, NamedSharding(mesh, P())))
     assert out.sharding.spec == P(("data", "fsdp"), None, "model")
+
+
+def test_the_paper_configs_ship_fsdp_with_scanned_blocks_and_unscanned_fsdp_warns(caplog, monkeypatch):
+    """The paper configs carry the settings that fit the paper's batch (remat full, scanned blocks, FSDP
+    over every device); FSDP over unrolled blocks, which XLA:TPU plans with 4x the temporaries, warns."""
+    import logging
+
+    from mlcd_jax.config_lib import model_config
+
+    for name in ("B/32", "B/16", "L/14", "L/14-336", "bigG/14"):
+        c = model_config(name)
+        assert (c.model.remat, c.model.scan_layers, c.mesh.data, c.mesh.fsdp) == ("full", True, 1, -1)
+    c = _config((("data", 1), ("fsdp", 8)), scan=False, remat="full")
+    mesh = sharding.make_mesh(dict(c.mesh))
+    with caplog.at_level(logging.WARNING):
+        train.validate(c, mesh)
+    assert any("mesh.fsdp=8 without model.scan_layers" in r.message for r in caplog.records)
+    caplog.clear()
+    c.model.scan_layers = True
+    with caplog.at_level(logging.WARNING):
+        train.validate(c, mesh)
+    assert not any("scan_layers" in r.message for r in caplog.records)

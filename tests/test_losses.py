@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import stats
 
-from mlcd_jax.losses import dense_loss, pad_num_classes, partial_fc_loss, sample_budget
+from mlcd_jax.losses import dense_loss, most_positives, pad_num_classes, partial_fc_loss, plan_head, sample_budget
 from mlcd_jax.losses.partial_fc import SAMPLING_MODES, num_negatives, shard_capacity
 from mlcd_jax.sharding import make_mesh
 
@@ -388,3 +388,80 @@ def test_no_batch_by_k_buffer_in_compiled_program(sampling):
     assert capacity < k // 8 / 5
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 5 * b * capacity * 4, f"temp {temp} bytes is more than a few [B, S] float buffers"
+
+
+def test_the_positive_budget_at_the_papers_batch():
+    """L/14's head on v5p-64 (k = 1M rows over 32 chips, B = 32,768, l = 8): ~23 % of a shard's rows are
+    a batch's positives, so with r = 0.1 of the rest a shard scores under 40 % of its rows, not all of
+    them, and uniformly drawn batches stay inside the budget."""
+    plan = plan_head(1_000_000, 32, 32_768 * 8, 0.1, "paper", "expected")
+    assert plan.rows_per_shard == plan.exact_capacity == 31_250 and plan.budgeted
+    assert plan.positive_budget < 0.25 * plan.rows_per_shard and plan.capacity < 0.4 * plan.rows_per_shard
+    count = jax.jit(lambda y: most_positives(y, 31_250, 32, "mlcd"))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        assert int(count(rng.integers(0, 1_000_000, (32_768, 8), dtype=np.int32))) <= plan.positive_budget
+    exact = plan_head(1_000_000, 32, 32_768 * 8, 0.1, "paper", "all")
+    assert (exact.positive_budget, exact.capacity) == (None, 31_250)
+    assert not plan_head(1024, 8, 256 * 8, 0.5, "paper", "expected").budgeted  # the demo: nothing to save
+    with pytest.raises(ValueError, match="unknown positive budget 'some'"):
+        plan_head(1024, 8, 256, 0.5, "paper", "some")
+
+
+def test_most_positives_counts_distinct_rows_per_shard():
+    y = np.array([[0, 1, 1, -1], [15, 16, 17, 0], [31, 30, 29, 28]], np.int32)  # 4 shards of 8 rows
+    assert int(most_positives(jnp.asarray(y), 8, 4, "mlcd")) == 4  # shard 3: 28..31
+    assert int(most_positives(jnp.asarray(y), 8, 4, "softmax")) == 1  # column 0 only: 0, 15, 31
+
+
+@pytest.mark.parametrize("sampling", SAMPLING_MODES)
+def test_a_batch_past_the_positive_budget_drops_positives_and_the_exact_head_keeps_them(sampling):
+    """The budgeted head scores only ``positive_budget`` positives per shard and counts the rest as
+    dropped; the same batch through the exact head (``positive_budget=None``) scores every positive:
+    its value and gradients are dense_loss's over the rows it sampled."""
+    mesh = make_mesh({"x": 8})
+    b, l, rows = 64, 8, 512
+    plan = plan_head(8 * rows, 8, b * l, 0.1, sampling, "expected")
+    assert plan.budgeted and plan.positive_budget < rows
+    e, w, _ = _data(seed=7, b=b, k=8 * rows)
+    y = np.arange(b * l, dtype=np.int32).reshape(b, l) % rows  # 512 distinct positives, all on shard 0
+    assert int(most_positives(jnp.asarray(y), rows, 8, "mlcd")) == rows > plan.positive_budget
+    key = jax.random.key(4)
+
+    def head(budget):
+        return jax.jit(jax.value_and_grad(
+            lambda e_, w_: partial_fc_loss(e_, w_, y, key, mesh=mesh, sample_ratio=0.1, sampling=sampling,
+                                           positive_budget=budget, return_metrics=True),
+            argnums=(0, 1), has_aux=True))(e, w)
+
+    (_, dropped), (_, g_budget) = head(plan.positive_budget)
+    assert int(dropped["positives_dropped"]) == rows - plan.positive_budget
+    assert np.sum(np.abs(np.asarray(g_budget[:rows])).sum(axis=1) > 0) < rows  # some positives unscored
+    (value, metrics), (g_e, g_w) = head(None)
+    assert "positives_dropped" not in metrics
+    used = np.flatnonzero(np.abs(np.asarray(g_w)).sum(axis=1) > 0)
+    assert set(range(rows)) <= set(used.tolist())
+    remap = np.full(8 * rows, -1, np.int32)
+    remap[used] = np.arange(len(used))
+    ref, (r_e, r_w) = jax.value_and_grad(lambda e_, w_: dense_loss(e_, w_, remap[y]), argnums=(0, 1))(e, w[used])
+    np.testing.assert_allclose(float(value), float(ref), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_e), np.asarray(r_e), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_w)[used], np.asarray(r_w), rtol=1e-4, atol=1e-6)
+
+
+def test_the_head_gemm_in_bf16_accumulates_in_fp32():
+    """``compute_dtype=bfloat16``: the cosine GEMM reads bf16 prototypes and embeddings (a bf16 dot with
+    an f32 result in the program), and the loss stays within bf16 rounding of the fp32 head."""
+    mesh = make_mesh({"x": 8})
+    e, w, y = _data(seed=9, k=8 * 16)
+
+    def head(dtype):
+        return jax.jit(lambda e_, w_: partial_fc_loss(e_, w_, y, jax.random.key(0), mesh=mesh, sample_ratio=0.5,
+                                                      compute_dtype=dtype))
+
+    def dots(dtype):  # operand and result types of the program's dot_generals, as lowered
+        return set(re.findall(r"dot_general.*: \(tensor<[\dx]+x(\w+)>, tensor<[\dx]+x(\w+)>\) -> tensor<[\dx]+x(\w+)>",
+                              head(dtype).lower(e, w).as_text()))
+
+    assert dots(jnp.bfloat16) == {("bf16", "bf16", "f32")} and dots(None) == {("f32", "f32", "f32")}
+    np.testing.assert_allclose(float(head(jnp.bfloat16)(e, w)), float(head(None)(e, w)), rtol=2e-2)

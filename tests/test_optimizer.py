@@ -127,3 +127,16 @@ def test_accumulated_schedule_counts_updates_and_logs_the_applied_lr():
     # warm-up of 4 train steps = 2 updates, then the peak; the cosine ends near 0 at the last update
     np.testing.assert_allclose(per_update[:3], [0.0, peak / 2, peak], rtol=1e-5)
     assert per_update[-1] < 0.03 * peak
+
+
+def test_bf16_first_moments_halve_their_memory_and_follow_the_same_update():
+    """``mu_dtype=bfloat16``: AdamW's first moments are stored in bf16 (second moments and parameters
+    stay fp32), and the first update is the fp32 one to bf16 precision."""
+    f32, bf16 = _setup(), _setup(mu_dtype="bfloat16")
+    params = _filled(f32, 0.5)
+    grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.01, x.dtype), params)
+    moments = [x for x in jax.tree.leaves(bf16.tx.init(params)) if hasattr(x, "dtype") and x.ndim]
+    assert {x.dtype for x in moments} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    assert sum(x.dtype == jnp.bfloat16 for x in moments) == sum(x.dtype == jnp.float32 for x in moments)
+    for a, b in zip(jax.tree.leaves(_first_update(f32, params, grads)), jax.tree.leaves(_first_update(bf16, params, grads))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2)

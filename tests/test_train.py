@@ -264,3 +264,38 @@ def test_gradient_accumulation_equals_one_large_step():
     one, two = params_after(1), params_after(2)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step():
+    """GuardedStep counts each batch's positives per prototype shard first: a typical batch runs the
+    budgeted step (nothing dropped), one with more distinct positives on a shard than the budget runs
+    the step compiled with room for all of them, and trains exactly as that step does."""
+    import jax
+
+    from mlcd_jax import sharding, train
+    from mlcd_jax.config_lib import base_config
+    from mlcd_jax.train.step import GuardedStep
+
+    c = base_config()
+    c.model.name, c.model.dtype, c.data.image_size = "tiny", "float32", 16
+    c.model.overrides = {"patch_size": 8}
+    c.batch_size, c.loss.num_classes, c.loss.top_l, c.loss.sample_ratio = 64, 8 * 512, 8, 0.1
+    mesh = sharding.make_mesh(dict(c.mesh))
+    setup = train.TrainSetup.create(c, mesh, num_train_steps=10)
+    assert setup.head.budgeted and setup.head.capacity < setup.head.exact_capacity == 512
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
+
+    def batch(labels):
+        return sharding.host_to_global({"image": image, "labels": labels.astype(np.int32)}, mesh)
+
+    guarded = GuardedStep(setup)
+    _, metrics = guarded(setup.init_state(0), batch(rng.integers(0, 8 * 512, (64, 8))))
+    assert guarded.exact_steps == 0 and int(metrics["positives_dropped"]) == 0
+    crowded = batch(np.arange(64 * 8).reshape(64, 8))  # 512 distinct positives, all on shard 0
+    state, metrics = guarded(setup.init_state(0), crowded)
+    assert guarded.exact_steps == 1 and "positives_dropped" not in metrics
+    want, want_metrics = train.make_train_step(setup, exact_head=True)(setup.init_state(0), crowded)
+    assert float(metrics["loss"]) == float(want_metrics["loss"])
+    for a, b in zip(jax.tree.leaves(jax.device_get(state["proto"])), jax.tree.leaves(jax.device_get(want["proto"]))):
+        np.testing.assert_array_equal(a, b)

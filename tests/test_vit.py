@@ -199,3 +199,19 @@ def test_sharded_construction_matches_unsharded():
     ref_pooled, ref_tokens = run(create(), _pixels(4))
     np.testing.assert_allclose(pooled, ref_pooled, atol=1e-5)
     np.testing.assert_allclose(tokens, ref_tokens, atol=1e-5)
+
+
+def test_attention_defaults_to_cudnn_on_gpu_with_half_precision(monkeypatch):
+    """``model.attention = ""`` picks cuDNN's fused attention on a GPU with bf16/fp16 compute and JAX's
+    default elsewhere; a set value always wins."""
+    from mlcd_jax.config_lib import base_config
+    from mlcd_jax.runs import attention_impl
+
+    c = base_config()
+    assert attention_impl(c) is None  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_impl(c) == "cudnn"
+    c.model.dtype = "float32"
+    assert attention_impl(c) is None  # cuDNN's fused attention needs bf16 / fp16
+    c.model.attention = "xla"
+    assert attention_impl(c) == "xla"

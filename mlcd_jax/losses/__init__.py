@@ -2,15 +2,20 @@
 
 from mlcd_jax.losses.core import COS_HIST_BINS, KINDS, l2_normalize
 from mlcd_jax.losses.dense import dense_loss
-from mlcd_jax.losses.partial_fc import pad_num_classes, partial_fc_loss, sample_budget, shard_capacity
+from mlcd_jax.losses.partial_fc import (
+    HeadPlan, most_positives, pad_num_classes, partial_fc_loss, plan_head, sample_budget, shard_capacity,
+)
 
 __all__ = [
     "COS_HIST_BINS",
     "KINDS",
+    "HeadPlan",
     "dense_loss",
     "l2_normalize",
+    "most_positives",
     "pad_num_classes",
     "partial_fc_loss",
+    "plan_head",
     "sample_budget",
     "shard_capacity",
 ]

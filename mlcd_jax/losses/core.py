@@ -62,6 +62,11 @@ def task_labels(labels: jax.Array, kind: str) -> jax.Array:
     return labels[:, :1] if kind == "softmax" else labels
 
 
+def labels_per_sample(kind: str, top_l: int) -> int:
+    """How many of a sample's ``top_l`` labels ``kind`` uses (:func:`task_labels`)."""
+    return 1 if kind == "softmax" else top_l
+
+
 def local_rows(labels: jax.Array, offset: int | jax.Array, num_rows: int) -> jax.Array:
     """Each label's row in the shard ``[offset, offset + num_rows)``; ``num_rows`` for padding (-1) and ids
     outside it, so an ``.at[...].set(..., mode="drop")`` or a lookup in a table of ``num_rows + 1``

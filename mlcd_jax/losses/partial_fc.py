@@ -14,16 +14,22 @@ all devices, in mesh order), so shard n of N owns rows ``[n·k/N, (n+1)·k/N)``.
 
 Only sampled rows receive gradient; the optimizer still holds state for all k rows.
 
-Static shapes: a device gathers ``capacity`` rows, enough for every possible positive plus the negatives:
-``P + ceil(r·(k/N − P))`` with ``P = min(B·l, k/N)`` (paper) or ``min(k/N, max(ceil(r·k/N), B·l))``
-(partial_fc); rows beyond the step's count (positives + sampled negatives, resp.
-``max(ceil(r·k/N), #positives)``) are masked out. When B·l is large against k/N this costs compute, not
-correctness: pass ``max_rows`` to cap it if your batches never carry that many distinct positives per
-device (rows past the cap are dropped, so only do this with a measured bound).
+Static shapes: a device gathers ``capacity`` rows, room for the positives it may meet plus the
+negatives: ``P + ceil(r·(k/N − P))`` (paper) or ``min(k/N, max(ceil(r·k/N), P))`` (partial_fc), where P
+is the shard's positive budget. By default (``positive_budget=None``) P = min(B·l, k/N), every positive a
+batch could bring, so at the paper's batch (B·l = 262,144 against k/N = 15,625 rows on 64 chips) every
+shard scores all its rows. :func:`positive_budget` sizes P from the labels a batch actually carries:
+B·l labels spread over k classes hit (k/N)·(1 − e^(−B·l/k)) distinct rows of a shard on average (23 % of
+them at the paper's B = 32,768, l = 8, k = 1M), plus four standard deviations of that count and 8 rows
+of slack. A batch whose positives overflow a shard's budget would lose the excess: the trainer checks
+each batch first (:func:`most_positives`) and runs such a batch through the step compiled with
+``positive_budget=None`` instead, so the loss is always exact. Rows past a step's count (positives +
+sampled negatives, resp. ``max(ceil(r·k/N), #positives)``) are masked out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import math
 
@@ -35,6 +41,7 @@ from mlcd_jax.losses import core
 from mlcd_jax.losses.dense import label_mask
 
 SAMPLING_MODES: tuple[str, ...] = ("paper", "partial_fc")
+POSITIVE_BUDGETS: tuple[str, ...] = ("expected", "all")
 
 
 def pad_num_classes(num_classes: int, num_shards: int) -> int:
@@ -66,22 +73,80 @@ def num_negatives(count: int | jax.Array, sample_ratio: float) -> int | jax.Arra
     return count // den * num + (count % den * num + den - 1) // den
 
 
+def expected_positives(rows_per_shard: int, num_classes: int, num_labels: int) -> float:
+    """Distinct rows of one shard that ``num_labels`` labels drawn uniformly from k classes hit on
+    average: (k/N) · (1 − e^(−B·l/k)). Clustered data is less uniform, which only lowers the count."""
+    return rows_per_shard * -math.expm1(-num_labels / num_classes)
+
+
+def positive_budget(rows_per_shard: int, num_classes: int, num_labels: int) -> int:
+    """Rows a shard reserves for positives: :func:`expected_positives` E plus 4·√E (the count is a sum of
+    negatively correlated hits, so its standard deviation is at most √E) plus 8, never more than can
+    occur (min(B·l, k/N))."""
+    expected = expected_positives(rows_per_shard, num_classes, num_labels)
+    return min(num_labels, rows_per_shard, math.ceil(expected + 4 * math.sqrt(expected) + 8))
+
+
 def shard_capacity(
     rows_per_shard: int,
     sample_ratio: float,
     num_labels: int,
-    max_rows: int | None = None,
     sampling: str = "paper",
+    positives: int | None = None,
 ) -> int:
-    """Static number of rows a shard gathers: room for every possible positive and the sampled negatives."""
+    """Static number of rows a shard gathers: room for ``positives`` positives (default every possible
+    one, min(B·l, k/N)) and the negatives sampled beside them."""
     check_sampling(sampling)
     budget = sample_budget(rows_per_shard, sample_ratio)
+    most_positives = min(num_labels, rows_per_shard) if positives is None else positives
     if sampling == "paper":  # P + ceil(r·(rows - P)) grows with P, so this is its maximum
-        most_positives = min(num_labels, rows_per_shard)
-        capacity = most_positives + num_negatives(rows_per_shard - most_positives, sample_ratio)
-    else:
-        capacity = min(rows_per_shard, max(budget, num_labels))
-    return capacity if max_rows is None else max(budget, min(capacity, max_rows))
+        return most_positives + num_negatives(rows_per_shard - most_positives, sample_ratio)
+    return min(rows_per_shard, max(budget, most_positives))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPlan:
+    """The head's static sizes per shard for one global batch (what ``aot`` reports as ``head``)."""
+
+    rows_per_shard: int  # k/N
+    positive_budget: int | None  # rows reserved for positives; None = every possible positive (exact)
+    capacity: int  # rows a shard gathers per step with that budget
+    exact_capacity: int  # rows gathered by the exact step (positive_budget=None)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether batches must be checked (some batch could overflow the budget)."""
+        return self.positive_budget is not None
+
+    def report(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
+
+
+def plan_head(
+    num_classes: int, num_shards: int, num_labels: int, sample_ratio: float, sampling: str, budget: str
+) -> HeadPlan:
+    """The per-shard sizes for k = ``num_classes`` split over ``num_shards``, ``num_labels`` = B·l labels
+    per step; ``budget``: ``"expected"`` (:func:`positive_budget`) or ``"all"`` (every possible positive)."""
+    if budget not in POSITIVE_BUDGETS:
+        raise ValueError(f"unknown positive budget {budget!r}; choose one of {POSITIVE_BUDGETS}")
+    rows = pad_num_classes(num_classes, num_shards) // num_shards
+    exact = shard_capacity(rows, sample_ratio, num_labels, sampling)
+    positives = positive_budget(rows, num_classes, num_labels) if budget == "expected" else None
+    if positives is not None and shard_capacity(rows, sample_ratio, num_labels, sampling, positives) >= exact:
+        positives = None  # the budget saves nothing: no batch needs checking
+    capacity = exact if positives is None else shard_capacity(rows, sample_ratio, num_labels, sampling, positives)
+    return HeadPlan(rows, positives, capacity, exact)
+
+
+def most_positives(labels: jax.Array, rows_per_shard: int, num_shards: int, kind: str) -> jax.Array:
+    """The largest number of distinct positive rows any shard meets in this global batch (int32 scalar;
+    jittable, labels [B, l] with -1 padding): a batch with more than a shard's positive budget needs the
+    exact step."""
+    flat = core.task_labels(labels, kind).reshape(-1)
+    ids = jnp.sort(jnp.where(flat >= 0, flat, jnp.iinfo(flat.dtype).max))
+    new = jnp.concatenate([jnp.ones(1, bool), ids[1:] != ids[:-1]]) & (ids < rows_per_shard * num_shards)
+    per_shard = jax.ops.segment_sum(new.astype(jnp.int32), jnp.where(new, ids // rows_per_shard, 0), num_shards)
+    return jnp.max(per_shard)
 
 
 def ratio_ignored_warning(
@@ -111,13 +176,15 @@ def _select_rows(
     sample_ratio: float,
     sampling: str,
     capacity: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Local row indices to use [capacity] and which of them count [capacity] (positives first)."""
+    positive_budget: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Local row indices to use [capacity], which of them count [capacity] (positives first), and how many
+    of the shard's positives exceed ``positive_budget`` (0 without one: the capacity holds them all)."""
     real_rows = jnp.clip(num_classes - lo, 0, rows_per_shard)
     budget = sample_budget(rows_per_shard, sample_ratio)
     if budget == rows_per_shard:  # r ~ 1: every real row in both modes, no sampling
         rows = jnp.arange(rows_per_shard)
-        return rows, rows < real_rows
+        return rows, rows < real_rows, jnp.zeros((), jnp.int32)
     is_pos = jnp.zeros(rows_per_shard, bool).at[core.local_rows(labels, lo, rows_per_shard)].set(
         True, mode="drop"
     )
@@ -133,7 +200,8 @@ def _select_rows(
         count = positives + num_negatives(real_rows - positives, sample_ratio)
     else:
         count = jnp.minimum(jnp.maximum(budget, positives), real_rows)
-    return rows, jnp.arange(capacity) < count
+    overflow = jnp.zeros((), jnp.int32) if positive_budget is None else jnp.maximum(positives - positive_budget, 0)
+    return rows, jnp.arange(capacity) < count, overflow
 
 
 def partial_fc_loss(
@@ -152,7 +220,8 @@ def partial_fc_loss(
     num_classes: int | None = None,
     batch_axes: tuple[str, ...] | None = None,
     proto_axes: tuple[str, ...] | None = None,
-    max_rows: int | None = None,
+    positive_budget: int | None = None,
+    compute_dtype: jnp.dtype | None = None,
     return_metrics: bool = False,
     histograms: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
@@ -173,7 +242,11 @@ def partial_fc_loss(
       batch_axes: mesh axes the batch is split over; default the mesh's first axis, ``()`` = replicated.
       proto_axes: mesh axes the prototype rows are split over, in that order (the ``proto`` sharding
         rule); default all of the mesh's axes. Devices that differ only on other axes hold the same rows.
-      max_rows: optional cap on the static per-shard capacity (see the module docstring).
+      positive_budget: rows each shard reserves for positives (:func:`plan_head`); None = every
+        possible positive. Positives past it are not scored, and ``positives_dropped`` counts them: pass
+        a budget only for batches :func:`most_positives` found within it.
+      compute_dtype: the cosine GEMM's input dtype (fp32 accumulation); default the promotion of the
+        embeddings' and prototypes' dtypes (fp32 against fp32 prototypes).
       return_metrics: also return loss_pos / loss_neg / mean_pos_cos / mean_neg_cos / num_sampled.
     """
     core.check_labels(embeddings, prototypes, labels)
@@ -199,8 +272,8 @@ def partial_fc_loss(
         )
     rows_per_shard = k_pad // num_shards
     copies = tuple(a for a in batch_axes if a not in axes)  # after the gather, the same values there
-    capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, max_rows, sampling)
-    compute_dtype = jnp.promote_types(embeddings.dtype, prototypes.dtype)
+    capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, sampling, positive_budget)
+    compute_dtype = compute_dtype or jnp.promote_types(embeddings.dtype, prototypes.dtype)
 
     def pmax(x: jax.Array) -> jax.Array:
         return jax.lax.pmax(x, axes) if axes else x
@@ -214,9 +287,9 @@ def partial_fc_loss(
             y_local = jax.lax.all_gather(y_local, batch_axes, tiled=True)
         shard = jax.lax.axis_index(axes) if axes else 0
         lo = shard * rows_per_shard
-        rows, valid = _select_rows(
+        rows, valid, overflow = _select_rows(
             y_local, jax.random.fold_in(key, shard), lo, rows_per_shard, num_classes, sample_ratio,
-            sampling, capacity,
+            sampling, capacity, positive_budget,
         )
         e = core.l2_normalize(e_local)
         c = core.cosine(e, w_local[rows], compute_dtype)
@@ -231,6 +304,8 @@ def partial_fc_loss(
             pmax=pmax, psum=psum, histograms=histograms,
         )
         metrics["num_sampled"] = psum(jnp.sum(valid, dtype=jnp.int32))
+        if positive_budget is not None:  # positives past the budget were not scored: the loss is not exact
+            metrics["positives_dropped"] = psum(overflow)
         if copies:  # equal on devices that differ only on batch axes outside the proto axes: say so
             loss = jax.lax.pmean(loss, copies)
             metrics = jax.tree.map(lambda m: jax.lax.pmax(jax.lax.stop_gradient(m), copies), metrics)

@@ -22,7 +22,7 @@ from mlcd_jax.objectives import objective
 from mlcd_jax.train.episodes import build_episode, make_episode_features
 from mlcd_jax.train.preemption import Preempted, Preemption
 from mlcd_jax.train.state import TrainSetup
-from mlcd_jax.train.step import make_train_step
+from mlcd_jax.train.step import GuardedStep
 from mlcd_jax.train.validate import checked_mesh
 
 
@@ -138,7 +138,7 @@ def train_and_evaluate(
         fileio.write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
-    step_fn = make_train_step(setup, loader.augment)  # crops, flips, normalisation inside the step
+    step_fn = GuardedStep(setup, loader.augment)  # crops, flips, normalisation inside the step
     if goal.episodes:
         from mlcd_jax.losses.protoclip import tfidf_teacher
 
@@ -194,6 +194,8 @@ def train_and_evaluate(
                     print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
                           flush=True)
                 extra = {**results, "skipped_records": loader.skipped_records}  # corrupt records, this process
+                if setup.head is not None and setup.head.budgeted:
+                    extra["head_exact_steps"] = step_fn.exact_steps  # batches past the positive budget, this launch
                 last = _log_step(config, setup, writer, step, total_steps, {**metrics, **extra}, timing, peak)
                 timer.reset()  # the next window starts after logging and evaluation
             if ckpt_now:

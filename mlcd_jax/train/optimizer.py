@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from mlcd_jax.objectives import objective
+from mlcd_jax.runs import DTYPES
 
 
 # Leaf names (the last key of a parameter's path) that weight decay skips: biases (incl. the fused
@@ -73,7 +74,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[o
     ) -> optax.GradientTransformation:
         return optax.adamw(
             learning_rate, b1=config.get("b1", 0.9), b2=config.get("b2", 0.98), eps=config.get("eps", 1e-6),
-            weight_decay=weight_decay, mask=mask,
+            weight_decay=weight_decay, mask=mask, mu_dtype=DTYPES[config.mu_dtype] if config.get("mu_dtype") else None,
         )
 
     backbone = optax.chain(

@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import sharding
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.losses import l2_normalize, pad_num_classes
+from mlcd_jax.losses import HeadPlan, l2_normalize, pad_num_classes, plan_head
 from mlcd_jax.losses.contrastive import INIT_LOG_SCALE
+from mlcd_jax.losses.core import labels_per_sample
 from mlcd_jax.models import VisionTransformer
 from mlcd_jax.objectives import Objective, objective
 from mlcd_jax.runs import (
@@ -64,6 +65,7 @@ class TrainSetup:
     schedule: optax.Schedule
     num_classes: int  # k, the clusters (config.loss.num_classes); 0 without prototypes
     k_pad: int  # prototype rows, padded to a multiple of the prototype shards
+    head: HeadPlan | None  # the prototype head's per-shard sizes (None without prototypes)
     embed_dim: int
     flops_per_step: float
     init_fn: Callable[[int], dict[str, Any]]  # seed -> state (unsharded; see init_state)
@@ -78,6 +80,7 @@ class TrainSetup:
         heads = AbstractModel.of(lambda: ProtoHeads(config, nnx.Rngs(0)), mesh, rules) if goal.episodes else None
         proto_axes = sharding.proto_axes(mesh, rules)
         num_classes = k_pad = 0
+        head = None
         if goal.clusters:
             shards = math.prod(mesh.shape[a] for a in proto_axes)
             num_classes = int(config.loss.num_classes)
@@ -85,6 +88,9 @@ class TrainSetup:
             if k_pad != num_classes:
                 logging.info("prototype rows padded %d -> %d for %d shards (padding masked)",
                              num_classes, k_pad, shards)
+            labels_per_step = config.batch_size * labels_per_sample(config.loss.kind, config.loss.top_l)
+            head = plan_head(num_classes, shards, labels_per_step, config.loss.sample_ratio,
+                             config.loss.get("sampling", "paper"), config.loss.get("positive_budget", "expected"))
         tx, schedule = make_optimizer(config, num_train_steps)
         replicated = NamedSharding(mesh, P())
 
@@ -135,7 +141,7 @@ class TrainSetup:
         return cls(
             config=config, mesh=mesh, rules=rules, objective=goal, proto_axes=proto_axes, model=model,
             text_model=text_model, heads=heads, abstract_state=abstract_state, state_shardings=shardings, tx=tx,
-            schedule=schedule, num_classes=num_classes, k_pad=k_pad, embed_dim=model_cfg.embed_dim,
+            schedule=schedule, num_classes=num_classes, k_pad=k_pad, head=head, embed_dim=model_cfg.embed_dim,
             flops_per_step=config.batch_size * flops_per_example(config), init_fn=init,
         )
 
