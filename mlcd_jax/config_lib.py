@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.source = ""  # e.g. "fashion_mnist": the labelled images (train -> test split) evaluators use
     c.eval.train_limit = 0
     c.eval.test_limit = 0
+    # Evaluators with every > 0 score, during training, this fraction of the train split held out (a fixed
+    # draw, the same for every run and seed) against the rest; the test split is read after training only.
+    c.eval.heldout_fraction = 0.1
     # Extra rows of the results table: pixels, teacher, random_init, single_label (trains a second
     # model with loss.kind = softmax, the UNICOM baseline, under workdir/single_label).
     c.eval.baselines = ""

@@ -23,7 +23,7 @@ from flax import nnx
 
 from mlcd_jax import fileio, runs, train
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.evaluate.evaluators import Target, build_evaluators, eval_arrays, evaluate
+from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_arrays, evaluate
 from mlcd_jax.objectives import objective
 
 # The baselines of ``config.eval.baselines`` that need no training, in table order, and their row names.
@@ -150,7 +150,7 @@ def periodic_evals(config: ml_collections.ConfigDict, workdir: str) -> list[trai
     def run_all(evaluators: list) -> Callable[[nnx.Module, nnx.Module | None], dict[str, float]]:
         def fn(model: nnx.Module, text_model: nnx.Module | None) -> dict[str, float]:
             target = model_target(config, trained_model_name(config), model, workdir, text_model)
-            return {k: v for e in evaluators for k, v in e(target).items()}
+            return {f"{HELDOUT}{k}": v for e in evaluators for k, v in e(target, heldout=True).items()}
 
         return fn
 

@@ -95,6 +95,38 @@ def test_evaluators_run_during_training_at_their_cadence_and_a_profile_is_writte
     train.train_and_evaluate(c, str(workdir), experiment.periodic_evals(c, str(workdir)))
     rows = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
     assert sorted(rows) == [5, 10, 12]  # the evaluators' steps are logged, and the last one
-    assert all(0.0 < rows[s]["knn_top1"] <= 1.0 for s in (5, 10)) and "knn_top1" not in rows[12]
+    assert all(0.0 < rows[s]["heldout/knn_top1"] <= 1.0 for s in (5, 10)) and "heldout/knn_top1" not in rows[12]
+    assert not any("knn_top1" in row for row in rows.values())  # no test-split score during training
     assert (workdir / "patch_pca.png").stat().st_size > 0  # pictures at step 10
     assert list((workdir / "plugins" / "profile").glob("*/*.xplane.pb")), "profile of steps 5-6"
+
+
+def test_training_time_evaluation_holds_out_part_of_train_and_never_reads_test(monkeypatch):
+    """``heldout=True`` (what the trainer asks for): the queries are a fixed tenth of the train split, the
+    references the other nine tenths, disjoint and together the whole split; the test split is not read."""
+    c = _config()
+    train_x, train_y = ev.eval_split(c, "train")
+    read = []
+    real = ev._eval_split.__wrapped__
+
+    def spy(source, split, limit):
+        read.append(split)
+        return real(source, split, limit)
+
+    monkeypatch.setattr(ev, "_eval_split", spy)
+    ev._held_out.cache_clear()
+    fit_x, fit_y, held_x, held_y = ev.eval_arrays(c, heldout=True)
+    assert set(read) == {"train"} and (len(fit_x), len(held_x)) == (360, 40)
+    rows = {x.tobytes(): y for x, y in zip(np.concatenate([fit_x, held_x]), np.concatenate([fit_y, held_y]))}
+    assert len(rows) == len({x.tobytes() for x in train_x}) and sorted(rows.values()) == sorted(train_y.tolist())
+    assert ev.eval_arrays(c, heldout=True)[2] is held_x  # one draw per process: features are computed once
+    scores = ev.Knn(name="knn", every=5, config=c, k=20)(ev.Target("pixels", pixel_features), heldout=True)
+    assert scores == {"knn_top1": knn_accuracy(pixel_features(fit_x), fit_y, pixel_features(held_x), held_y, k=20)}
+    assert set(read) == {"train"}
+
+
+def test_training_time_retrieval_scores_the_held_out_tail_of_the_train_split():
+    images, captions, image_of = ev._captioned_split("digits", "train", 0, 8)
+    held, held_captions, held_of = ev._captioned_split("digits", "train", 0, 8, 0.1)
+    assert len(held) == round(0.1 * len(images)) and (held == images[-len(held):]).all()
+    assert held_captions == captions[-len(held):] and held_of.tolist() == list(range(len(held)))

@@ -85,8 +85,8 @@ def _assert_same_training(multi: Path, single: Path) -> None:
     np.testing.assert_allclose([got[s]["loss"] for s in sorted(want)], [want[s]["loss"] for s in sorted(want)],
                                rtol=1e-4)
     for step in (3, STEPS):
-        assert "knn_top1" in want[step]
-        np.testing.assert_allclose(got[step]["knn_top1"], want[step]["knn_top1"], atol=1e-3)
+        assert "heldout/knn_top1" in want[step]
+        np.testing.assert_allclose(got[step]["heldout/knn_top1"], want[step]["heldout/knn_top1"], atol=1e-3)
 
 
 def _assert_same_evaluation(config: str, multi: Path, tmp_path: Path, cache: Path, *extra: str) -> list[dict]:

@@ -5,6 +5,11 @@ names one of :data:`EVALUATORS`. ``every > 0`` runs it every that many training 
 ``metrics.jsonl`` / TensorBoard with the training metrics) and after training; ``every = 0`` only after
 training (``results.json``); ``every < 0`` turns it off (``--config.evals.linear.every=-1``).
 
+During training no evaluator looks at a test split: it scores a held-out part of the train split
+(``eval.heldout_fraction`` of it, a fixed draw) against the rest, and its scalars are logged as
+``heldout/<name>`` (``heldout/knn_top1``), so the curves say which images they come from. After training
+the train split is the reference and the test split the queries, as the papers report.
+
 An evaluator looks at a :class:`Target`: a named feature function (a trained or random-init ViT, raw
 pixels, the clustering teacher) and, for a trained run, its model and workdir. The labelled images come
 from ``config.eval.source`` (train split -> test split), read once per process.
@@ -81,8 +86,33 @@ def eval_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarra
     return _eval_split(config.eval.source, split, config.eval[f"{split}_limit"])
 
 
-def eval_arrays(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied."""
+HELDOUT = "heldout/"  # the prefix of what evaluators report during training
+
+
+@functools.cache
+def _held_out(source: str, limit: int, fraction: float) -> tuple[np.ndarray, ...]:
+    """(fit images, fit labels, held-out images, held-out labels) of one train split: ``fraction`` of it
+    (at least one image, a permutation drawn with seed 0) held out, read-only, once per process."""
+    images, labels = _eval_split(source, "train", limit)
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = len(images) - max(1, round(fraction * len(images)))
+    if cut < 1:
+        raise ConfigError(f"eval.heldout_fraction={fraction} leaves no train images to score against")
+    parts = tuple(a[np.sort(order[s])] for s in (slice(None, cut), slice(cut, None)) for a in (images, labels))
+    for array in parts:
+        array.flags.writeable = False
+    return parts
+
+
+def eval_arrays(
+    config: ml_collections.ConfigDict, heldout: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied;
+    ``heldout``: the train split's held-out part in place of the test split, the rest as train (what
+    evaluators score during training)."""
+    if heldout:
+        eval_split(config, "train")  # a ConfigError without eval.source
+        return _held_out(config.eval.source, config.eval.train_limit, float(config.eval.get("heldout_fraction", 0.1)))
     return (*eval_split(config, "train"), *eval_split(config, "test"))
 
 
@@ -95,7 +125,9 @@ class Evaluator:
     config: ml_collections.ConfigDict  # the run's config (eval data, image size, seed)
     labelled: ClassVar[bool] = True  # reads the labelled splits of eval.source
 
-    def __call__(self, target: Target) -> dict[str, float]:
+    def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
+        """The evaluator's scalars for ``target``; ``heldout``: during training, on the train split's
+        held-out part instead of the test split (:func:`eval_arrays`)."""
         raise NotImplementedError
 
 
@@ -103,20 +135,20 @@ class Evaluator:
 class Knn(Evaluator):
     k: int = 20
 
-    def __call__(self, target: Target) -> dict[str, float]:
+    def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         from mlcd_jax.evaluate.knn import knn_accuracy
 
-        train_x, train_y, test_x, test_y = eval_arrays(self.config)
+        train_x, train_y, test_x, test_y = eval_arrays(self.config, heldout)
         top1 = knn_accuracy(target.features(train_x), train_y, target.features(test_x), test_y, k=self.k)
         return {"knn_top1": top1}
 
 
 @dataclasses.dataclass
 class LinearProbe(Evaluator):
-    def __call__(self, target: Target) -> dict[str, float]:
+    def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         from mlcd_jax.evaluate.linear_probe import linear_probe
 
-        train_x, train_y, test_x, test_y = eval_arrays(self.config)
+        train_x, train_y, test_x, test_y = eval_arrays(self.config, heldout)
         result = linear_probe(target.features(train_x), train_y, target.features(test_x), test_y,
                               seed=self.config.seed)
         return {"linear_top1": result["top1"]}
@@ -126,13 +158,13 @@ class LinearProbe(Evaluator):
 class Pictures(Evaluator):
     num_images: int = 8
 
-    def __call__(self, target: Target) -> dict[str, float]:
+    def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         if target.model is None or target.workdir is None:
             return {}  # baselines have no patch tokens or training curves
         from mlcd_jax.models.features import FeatureExtractor
         from mlcd_jax.evaluate.pictures import cosine_curves_png, patch_pca_image, pca_grid_png
 
-        images = eval_arrays(self.config)[2][: self.num_images]
+        images = eval_arrays(self.config, heldout)[2][: self.num_images]
         size = self.config.data.image_size
         tokens = FeatureExtractor(target.model, size, batch_size=len(images), tokens=True)(images)
         if jax.process_index() != 0:
@@ -151,11 +183,12 @@ class Pictures(Evaluator):
 
 @functools.cache
 def _captioned_split(
-    source: str, split: str, limit: int, image_size: int
+    source: str, split: str, limit: int, image_size: int, heldout_fraction: float = 0.0
 ) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
     """One split's (images, captions, the image of each caption) of a captioned source, read once per
     process (read-only): a Karpathy JSON's (several captions per image, stored at ``image_size``), or
-    any other captioned source's (one caption per image)."""
+    any other captioned source's (one caption per image). ``heldout_fraction > 0``: only the split's
+    last that fraction of images (at least one) and their captions."""
     if source.startswith(karpathy.PREFIX):
         found = karpathy.load(source, split, image_size, limit or None)
         images, captions, image_of = found.images, found.captions, found.image_of
@@ -164,6 +197,10 @@ def _captioned_split(
 
         images, captions = load_captioned(source, split=split, limit=limit or None)
         image_of = np.arange(len(captions))
+    if heldout_fraction:
+        first = len(images) - max(1, round(heldout_fraction * len(images)))
+        keep = image_of >= first
+        images, captions, image_of = images[first:], [c for c, k in zip(captions, keep) if k], image_of[keep] - first
     images.flags.writeable = False
     return images, tuple(captions), image_of
 
@@ -195,12 +232,12 @@ class ZeroShot(Evaluator):
                 raise ConfigError(f"evals.{self.name}: eval.source={self.config.eval.source!r} has {len(own)} classes "
                                   f"but class_names={self.class_names!r} names {len(self._names)}")
 
-    def __call__(self, target: Target) -> dict[str, float]:
+    def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         if target.encode_text is None:
             return {}  # an image-only model has no zero-shot classifier
         from mlcd_jax.evaluate.zero_shot import TEMPLATES, class_embeddings, zero_shot_top1
 
-        _, _, test_x, test_y = eval_arrays(self.config)  # a ConfigError without eval.source (no names then)
+        _, _, test_x, test_y = eval_arrays(self.config, heldout)  # a ConfigError without eval.source (no names then)
         classes = class_embeddings(target.encode_text, self._names, TEMPLATES[self.templates])
         return {"zero_shot_top1": zero_shot_top1(target.features(test_x), test_y, classes)}
 
@@ -212,14 +249,17 @@ class Retrieval(Evaluator):
     limit: int = 0
     labelled: ClassVar[bool] = False  # captions, not class labels
 
-    def __call__(self, target: Target) -> dict[str, float]:
+    def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         if target.encode_text is None:
             return {}
         from mlcd_jax.evaluate.zero_shot import retrieval_recall
 
+        # During training a test split is replaced by the held-out part of the train split.
+        split = "train" if heldout and self.split == "test" else self.split
+        fraction = float(self.config.eval.get("heldout_fraction", 0.1)) if split != self.split else 0.0
         try:
-            images, captions, image_of = _captioned_split(self.source or self.config.eval.source, self.split,
-                                                          self.limit, self.config.data.image_size)
+            images, captions, image_of = _captioned_split(self.source or self.config.eval.source, split,
+                                                          self.limit, self.config.data.image_size, fraction)
         except ValueError as err:  # a SourceError, or a Karpathy JSON / image that does not read
             raise ConfigError(f"evals.{self.name}: {err}") from None
         return retrieval_recall(target.features(images), target.encode_text(captions), image_of=image_of)
