@@ -1,0 +1,164 @@
+"""``python -m mlcd_jax.export``: tiny trained demo runs (digits, a few steps) exported as Hugging Face model
+folders, loaded back with transformers (CPU torch; nothing downloaded) and compared with our own features
+and zero-shot ranking."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ml_collections.config_flags import config_path
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+from mlcd_jax import experiment, runs  # noqa: E402
+from mlcd_jax.config_lib import ConfigError  # noqa: E402
+from mlcd_jax.data.tokenizer import tokenize  # noqa: E402
+from mlcd_jax.interop import clip, export  # noqa: E402
+from mlcd_jax.models.features import FeatureExtractor, TextEncoder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _config(name: str, cache: Path, **overrides):
+    """configs/<name>.py on digits, trained 4 steps at batch 32 with 32 prototypes; kNN evaluation only."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("digits")
+    settings = {
+        "num_train_steps": 4, "batch_size": 32, "warmup_steps": 1, "checkpoint_every_steps": 4,
+        "log_every_steps": 2, "loss.num_classes": 32, "data.cluster.num_clusters": 32, "loss.top_l": 2,
+        "data.cluster.top_l": 2, "data.cache_dir": str(cache), "eval.train_limit": 200, "eval.test_limit": 50,
+        "eval.baselines": "", **overrides,
+    }
+    for key, value in settings.items():
+        config_path.set_value(key, c, value)
+    for name in list(c.evals):
+        c.evals[name]["every"] = 0 if name in ("knn", "zero_shot") else -1
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An MLCD run and a CLIP run of the demo's tiny ViT (CLIP layout, depth 2), trained and evaluated."""
+    base = tmp_path_factory.mktemp("runs")
+    for name, config in (("mlcd", _config("demo", base / "cache")),
+                         ("clip", _config("lit_demo", base / "cache", **{"loss.kind": "clip"}))):
+        experiment.run(config, str(base / name))
+    return base
+
+
+def _images(n: int = 6, size: int = 24) -> list[Image.Image]:
+    """Grey and colour test images, square (the case where transformers' resize + crop is ours exactly)."""
+    rng = np.random.default_rng(0)
+    out = [Image.fromarray(rng.integers(0, 256, (size, size), np.uint8)) for _ in range(n // 2)]
+    return out + [Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)) for _ in range(n - n // 2)]
+
+
+def _ours(images: list[Image.Image], model, image_size: int) -> np.ndarray:
+    """Our features of each image (as uint8 pixels, grey ones [H, W, 1] as our decoder gives them)."""
+    extract = FeatureExtractor(model, image_size, batch_size=8)
+    return np.concatenate([extract(np.atleast_3d(np.asarray(image))[None]) for image in images])
+
+
+def test_mlcd_run_loads_with_automodel_and_pipeline_with_our_features(trained, tmp_path):
+    out = tmp_path / "hf"
+    done = export.export_run(str(trained / "mlcd"), str(out))
+    assert (done.architecture, done.step, done.task) == ("CLIPVisionModel", 4, "image-feature-extraction")
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(os.listdir(out))
+    processor = transformers.AutoImageProcessor.from_pretrained(out)
+    assert processor.crop_size == {"height": 16, "width": 16}
+    model = transformers.AutoModel.from_pretrained(out)
+    assert type(model).__name__ == "CLIPVisionModel"
+    extract = transformers.pipeline("image-feature-extraction", model=model, image_processor=processor)
+    images = _images() + [Image.fromarray(np.full((16, 16), 200, np.uint8))]  # one already at the model's size
+    theirs = np.asarray([np.asarray(f)[0] for f in extract(images, pool=True)])
+    ours = _ours(images, runs.load_model(str(trained / "mlcd")), 16)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    card = (out / "README.md").read_text()
+    rows = json.loads((trained / "mlcd" / "results.json").read_text())
+    assert "pipeline_tag: image-feature-extraction" in card and "`digits:train`" in card
+    assert f"| {rows[-1]['model']} |" in card and "knn_top1" in card and '"num_train_steps": 4' in card
+
+
+def test_clip_run_is_a_clip_model_whose_zero_shot_ranks_as_ours(trained, tmp_path):
+    out = tmp_path / "hf"
+    done = export.export_run(str(trained / "clip"), str(out))
+    assert (done.architecture, done.task) == ("CLIPModel", "zero-shot-image-classification")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    prompts = ["a photo of a seven.", "This is a photo of an ankle boot, and more words than fit."]
+    np.testing.assert_array_equal(tokenizer(prompts, padding="max_length", truncation=True)["input_ids"],
+                                  np.where(tokenize(prompts, 16) == 0, clip.clip_bpe()[0]["<|endoftext|>"],
+                                           tokenize(prompts, 16)))
+    classify = transformers.pipeline("zero-shot-image-classification", model=str(out))
+    template = "a photo of a {}."
+    images = _images(4)
+    ranked = classify(images, candidate_labels=LABELS, hypothesis_template=template)
+    config = runs.load_run_config(str(trained / "clip"))
+    image_features = _ours(images, runs.load_model(str(trained / "clip"), config), 16)
+    text_features = TextEncoder(runs.load_model(str(trained / "clip"), config, text=True))(
+        [template.format(label) for label in LABELS])
+    unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (image_features, text_features)]
+    scores = unit[0] @ unit[1].T
+    log_scale = json.loads((out / "config.json").read_text())["logit_scale_init_value"]
+    assert log_scale == pytest.approx(float(np.asarray(export._checkpoint_scalar(
+        str(trained / "clip"), config, "logit_scale")[0])))
+    for got, row in zip(ranked, scores):  # each label's probability as ours, in decreasing order
+        want = np.exp(np.exp(log_scale) * row)
+        want /= want.sum()
+        np.testing.assert_allclose([r["score"] for r in got], [want[LABELS.index(r["label"])] for r in got],
+                                   atol=1e-5)
+        assert np.all(np.diff([r["score"] for r in got]) <= 0) and len(got) == len(LABELS)
+
+
+def test_push_uploads_the_folder_and_hub_errors_are_one_line(tmp_path):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", sorted(os.listdir(kw["folder_path"])), kw))
+            return type("Commit", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/1"})()
+
+    (tmp_path / "config.json").write_text("{}")
+    assert export.push(str(tmp_path), "org/name", FakeApi()) == "https://huggingface.co/org/name/commit/1"
+    assert calls[0] == ("create_repo", "org/name", {"repo_type": "model", "exist_ok": True})
+    assert calls[1][:2] == ("upload_folder", ["config.json"])
+    assert calls[1][2]["repo_id"] == "org/name" and calls[1][2]["folder_path"] == str(tmp_path)
+
+    class Refusing(FakeApi):
+        def create_repo(self, repo_id, **kw):
+            raise PermissionError("401 Client Error: Unauthorized\nmore detail")
+
+    with pytest.raises(ConfigError, match=r"^--push=org/name: PermissionError: 401 Client Error: Unauthorized \("):
+        export.push(str(tmp_path), "org/name", Refusing())
+    with pytest.raises(ConfigError, match="name the hub repository as ORG/NAME"):
+        export.push(str(tmp_path), "name", FakeApi())
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlcd_jax.export", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **env}, timeout=300)
+
+
+def test_cli_exports_and_mistakes_are_one_line_with_status_2(trained, tmp_path):
+    bad = _cli(f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"config error: --workdir={tmp_path / 'nothing'}: FileNotFoundError: {tmp_path / 'nothing' / 'config.json'} "
+        f"is missing: {tmp_path / 'nothing'} is not a mlcd_jax training workdir"]
+    offline = _cli(f"--workdir={trained / 'mlcd'}", f"--out={tmp_path / 'hf'}", "--push=org/name", HF_HUB_OFFLINE="1")
+    assert "wrote CLIPVisionModel (step 4" in offline.stdout
+    assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
+    assert offline.stderr.startswith("config error: --push=org/name: ")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
