@@ -3,6 +3,7 @@ folders, loaded back with transformers (CPU torch; nothing downloaded) and compa
 and zero-shot ranking."""
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ pytest.importorskip("torch")
 from mlcd_jax import experiment, runs  # noqa: E402
 from mlcd_jax.config_lib import ConfigError  # noqa: E402
 from mlcd_jax.data.tokenizer import tokenize  # noqa: E402
+from mlcd_jax.evaluate import zero_shot  # noqa: E402
 from mlcd_jax.interop import clip, export  # noqa: E402
 from mlcd_jax.models.features import FeatureExtractor, TextEncoder  # noqa: E402
 
@@ -28,7 +30,7 @@ LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 
 def _config(name: str, cache: Path, **overrides):
-    """configs/<name>.py on digits, trained 4 steps at batch 32 with 32 prototypes; kNN evaluation only."""
+    """configs/<name>.py on digits, trained 4 steps at batch 32 with 32 prototypes; evaluated by kNN (and zero-shot)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,13 +49,25 @@ def _config(name: str, cache: Path, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """An MLCD run and a CLIP run of the demo's tiny ViT (CLIP layout, depth 2), trained and evaluated."""
-    base = tmp_path_factory.mktemp("runs")
-    for name, config in (("mlcd", _config("demo", base / "cache")),
-                         ("clip", _config("lit_demo", base / "cache", **{"loss.kind": "clip"}))):
-        experiment.run(config, str(base / name))
-    return base
+def cache(tmp_path_factory) -> Path:
+    """One clustering of digits for both runs (the same cluster settings)."""
+    return tmp_path_factory.mktemp("cluster_cache")
+
+
+@pytest.fixture(scope="module")
+def mlcd_run(cache, tmp_path_factory) -> Path:
+    """An MLCD run of the demo's tiny ViT (CLIP layout, depth 2), trained and evaluated (kNN)."""
+    workdir = tmp_path_factory.mktemp("mlcd") / "run"
+    experiment.run(_config("demo", cache), str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def clip_run(cache, tmp_path_factory) -> Path:
+    """A CLIP run of the same image tower and LiT demo's text tower, trained and evaluated (kNN, zero-shot)."""
+    workdir = tmp_path_factory.mktemp("clip") / "run"
+    experiment.run(_config("lit_demo", cache, **{"loss.kind": "clip"}), str(workdir))
+    return workdir
 
 
 def _images(n: int = 6, size: int = 24) -> list[Image.Image]:
@@ -69,9 +83,9 @@ def _ours(images: list[Image.Image], model, image_size: int) -> np.ndarray:
     return np.concatenate([extract(np.atleast_3d(np.asarray(image))[None]) for image in images])
 
 
-def test_mlcd_run_loads_with_automodel_and_pipeline_with_our_features(trained, tmp_path):
+def test_mlcd_run_loads_with_automodel_and_pipeline_with_our_features(mlcd_run, tmp_path):
     out = tmp_path / "hf"
-    done = export.export_run(str(trained / "mlcd"), str(out))
+    done = export.export_run(str(mlcd_run), str(out))
     assert (done.architecture, done.step, done.task) == ("CLIPVisionModel", 4, "image-feature-extraction")
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(os.listdir(out))
     processor = transformers.AutoImageProcessor.from_pretrained(out)
@@ -81,36 +95,43 @@ def test_mlcd_run_loads_with_automodel_and_pipeline_with_our_features(trained, t
     extract = transformers.pipeline("image-feature-extraction", model=model, image_processor=processor)
     images = _images() + [Image.fromarray(np.full((16, 16), 200, np.uint8))]  # one already at the model's size
     theirs = np.asarray([np.asarray(f)[0] for f in extract(images, pool=True)])
-    ours = _ours(images, runs.load_model(str(trained / "mlcd")), 16)
+    ours = _ours(images, runs.load_model(str(mlcd_run)), 16)
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     card = (out / "README.md").read_text()
-    rows = json.loads((trained / "mlcd" / "results.json").read_text())
+    rows = json.loads((mlcd_run / "results.json").read_text())
     assert "pipeline_tag: image-feature-extraction" in card and "`digits:train`" in card
     assert f"| {rows[-1]['model']} |" in card and "knn_top1" in card and '"num_train_steps": 4' in card
 
 
-def test_clip_run_is_a_clip_model_whose_zero_shot_ranks_as_ours(trained, tmp_path):
+@pytest.mark.slow  # ~70 s on 2 cores: a second training (CLIP's text tower)
+def test_clip_run_is_a_clip_model_whose_zero_shot_ranks_as_ours(clip_run, tmp_path):
     out = tmp_path / "hf"
-    done = export.export_run(str(trained / "clip"), str(out))
+    done = export.export_run(str(clip_run), str(out))
     assert (done.architecture, done.task) == ("CLIPModel", "zero-shot-image-classification")
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    prompts = ["a photo of a seven.", "This is a photo of an ankle boot, and more words than fit."]
-    np.testing.assert_array_equal(tokenizer(prompts, padding="max_length", truncation=True)["input_ids"],
-                                  np.where(tokenize(prompts, 16) == 0, clip.clip_bpe()[0]["<|endoftext|>"],
-                                           tokenize(prompts, 16)))
+    assert tokenizer.model_max_length == 16 and len(tokenizer) == 49408
+    eot = clip.clip_bpe()[0]["<|endoftext|>"]
+    # CLIP's 1,000 ImageNet class names in its templates, and one caption cut at the context length
+    templates = itertools.cycle(zero_shot.TEMPLATES["clip80"])
+    prompts = [t.format(name) for name, t in zip(zero_shot.CLASS_NAMES["imagenet"], templates)]
+    prompts.append("This is a photo of an ankle boot, and more words than sixteen tokens hold.")
+    for length in (16, 77):
+        ours = tokenize(prompts, length)
+        theirs = tokenizer(prompts, padding="max_length", truncation=True, max_length=length)["input_ids"]
+        np.testing.assert_array_equal(theirs, np.where(ours == 0, eot, ours))  # the padding differs, only
     classify = transformers.pipeline("zero-shot-image-classification", model=str(out))
     template = "a photo of a {}."
     images = _images(4)
     ranked = classify(images, candidate_labels=LABELS, hypothesis_template=template)
-    config = runs.load_run_config(str(trained / "clip"))
-    image_features = _ours(images, runs.load_model(str(trained / "clip"), config), 16)
-    text_features = TextEncoder(runs.load_model(str(trained / "clip"), config, text=True))(
+    config = runs.load_run_config(str(clip_run))
+    image_features = _ours(images, runs.load_model(str(clip_run), config), 16)
+    text_features = TextEncoder(runs.load_model(str(clip_run), config, text=True))(
         [template.format(label) for label in LABELS])
     unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (image_features, text_features)]
     scores = unit[0] @ unit[1].T
     log_scale = json.loads((out / "config.json").read_text())["logit_scale_init_value"]
     assert log_scale == pytest.approx(float(np.asarray(export._checkpoint_scalar(
-        str(trained / "clip"), config, "logit_scale")[0])))
+        str(clip_run), config, "logit_scale")[0])))
     for got, row in zip(ranked, scores):  # each label's probability as ours, in decreasing order
         want = np.exp(np.exp(log_scale) * row)
         want /= want.sum()
@@ -151,13 +172,13 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env={**os.environ, **env}, timeout=300)
 
 
-def test_cli_exports_and_mistakes_are_one_line_with_status_2(trained, tmp_path):
+def test_cli_exports_and_mistakes_are_one_line_with_status_2(mlcd_run, tmp_path):
     bad = _cli(f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         f"config error: --workdir={tmp_path / 'nothing'}: FileNotFoundError: {tmp_path / 'nothing' / 'config.json'} "
         f"is missing: {tmp_path / 'nothing'} is not a mlcd_jax training workdir"]
-    offline = _cli(f"--workdir={trained / 'mlcd'}", f"--out={tmp_path / 'hf'}", "--push=org/name", HF_HUB_OFFLINE="1")
+    offline = _cli(f"--workdir={mlcd_run}", f"--out={tmp_path / 'hf'}", "--push=org/name", HF_HUB_OFFLINE="1")
     assert "wrote CLIPVisionModel (step 4" in offline.stdout
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
     assert offline.stderr.startswith("config error: --push=org/name: ")

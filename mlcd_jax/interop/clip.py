@@ -95,7 +95,8 @@ def clip_bpe() -> tuple[dict[str, int], tuple[str, ...]]:
     start = blob.find(_BPE_HEADER)
     if start < 0:
         raise ValueError("instant-clip-tokenizer's library holds no CLIP BPE merges (bpe_simple_vocab_16e6)")
-    merges = tuple(line.decode("utf-8") for line in blob[start + len(_BPE_HEADER):].split(b"\n", _NUM_MERGES)[:_NUM_MERGES])
+    lines = blob[start + len(_BPE_HEADER):].split(b"\n", _NUM_MERGES)[:_NUM_MERGES]
+    merges = tuple(line.decode("utf-8") for line in lines)
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + list(_SPECIAL)
     return {t: i for i, t in enumerate(tokens)}, merges
