@@ -49,7 +49,7 @@ def test_mistakes_are_the_reference_probes_errors(digits):
         device_probe.device_linear_probe(x_train, np.zeros_like(y_train), x_test, y_test)
 
 
-def test_the_linear_probe_evaluator_runs_on_device_when_asked():
+def test_the_linear_probe_evaluator_fits_on_device_when_asked(monkeypatch):
     from mlcd_jax.config_lib import base_config
     from mlcd_jax.evaluate.evaluators import Target, build_evaluators, eval_arrays, evaluate
     from mlcd_jax.models.features import pixel_features
@@ -57,10 +57,17 @@ def test_the_linear_probe_evaluator_runs_on_device_when_asked():
     config = base_config()
     config.eval.source, config.eval.train_limit, config.eval.test_limit = "digits", 400, 200
     config.evals = {"linear": dict(type="linear_probe", every=0, on_device=True)}
+    calls = []
+
+    def fake(train_f, train_y, test_f, test_y, seed):  # the probe itself is tested above
+        calls.append((train_f, train_y, test_f, test_y, seed))
+        return {"top1": 0.5}
+
+    monkeypatch.setattr(device_probe, "device_linear_probe", fake)
     (probe,) = build_evaluators(config)
-    assert probe.on_device
-    row = evaluate([probe], Target("raw pixels", pixel_features))
+    assert evaluate([probe], Target("raw pixels", pixel_features))["linear_top1"] == 0.5
     train_x, train_y, test_x, test_y = eval_arrays(config)
-    want = device_probe.device_linear_probe(pixel_features(train_x), train_y, pixel_features(test_x), test_y,
-                                            seed=config.seed)
-    assert row["linear_top1"] == want["top1"]
+    (got,) = calls
+    np.testing.assert_array_equal(got[0], pixel_features(train_x))
+    np.testing.assert_array_equal(got[3], test_y)
+    assert got[4] == config.seed
