@@ -183,3 +183,47 @@ def test_cli_exports_and_mistakes_are_one_line_with_status_2(mlcd_run, tmp_path)
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
     assert offline.stderr.startswith("config error: --push=org/name: ")
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_rope_tower_exports_as_mlcd_vision_model_that_the_pipeline_runs(tmp_path):
+    """The released MLCD layout (2-D RoPE, exact GELU), as an image-only run with it would be written."""
+    from flax import nnx
+
+    from mlcd_jax.interop.hf import save_vision
+    from mlcd_jax.models import VisionTransformer, get_preset
+
+    model = VisionTransformer(get_preset("tiny-rope", image_size=16, patch_size=4), rngs=nnx.Rngs(3))
+    save_vision(model, str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(export.preprocessor_config(model.config)))
+    extract = transformers.pipeline("image-feature-extraction", model=str(tmp_path))
+    assert type(extract.model).__name__ == "MLCDVisionModel"
+    images = _images(4)
+    theirs = np.asarray([np.asarray(f)[0] for f in extract(images, pool=True)])
+    np.testing.assert_allclose(theirs, _ours(images, model, 16), atol=1e-4, rtol=0)
+
+
+def test_clip_model_projections_and_temperature_match_our_towers(tmp_path):
+    """Both towers with their own projections (the demo's image tower has none: the identity), the
+    temperature capped at 100 as training caps it, and a RoPE image tower refused."""
+    import torch
+    from flax import nnx
+
+    from mlcd_jax.models import TextTransformer, VisionTransformer, get_preset, get_text_preset
+
+    image = VisionTransformer(get_preset("tiny", image_size=16, patch_size=4, proj_dim=32), rngs=nnx.Rngs(1))
+    text = TextTransformer(get_text_preset("tiny", context_length=16), rngs=nnx.Rngs(2))
+    clip.save_clip(image, text, np.log(200.0), str(tmp_path))
+    model = transformers.CLIPModel.from_pretrained(str(tmp_path)).eval()
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(100.0, rel=1e-5)
+    images = _images(2)
+    pixels = np.stack([np.asarray(i.convert("RGB").resize((16, 16)), np.float32) / 255 for i in images])
+    ids = tokenize(["a photo of a seven.", "two"], 16)
+    with torch.no_grad():
+        theirs_image = model.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+        theirs_text = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    theirs_image, theirs_text = (getattr(t, "pooler_output", t).numpy() for t in (theirs_image, theirs_text))
+    np.testing.assert_allclose(theirs_image, np.asarray(image(pixels)[0]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(theirs_text, np.asarray(text(ids)), atol=1e-4, rtol=0)
+    rope = VisionTransformer(get_preset("tiny-rope", proj_dim=32), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="2-D RoPE .* CLIPModel cannot hold"):
+        clip.clip_tensors(rope, text, 0.0)
