@@ -83,8 +83,9 @@ def _results(workdir: str) -> list[dict[str, Any]]:
 
 
 def export_run(workdir: str, out: str, name: str | None = None) -> Exported:
-    """Writes the run in ``workdir`` into ``out`` as described in the module docstring; returns what it wrote.
-    ``name`` is how the model card's usage example names the model (the hub repository; default ``out``)."""
+    """Writes the run in ``workdir`` into the local folder ``out`` as the module docstring says; returns what it
+    wrote. ``name`` is how the model card's usage example names the model (the hub repository; default
+    ``out``). One process: the towers are read onto this process's devices."""
     try:
         config = runs.load_run_config(workdir)
         goal = objective(config.loss.kind)
