@@ -176,7 +176,7 @@ def test_linear_probe_refits_when_a_rare_class_is_missing_from_the_fit_split():
     y = rng.integers(0, 3, 200)
     y[0] = 3  # one example, so no stratified split
     x = rng.standard_normal((200, 5)) + y[:, None]
-    assert 0 in lp._split(y, 0.2, seed=6)[1]  # with seed 6 it is in the validation part only
+    assert 0 in lp.split(y, 0.2, seed=6)[1]  # with seed 6 it is in the validation part only
     assert lp.linear_probe(x, y, x, y, seed=6)["top1"] > 0.8  # measured 0.86
 
 

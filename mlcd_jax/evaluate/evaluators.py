@@ -15,7 +15,8 @@ pixels, the clustering teacher) and, for a trained run, its model and workdir. T
 from ``config.eval.source`` (train split -> test split), read once per process.
 
 - ``knn`` (option ``k``): cosine k-NN top-1, ``knn_top1``.
-- ``linear_probe``: CLIP-protocol logistic regression top-1, ``linear_top1``.
+- ``linear_probe`` (option ``on_device``: the fits in JAX on the devices, :mod:`mlcd_jax.evaluate.device_probe`,
+  for sets too large for scikit-learn): CLIP-protocol logistic regression top-1, ``linear_top1``.
 - ``zero_shot`` (options ``templates``, a name in :data:`mlcd_jax.evaluate.zero_shot.TEMPLATES`, e.g.
   ``clip80``; ``class_names``, ``imagenet`` for CLIP's ImageNet-1K names where the source's are WordNet
   ids): CLIP-protocol zero-shot top-1 on the test split with the class names of ``eval.source``,
@@ -145,12 +146,15 @@ class Knn(Evaluator):
 
 @dataclasses.dataclass
 class LinearProbe(Evaluator):
+    on_device: bool = False  # fit in JAX on this process's devices (device_probe), else scikit-learn
+
     def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
+        from mlcd_jax.evaluate.device_probe import device_linear_probe
         from mlcd_jax.evaluate.linear_probe import linear_probe
 
         train_x, train_y, test_x, test_y = eval_arrays(self.config, heldout)
-        result = linear_probe(target.features(train_x), train_y, target.features(test_x), test_y,
-                              seed=self.config.seed)
+        probe = device_linear_probe if self.on_device else linear_probe
+        result = probe(target.features(train_x), train_y, target.features(test_x), test_y, seed=self.config.seed)
         return {"linear_top1": result["top1"]}
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,7 @@ def _fit(
         return model.fit(features, labels)
 
 
-def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the fit / validation parts of train, stratified when every class can be on both sides."""
     classes, counts = np.unique(labels, return_counts=True)
     n_val = int(np.ceil(val_fraction * len(labels)))
@@ -80,6 +80,61 @@ def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarr
     return train_test_split(
         np.arange(len(labels)), test_size=n_val, random_state=seed, stratify=labels if stratify else None
     )
+
+
+def checked_inputs(
+    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
+    val_fraction: float, c_grid: Sequence[float] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The probe's inputs, checked (shapes, widths, classes, ``val_fraction``, ``c_grid``); ValueErrors name the fix."""
+    train_features = check_features("train_features", train_features)
+    test_features = check_features("test_features", test_features)
+    train_labels = check_labels("train_labels", train_labels, len(train_features))
+    test_labels = check_labels("test_labels", test_labels, len(test_features))
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train and test features differ in width ({train_features.shape[1]} vs {test_features.shape[1]}); "
+            "extract both with the same model"
+        )
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    if len(np.unique(train_labels)) < 2:
+        raise ValueError("train_labels hold a single class; a linear probe needs at least 2")
+    if c_grid is not None and (len(c_grid) == 0 or min(c_grid) <= 0):
+        raise ValueError(f"c_grid={list(c_grid)} must be a non-empty list of positive C values")
+    return train_features, train_labels, test_features, test_labels
+
+
+def search_c(
+    validate: Callable[[float, float | None], float], c_grid: Sequence[float] | None
+) -> tuple[float, dict[float, float]]:
+    """The best C and ``{C: validation accuracy}`` (ascending) of the search in the module docstring.
+
+    ``validate(c, start)`` fits at ``c``, warm-started from the fit at C = ``start`` (None: the C → 0
+    optimum), and returns its validation accuracy; each C is fitted once. ``c_grid=None`` is CLIP's
+    coarse-to-fine search; an explicit grid is swept as given. Ties go to the smaller C.
+    """
+    val_top1: dict[float, float] = {}
+
+    def evaluate(c: float, start: float | None) -> None:
+        if c not in val_top1:
+            val_top1[c] = validate(c, start)
+
+    def best() -> float:  # highest validation accuracy; ties to the smaller C
+        return max(sorted(val_top1), key=lambda c: val_top1[c])
+
+    previous = None
+    for c in sorted(float(c) for c in (COARSE_C_GRID if c_grid is None else c_grid)):
+        evaluate(c, previous)
+        previous = c
+    if c_grid is None:
+        step = 2.0  # decades between neighbouring points of the coarse grid
+        for _ in range(REFINE_ROUNDS):
+            step /= 2
+            centre = best()
+            for e in (np.log10(centre) - step, np.log10(centre) + step):
+                evaluate(float(f"{10.0**e:.4g}"), centre)  # 4 digits: no 0.0009999999 keys
+    return best(), dict(sorted(val_top1.items()))
 
 
 def linear_probe(
@@ -100,56 +155,21 @@ def linear_probe(
     ``best_c`` and ``val_top1`` ({C: validation accuracy} for every C tried, ascending). Ties in
     validation accuracy go to the smaller C (stronger regularisation). Deterministic for a given seed.
     """
-    train_features = check_features("train_features", train_features)
-    test_features = check_features("test_features", test_features)
-    train_labels = check_labels("train_labels", train_labels, len(train_features))
-    test_labels = check_labels("test_labels", test_labels, len(test_features))
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train and test features differ in width ({train_features.shape[1]} vs {test_features.shape[1]}); "
-            "extract both with the same model"
-        )
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-    if len(np.unique(train_labels)) < 2:
-        raise ValueError("train_labels hold a single class; a linear probe needs at least 2")
-    if c_grid is not None and (len(c_grid) == 0 or min(c_grid) <= 0):
-        raise ValueError(f"c_grid={list(c_grid)} must be a non-empty list of positive C values")
-
+    train_features, train_labels, test_features, test_labels = checked_inputs(
+        train_features, train_labels, test_features, test_labels, val_fraction, c_grid)
     scaler = StandardScaler().fit(train_features)
     train_features, test_features = scaler.transform(train_features), scaler.transform(test_features)
-    fit_idx, val_idx = _split(train_labels, val_fraction, seed)
+    fit_idx, val_idx = split(train_labels, val_fraction, seed)
     models: dict[float, LogisticRegression] = {}
-    val_top1: dict[float, float] = {}
 
-    def evaluate(c: float, start: float | None) -> None:
-        if c not in val_top1:
-            models[c] = _fit(train_features[fit_idx], train_labels[fit_idx], c, max_iter, models.get(start))
-            val_top1[c] = float(models[c].score(train_features[val_idx], train_labels[val_idx]))
-
-    def best() -> float:  # highest validation accuracy; ties to the smaller C
-        return max(sorted(val_top1), key=lambda c: val_top1[c])
+    def validate(c: float, start: float | None) -> float:
+        models[c] = _fit(train_features[fit_idx], train_labels[fit_idx], c, max_iter, models.get(start))
+        return float(models[c].score(train_features[val_idx], train_labels[val_idx]))
 
     # Weakly regularised fits of separable data may stop at max_iter during the search; that only makes
     # their validation score a little pessimistic, so the warning is not worth the noise there.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        previous = None
-        for c in sorted(float(c) for c in (COARSE_C_GRID if c_grid is None else c_grid)):
-            evaluate(c, previous)
-            previous = c
-        if c_grid is None:
-            step = 2.0  # decades between neighbouring points of the coarse grid
-            for _ in range(REFINE_ROUNDS):
-                step /= 2
-                centre = best()
-                for e in (np.log10(centre) - step, np.log10(centre) + step):
-                    evaluate(float(f"{10.0**e:.4g}"), centre)  # 4 digits: no 0.0009999999 keys
-
-    best_c = best()
+        best_c, val_top1 = search_c(validate, c_grid)
     model = _fit(train_features, train_labels, best_c, max_iter, models[best_c])
-    return {
-        "top1": float(model.score(test_features, test_labels)),
-        "best_c": best_c,
-        "val_top1": dict(sorted(val_top1.items())),
-    }
+    return {"top1": float(model.score(test_features, test_labels)), "best_c": best_c, "val_top1": val_top1}

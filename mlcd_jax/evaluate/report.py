@@ -45,6 +45,12 @@ def results_table(rows: list[dict], columns: Sequence[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
+def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """``rows`` in ``columns`` as a Markdown table (a model card's), cells as :func:`results_table` prints them."""
+    cells = [[_cell(c, row.get(c)) for c in columns] for row in rows]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [list(columns), ["---"] * len(columns), *cells])
+
+
 def _json_default(value: Any) -> Any:
     """numpy scalars and arrays → Python numbers and lists."""
     if hasattr(value, "tolist"):
