@@ -294,10 +294,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
         "image": spec((b, canvas, canvas, 3), jnp.uint8), "size": spec((b, 2), jnp.int32),
         "seed": spec((b, 2), jnp.uint32), "labels": spec((b, config.loss.top_l), jnp.int32),
     }
-    if setup.objective.text:
-        batch["tokens"] = spec((b, config.text.context_length), jnp.int32)
-    if setup.objective.episodes:
-        batch["episode_pos"] = spec((b,), jnp.int32)
+    batch.update({name: spec((b, *shape), dtype) for name, (shape, dtype) in setup.objective.input_specs(config).items()})
 
     def preprocess(canvases: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return pipeline.canvas_to_inputs(canvases, image_size=size, augment=config.data.augment,

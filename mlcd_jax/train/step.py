@@ -11,10 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mlcd_jax import sharding
-from mlcd_jax.losses import partial_fc_loss
-from mlcd_jax.losses.contrastive import contrastive_loss
 from mlcd_jax.runs import DTYPES
-from mlcd_jax.train.episodes import protoclip_batch_loss
 from mlcd_jax.train.state import TrainSetup
 
 
@@ -23,18 +20,15 @@ def make_train_step(
 ) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
-    ``batch`` is ``dict(image=float32 [B, S, S, C], labels=int32 [B, l])`` (cluster objectives) or
-    ``dict(image=..., tokens=int32 [B, context])`` (image-text objectives), or whatever ``preprocess``
+    ``batch`` is ``dict(image=float32 [B, S, S, C], labels=int32 [B, l], ...)`` with what the objective's
+    batches carry (:meth:`~mlcd_jax.objectives.base.Objective.input_specs`), or whatever ``preprocess``
     (run first, inside the same program) turns into that: the trainer passes the data loader's
-    on-device augmentation, so its canvases are cropped and flipped by the step itself.
+    on-device augmentation, so its canvases are cropped and flipped by the step itself. The image tower
+    runs here; the objective's :meth:`~mlcd_jax.objectives.base.Objective.loss` does the rest.
     """
     config, mesh = setup.config, setup.mesh
-    loss_cfg = config.loss
     compute_dtype = DTYPES[config.model.dtype]
-    axes = sharding.batch_axes(mesh, setup.rules)
-    histograms = bool(loss_cfg.get("histograms", True))
     patch_drop = float(config.data.get("patch_drop", 0.0))  # FLIP: drop this fraction of the patch tokens
-
     goal = setup.objective
 
     def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
@@ -46,26 +40,12 @@ def make_train_step(
         def loss_fn(trainable):
             tensors = {**{k: state[k] for k in goal.frozen}, **trainable}
             model = setup.merge(tensors["params"])
-            # The models pin their activations on the mesh, through the run's rules.
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding.use_rules(setup.rules):
+            with goal.on_mesh():  # the models pin their activations on the mesh, through the run's rules
                 pooled, _ = model(
                     batch["image"].astype(compute_dtype), deterministic="params" in goal.frozen,
                     rngs=nnx.Rngs(dropout=dropout_key, patch_drop=drop_key), patch_drop=patch_drop,
                 )
-                if goal.text:
-                    text = setup.text_model.merge(tensors["text"])(batch["tokens"])
-            if goal.episodes:
-                return protoclip_batch_loss(setup, tensors, pooled, text, batch["episode_pos"])
-            if goal.text:
-                return contrastive_loss(pooled, text, tensors["logit_scale"])
-            return partial_fc_loss(
-                pooled, tensors["proto"], batch["labels"], sample_key, mesh=mesh,
-                sample_ratio=loss_cfg.sample_ratio, sampling=loss_cfg.get("sampling", "paper"),
-                kind=loss_cfg.kind, scale=loss_cfg.scale,
-                margin=loss_cfg.margin, margin_type=loss_cfg.get("margin_type") or None,
-                num_classes=setup.num_classes, batch_axes=axes, proto_axes=setup.proto_axes,
-                max_rows=loss_cfg.get("max_rows") or None, return_metrics=True, histograms=histograms,
-            )
+            return goal.loss(tensors, pooled, batch, sample_key)
 
         trainable = {k: state[k] for k in goal.trainable}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
