@@ -99,9 +99,11 @@ class Objective:
         """The shardings of this objective's state entries (``abstract``: the whole state, shapes only);
         the default: each model's own, anything else replicated."""
         replicated = NamedSharding(self.mesh, P())
-        return {key: self.models[key].shardings if key in self.models else jax.tree.map(lambda _: replicated,
-                                                                                       abstract[key])
-                for key in self.state_keys() if key != "params"}
+
+        def of(key: str) -> Any:
+            return self.models[key].shardings if key in self.models else jax.tree.map(lambda _: replicated, abstract[key])
+
+        return {key: of(key) for key in self.state_keys() if key != "params"}
 
     def load_weights(self, state: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
         """``state`` with towers read from the configured checkpoints (none by default)."""
