@@ -299,10 +299,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
         "image": spec((b, canvas, canvas, 3), jnp.uint8), "size": spec((b, 2), jnp.int32),
         "seed": spec((b, 2), jnp.uint32), "labels": spec((b, config.loss.top_l), jnp.int32),
     }
-    if setup.objective.text:
-        batch["tokens"] = spec((b, config.text.context_length), jnp.int32)
-    if setup.objective.episodes:
-        batch["episode_pos"] = spec((b,), jnp.int32)
+    batch.update({name: spec((b, *shape), dtype) for name, (shape, dtype) in setup.objective.input_specs(config).items()})
 
     def preprocess(canvases: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return pipeline.canvas_to_inputs(canvases, image_size=size, augment=config.data.augment,
@@ -313,7 +310,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
         "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
         "per_chip": dict.fromkeys(("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")),
         "cross_slice": None, "fits": False, "xla_flops_per_step": None, "model_flops_per_step": setup.flops_per_step,
-        "head": setup.head.report() if setup.head else None,
+        "head": setup.objective.plan(),
     }
     t0 = time.perf_counter()
     lowered = train.make_train_step(setup, preprocess).lower(setup.abstract_state, batch)

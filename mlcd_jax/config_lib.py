@@ -62,12 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     # mlcd (Eq. 5), mlc (Eq. 4), softmax (single label, UNICOM); clip (both towers, InfoNCE; FLIP with
-    # data.patch_drop); lit (text tower against the locked image tower of loss.image_tower); protoclip.
+    # data.patch_drop); lit (text tower against the locked image tower of loss.image_tower); protoclip;
+    # siglip (both towers, sigmoid loss with a learnable bias).
     c.loss.kind = "mlcd"
     # lit: workdir:DIR (a trained run), hf:DIR or hf-hub:ORG/NAME (a CLIP/MLCD checkpoint), "" = random init
     c.loss.image_tower = ""
     c.loss.text_tower = ""  # clip / lit / protoclip: start the text tower from workdir:DIR or hf:DIR ("" = random)
-    c.loss.init_logit_scale = 2.6592600  # ln(1/0.07), CLIP's initial temperature (clip, lit)
+    # The image-text objectives' initial log temperature; None = the objective's own (ln(1/0.07) = 2.659, CLIP's;
+    # ln 10 for siglip).
+    c.loss.init_logit_scale = ml_collections.config_dict.placeholder(float)
+    c.loss.init_logit_bias = -10.0  # siglip: the sigmoid loss's initial bias (big_vision's SigLIP)
     c.loss.scale = 32.0
     c.loss.margin = 0.3
     c.loss.margin_type = ""  # "" = cosine for mlcd/mlc, angular (ArcFace) for softmax

@@ -21,10 +21,9 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from mlcd_jax import fileio, runs, train
+from mlcd_jax import fileio, objectives, runs, train
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_arrays, evaluate
-from mlcd_jax.objectives import objective
 
 # The baselines of ``config.eval.baselines`` that need no training, in table order, and their row names.
 BASELINE_MODELS = {"pixels": "raw pixels", "teacher": "teacher (clustering)", "random_init": "random-init ViT"}
@@ -95,18 +94,10 @@ def configured_baselines(config: ml_collections.ConfigDict) -> list[str]:
     return baselines
 
 
-NAMES = {"lit": "LiT ViT", "protoclip": "ProtoCLIP ViT"}  # row names that are not the upper-cased kind
-
-
 def trained_model_name(config: ml_collections.ConfigDict) -> str:
     """The ``model`` of the trained run's row in ``results.json``, e.g. ``MLCD ViT``, ``LiT ViT``,
-    ``FLIP ViT`` (CLIP with patch drop)."""
-    kind = config.loss.kind
-    if kind in NAMES:
-        return NAMES[kind]
-    if kind == "clip" and config.data.get("patch_drop", 0.0) > 0:
-        return "FLIP ViT"
-    return f"{kind.upper()} ViT"
+    ``FLIP ViT`` (CLIP with patch drop): its objective's name for it."""
+    return objectives.get(config.loss.kind).row_name(config)
 
 
 def model_target(
@@ -173,7 +164,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
         baselines.remove("teacher")
     rows = [baseline_row(config, b) for b in BASELINE_MODELS if b in baselines]
     trained = runs.load_model(workdir, config)
-    text = runs.load_model(workdir, config, text=True) if objective(config.loss.kind).text else None
+    text = runs.load_model(workdir, config, text=True) if objectives.get(config.loss.kind).text else None
     rows.append(evaluate(evaluators, model_target(config, trained_model_name(config), trained, workdir, text)))
     single_dir = str(epath.Path(workdir) / SINGLE_LABEL)
     if SINGLE_LABEL in baselines and (epath.Path(single_dir) / "config.json").exists():

@@ -21,12 +21,7 @@ from jax.sharding import Mesh
 
 from mlcd_jax import checkpointing, sharding
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.models import (
-    TextConfig, TextTransformer, VisionTransformer, ViTConfig, flops_per_image, get_preset, get_text_preset,
-)
-from mlcd_jax.models.heads import ProjectionHead
-from mlcd_jax.models.presets import text_flops
-from mlcd_jax.objectives import objective
+from mlcd_jax.models import TextConfig, TextTransformer, VisionTransformer, ViTConfig, get_preset, get_text_preset
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -77,26 +72,6 @@ def build_text_model(config: ml_collections.ConfigDict, seed: int | jax.Array) -
     return TextTransformer(
         text_config(config), rngs=nnx.Rngs(seed), dtype=DTYPES[m.dtype], attention_impl=attention_impl(config),
     )
-
-
-class ProtoHeads(nnx.Module):
-    """ProtoCLIP's two projection heads (``image``, ``text``), one module so they train and save together."""
-
-    def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
-        d, p = vit_config(config).embed_dim, config.protoclip
-        self.image = ProjectionHead(d, p.head_hidden, p.head_dim, rngs=rngs)
-        self.text = ProjectionHead(d, p.head_hidden, p.head_dim, rngs=rngs)
-
-
-def flops_per_example(config: ml_collections.ConfigDict) -> float:
-    """Training FLOPs per example: forward + backward (3x forward) of each trained tower, forward only of a
-    locked one (LiT's image tower)."""
-    goal = objective(config.loss.kind)
-    image = flops_per_image(vit_config(config)) * (3 if "params" in goal.trainable else 1)
-    if "params" in goal.trainable:  # FLIP's patch drop: the blocks see ~(1 - rate) of the tokens
-        image *= 1.0 - float(config.data.get("patch_drop", 0.0))
-    text = 3 * text_flops(text_config(config)) if goal.text else 0.0
-    return image + text
 
 
 # loss.image_tower / loss.text_tower: where a tower's starting weights come from ("" = random init).

@@ -10,6 +10,7 @@ import pytest
 from mlcd_jax.data import order
 from mlcd_jax.losses import protoclip
 from mlcd_jax.losses.contrastive import MAX_LOGIT_SCALE
+from mlcd_jax.objectives import protoclip as episodes
 
 TOL = 1e-5
 BACK_TRANSLATE = jax.jit(protoclip.back_translate, static_argnums=2)
@@ -213,13 +214,13 @@ def test_cluster_features_recovers_blobs_deterministically():
     centers = _normalize(rng.normal(size=(5, 16)))
     truth = np.repeat(np.arange(5), 40)
     x = (centers[truth] + 0.08 * rng.normal(size=(200, 16))).astype(np.float32)
-    centroids, labels = protoclip.cluster_features(x, 5, iterations=8, nredo=2, seed=1)
+    centroids, labels = episodes.cluster_features(x, 5, iterations=8, nredo=2, seed=1)
     assert centroids.shape == (5, 16) and centroids.dtype == np.float32 and labels.shape == (200,)
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     # each blob is one cluster and the clusters are distinct
     mapping = {t: set(labels[truth == t]) for t in range(5)}
     assert all(len(v) == 1 for v in mapping.values()) and len(set.union(*mapping.values())) == 5
-    again_c, again_l = protoclip.cluster_features(x, 5, iterations=8, nredo=2, seed=1)
+    again_c, again_l = episodes.cluster_features(x, 5, iterations=8, nredo=2, seed=1)
     np.testing.assert_array_equal(again_c, centroids)
     np.testing.assert_array_equal(again_l, labels)
 
@@ -228,14 +229,14 @@ def test_tfidf_teacher_groups_identical_captions():
     topics = ["a red car parked on the street", "a small brown dog playing in the park",
               "a bowl of fresh fruit on a table", "snowy mountains under a blue sky"]
     captions = [topics[i % 4] for i in range(24)] + ["a red car on the road", "a dog in the park"]
-    teacher = protoclip.tfidf_teacher(captions, dim=64, seed=0)
+    teacher = episodes.tfidf_teacher(captions, dim=64, seed=0)
     assert teacher.dtype == np.float32 and teacher.shape[0] == len(captions) and 1 <= teacher.shape[1] < 64
     np.testing.assert_allclose(np.linalg.norm(teacher, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(teacher[0], teacher[4], atol=1e-5)  # identical captions, identical rows
-    _, labels = protoclip.cluster_features(teacher, 4, iterations=5, nredo=2, seed=0)
+    _, labels = episodes.cluster_features(teacher, 4, iterations=5, nredo=2, seed=0)
     for t in range(4):
         assert len(set(labels[t:24:4])) == 1
     assert len(set(labels[:4])) == 4
-    np.testing.assert_array_equal(teacher, protoclip.tfidf_teacher(captions, dim=64, seed=0))
-    tiny = protoclip.tfidf_teacher(["red car", "red car", "blue sky"], dim=64)
+    np.testing.assert_array_equal(teacher, episodes.tfidf_teacher(captions, dim=64, seed=0))
+    tiny = episodes.tfidf_teacher(["red car", "red car", "blue sky"], dim=64)
     assert tiny.shape == (3, 3) and np.allclose(tiny[0], tiny[1])

@@ -4,7 +4,10 @@ Every ``import`` statement counts, function-local ones included, relative ones r
 n`` is an import of the submodule ``P.n`` when there is one, else of ``P``. Checked: no import cycle; no
 library module imports an entry point (``mlcd_jax.main``, a ``__main__``, a module run as a program);
 no module is over :data:`MAX_LINES` lines; ``checkpointing`` does not import ``data``; ``cluster/`` does
-not import ``evaluate/`` and the trainer does not import ``cluster/``.
+not import ``evaluate/`` and the trainer does not import ``cluster/``. The training wing's layers, top
+down: ``train`` -> ``objectives`` -> ``losses`` / ``models`` / ``runs``: nothing below imports what is
+above it, ``losses`` (pure loss math) imports no ``cluster/``, and of ``cluster/`` the objectives use only
+``cluster.kmeans`` (faiss k-means, for ProtoCLIP's episodes). The trainer's code names no objective.
 
 ``KNOWN`` names the violations not fixed yet, check by check; each check must find exactly those (a fixed
 one is taken off the list, so the list only shrinks).
@@ -13,6 +16,9 @@ one is taken off the list, so the list only shrinks).
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -146,7 +152,42 @@ def test_layers():
     found = _edges("mlcd_jax.checkpointing", "mlcd_jax.data")
     found |= _edges("mlcd_jax.cluster", "mlcd_jax.evaluate")
     found |= _edges("mlcd_jax.train", "mlcd_jax.cluster")
+    for lower in ("mlcd_jax.losses", "mlcd_jax.models", "mlcd_jax.runs"):
+        found |= _edges(lower, "mlcd_jax.objectives") | _edges(lower, "mlcd_jax.train")
+    found |= _edges("mlcd_jax.objectives", "mlcd_jax.train")
+    found |= _edges("mlcd_jax.losses", "mlcd_jax.cluster")
+    found |= {edge for edge in _edges("mlcd_jax.objectives", "mlcd_jax.cluster")
+              if not edge.endswith(" -> mlcd_jax.cluster.kmeans")}
     assert found == KNOWN["layers"]
+
+
+# What the trainer's code (names and strings, docstrings and comments aside) must not hold: loss kinds,
+# the state keys and batch arrays of particular objectives, as a whole name or string; these anywhere.
+OBJECTIVE_NAMES = {"mlcd", "mlc", "softmax", "clip", "lit", "siglip", "protoclip", "text", "heads", "tokens",
+                   "logit_scale", "logit_bias", "episode", "episode_pos", "labels"}
+OBJECTIVE_PARTS = re.compile(r"episode|protoclip|siglip|infonce", re.IGNORECASE)
+
+
+def _code_words(source: str) -> list[str]:
+    """The names and the non-docstring strings (quotes stripped) of ``source``."""
+    tree = ast.parse(source)
+    docstring_lines = {node.body[0].lineno for node in ast.walk(tree)
+                       if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                       and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [tok.string.strip("\"'") for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.NAME or (tok.type == tokenize.STRING and tok.start[0] not in docstring_lines)]
+
+
+def _names_an_objective(word: str) -> bool:
+    return word.lower() in OBJECTIVE_NAMES or bool(OBJECTIVE_PARTS.search(word))
+
+
+def test_the_trainer_names_no_objective():
+    """The loop, state, optimizer, step and validation reach every objective through its methods."""
+    assert [w for w in _code_words('"""clip"""\nx = batch["tokens"]  # lit\n') if _names_an_objective(w)] == ["tokens"]
+    found = {f"{module}: {word}" for module, path in MODULES.items() if _under(module, "mlcd_jax.train")
+             for word in _code_words(path.read_text()) if _names_an_objective(word)}
+    assert found == set()
 
 
 @pytest.mark.parametrize("check", sorted(KNOWN))

@@ -282,7 +282,8 @@ def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step():
     c.batch_size, c.loss.num_classes, c.loss.top_l, c.loss.sample_ratio = 64, 8 * 512, 8, 0.1
     mesh = sharding.make_mesh(dict(c.mesh))
     setup = train.TrainSetup.create(c, mesh, num_train_steps=10)
-    assert setup.head.budgeted and setup.head.capacity < setup.head.exact_capacity == 512
+    head = setup.objective.head
+    assert head.budgeted and head.capacity < head.exact_capacity == 512
     rng = np.random.default_rng(0)
     image = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
 
@@ -291,11 +292,11 @@ def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step():
 
     guarded = GuardedStep(setup)
     _, metrics = guarded(setup.init_state(0), batch(rng.integers(0, 8 * 512, (64, 8))))
-    assert guarded.exact_steps == 0 and int(metrics["positives_dropped"]) == 0
+    assert guarded.checked and guarded.exact_steps == 0 and int(metrics["positives_dropped"]) == 0
     crowded = batch(np.arange(64 * 8).reshape(64, 8))  # 512 distinct positives, all on shard 0
     state, metrics = guarded(setup.init_state(0), crowded)
     assert guarded.exact_steps == 1 and "positives_dropped" not in metrics
-    want, want_metrics = train.make_train_step(setup, exact_head=True)(setup.init_state(0), crowded)
+    want, want_metrics = train.make_train_step(setup, exact=True)(setup.init_state(0), crowded)
     assert float(metrics["loss"]) == float(want_metrics["loss"])
     for a, b in zip(jax.tree.leaves(jax.device_get(state["proto"])), jax.tree.leaves(jax.device_get(want["proto"]))):
         np.testing.assert_array_equal(a, b)

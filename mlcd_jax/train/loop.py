@@ -1,10 +1,9 @@
-"""The training loop: data, checkpoints and resume, ProtoCLIP's episodes, metrics, periodic evaluation."""
+"""The training loop: data, checkpoints and resume, the objective's step hook, metrics, periodic evaluation."""
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,8 +17,7 @@ from flax import nnx
 from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
 from mlcd_jax.config_lib import ConfigError, ResumeMismatch
 from mlcd_jax.models import VisionTransformer
-from mlcd_jax.objectives import objective
-from mlcd_jax.train.episodes import build_episode, make_episode_features
+from mlcd_jax.objectives import get as objective_class
 from mlcd_jax.train.preemption import Preempted, Preemption
 from mlcd_jax.train.state import TrainSetup
 from mlcd_jax.train.step import GuardedStep
@@ -59,10 +57,7 @@ def _log_step(
     if peak:
         scalars["mfu"] = setup.flops_per_step / step_time / (peak * jax.device_count())
     writer.write_scalars(step, {**scalars, **{k: v for k, v in metrics.items() if np.ndim(v)}})
-    terms = (f"pos {scalars['loss_pos']:.3f} neg {scalars['loss_neg']:.3f}" if "loss_pos" in scalars
-             else f"i2t {scalars['loss_i2t']:.3f} t2i {scalars['loss_t2i']:.3f}, scale {scalars['logit_scale']:.1f}")
-    if "loss_proto" in scalars:
-        terms += f", proto {scalars['loss_proto']:.3f} ext {scalars['loss_ext']:.3f}"
+    terms = setup.objective.log_terms(scalars)
     print(
         f"step {step}/{total_steps} loss {scalars['loss']:.4f} ({terms}) cos+ {scalars['mean_pos_cos']:.3f} cos- "
         f"{scalars['mean_neg_cos']:.3f} lr {scalars['lr']:.2e} | "
@@ -92,35 +87,23 @@ def train_and_evaluate(
     fileio.makedirs(workdir)
     mesh = checked_mesh(config)
     shards, manifest = _dataset_info(config)
-    goal = objective(config.loss.kind)
-    if goal.clusters and manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
-        raise ConfigError(
-            f"loss.top_l={config.loss.top_l} but the shards carry only l={manifest['top_l']} "
-            "(a smaller loss.top_l uses each image's best labels)"
-        )
-    if goal.clusters and manifest and manifest.get("num_clusters") and manifest["num_clusters"] != config.loss.num_classes:
-        raise ConfigError(
-            f"loss.num_classes={config.loss.num_classes} but the shards were clustered into "
-            f"k={manifest['num_clusters']}"
-        )
+    objective_class(config.loss.kind).check_shards(config, manifest)
     total_steps = num_train_steps(config, int(manifest.get("num_images", 0)) if manifest else 0)
     if total_steps <= 0:
         raise ConfigError("set num_train_steps > 0, or num_epochs with shards that have a manifest")
     setup = TrainSetup.create(config, mesh, total_steps)
+    goal = setup.objective
     if jax.process_index() == 0:
-        head = (f"prototypes {setup.k_pad} x {setup.embed_dim}" if goal.clusters
-                else f"text tower {config.text.name}, context {config.text.context_length}")
         print(f"training {config.model.name} with {config.loss.kind} on mesh {dict(mesh.shape)} "
               f"({jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices): "
-              f"{total_steps} steps of {config.batch_size}, {head}",
+              f"{total_steps} steps of {config.batch_size}, {goal.describe()}",
               flush=True)
     try:
         loader = make_train_loader(
             shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
             top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
             num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
-            context_length=config.text.context_length if goal.text else 0,
-            episode_size=config.protoclip.episode_size if goal.episodes else 0,
+            **goal.loader_options(config),
             # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)
             skip_log_dir=None if fileio.is_remote(workdir) else os.path.join(workdir, "skipped_records"),
         )
@@ -139,14 +122,7 @@ def train_and_evaluate(
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
     step_fn = GuardedStep(setup, loader.augment)  # crops, flips, normalisation inside the step
-    if goal.episodes:
-        from mlcd_jax.losses.protoclip import tfidf_teacher
-
-        steps_per_episode = config.protoclip.episode_size // config.batch_size
-        external = (tfidf_teacher(list(loader.decoded.captions), config.protoclip.external_dim, config.seed)
-                    if config.protoclip.external else None)
-        episode_features = make_episode_features(setup)
-        built = int(state["episode"]["index"])  # the episode whose labels the state holds
+    hook = goal.step_hook(state, loader, setup.state_shardings)  # state the objective rebuilds between steps
     peak = metrics_lib.device_peak_flops()
     preemption = Preemption(manager)
     stop_after = min(config.get("stop_after_steps", 0) or total_steps, total_steps)
@@ -157,13 +133,8 @@ def train_and_evaluate(
         print(f"{workdir} already holds step {start} (>= {stop_after}): nothing to train", flush=True)
     try:
         for step in range(start + 1, stop_after + 1):  # empty when the workdir is already there
-            if goal.episodes and (step - 1) // steps_per_episode != built and step > steps_per_episode:
-                built = (step - 1) // steps_per_episode  # episode 0 trains InfoNCE only
-                t0 = time.perf_counter()
-                state = {**state, "episode": build_episode(setup, state, loader, built, external, episode_features)}
-                print(f"episode {built}: clustered {config.protoclip.episode_size} pairs into "
-                      f"{config.protoclip.num_clusters} prototypes per modality in {time.perf_counter() - t0:.1f} s",
-                      flush=True)
+            if hook is not None:
+                state = hook(step, state)
             with timer.data_wait():
                 local = next(iterator)
             profiler.before(step)
@@ -187,15 +158,14 @@ def train_and_evaluate(
                 results: dict[str, float] = {}
                 if evals_now:
                     writer.flush()  # evaluators may read metrics.jsonl (the training curves)
-                text_model = setup.text_model.merge(state["text"]) if goal.text else None
                 for fn in evals_now:
-                    results.update(fn(setup.merge(state["params"]), text_model))
+                    results.update(fn(setup.merge(state["params"]), goal.text_model(state)))
                 if results:
                     print(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
                           flush=True)
                 extra = {**results, "skipped_records": loader.skipped_records}  # corrupt records, this process
-                if setup.head is not None and setup.head.budgeted:
-                    extra["head_exact_steps"] = step_fn.exact_steps  # batches past the positive budget, this launch
+                if step_fn.checked:
+                    extra["exact_steps"] = step_fn.exact_steps  # batches that needed the exact step, this launch
                 last = _log_step(config, setup, writer, step, total_steps, {**metrics, **extra}, timing, peak)
                 timer.reset()  # the next window starts after logging and evaluation
             if ckpt_now:

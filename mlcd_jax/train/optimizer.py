@@ -1,4 +1,4 @@
-"""The optimizer: AdamW in groups (towers, prototypes, temperature) on a warm-up + cosine schedule."""
+"""The optimizer: AdamW in groups (towers, prototypes, temperatures) on a warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import jax
 import ml_collections
 import optax
 
-from mlcd_jax.objectives import objective
 from mlcd_jax.runs import DTYPES
-
 
 # Leaf names (the last key of a parameter's path) that weight decay skips: biases (incl. the fused
 # ``qkv_bias``), LayerNorm scales, class token and position tables. Matrix weights end in ``kernel``.
@@ -39,15 +37,12 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-# The optimizer group of each trainable state key: both towers are "backbone".
-_GROUPS = {"params": "backbone", "text": "backbone", "heads": "backbone", "proto": "proto", "logit_scale": "scale",
-           "logit_scale_proto": "scale"}
-
-
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW on the objective's trainable state keys (:mod:`mlcd_jax.objectives`) in groups: the towers
-    (``params``, ``text``), the prototypes (``proto``) and the temperature (``logit_scale``, no weight
-    decay); warm-up + cosine schedule.
+def make_optimizer(
+    config: ml_collections.ConfigDict, num_steps: int, groups: dict[str, str]
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on the trainable state keys in the groups ``groups`` names (each key's, from its objective,
+    :mod:`mlcd_jax.objectives`): ``backbone`` (towers, heads), ``proto`` (a prototype matrix) and
+    ``scale`` (temperatures, biases: no weight decay); warm-up + cosine schedule.
 
     Backbone: gradients clipped by their own global norm (``grad_clip``), weight decay on matrix weights
     only (:func:`weight_decay_mask`). Prototypes: learning rate x ``loss.proto_lr_mult``, weight decay
@@ -85,11 +80,11 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[o
         lambda count: proto_lr_mult * update_schedule(count),
         config.weight_decay if proto_wd is None else float(proto_wd),
     )
-    # The temperature of the contrastive objectives: same schedule, no weight decay, not clipped.
+    # Temperatures and biases (scalars of the loss): same schedule, no weight decay, not clipped.
     scale = adamw(update_schedule, 0.0)
     tx = optax.multi_transform(
         {"backbone": backbone, "proto": proto, "scale": scale},
-        param_labels={key: _GROUPS[key] for key in objective(loss_cfg.kind).trainable},
+        param_labels=dict(groups),
     )
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum)

@@ -8,12 +8,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from mlcd_jax import sharding
+from mlcd_jax import objectives, sharding
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.losses.core import labels_per_sample
-from mlcd_jax.losses.partial_fc import POSITIVE_BUDGETS, SAMPLING_MODES, ratio_ignored_warning
-from mlcd_jax.objectives import OBJECTIVES, objective
-from mlcd_jax.runs import DTYPES, check_tower_spec, sharding_rules, text_config, vit_config
+from mlcd_jax.runs import DTYPES, sharding_rules, vit_config
 
 
 def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -55,61 +52,9 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         logging.warning("mesh.fsdp=%d without model.scan_layers: XLA:TPU keeps more of the unrolled blocks' "
                         "gathered weights alive (L/14 on v5p-64: 6.6 GiB against data parallelism's 1.5 GiB "
                         "per chip); set model.scan_layers=True", mesh.shape["fsdp"])
-    if config.loss.kind not in OBJECTIVES:
-        raise ConfigError(f"loss.kind={config.loss.kind!r}: choose one of {', '.join(OBJECTIVES)}")
-    goal = objective(config.loss.kind)
-    for key, value in (("mu_dtype", config.get("mu_dtype", "")), ("loss.head_dtype", config.loss.get("head_dtype", ""))):
-        if value and value not in DTYPES:
-            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(DTYPES)} (or '' for float32)")
+    if config.get("mu_dtype") and config.mu_dtype not in DTYPES:
+        raise ConfigError(f"mu_dtype={config.mu_dtype!r}: choose one of {', '.join(DTYPES)} (or '' for float32)")
+    goal = objectives.get(config.loss.kind)  # an unknown kind: ConfigError
     if not 0.0 <= float(config.data.get("patch_drop", 0.0)) < 1.0:
         raise ConfigError(f"data.patch_drop={config.data.patch_drop} must be in [0, 1)")
-    if goal.text:
-        _validate_text(config)
-    if goal.episodes:
-        _validate_episodes(config)
-    if not goal.clusters:
-        return
-    if not 0 < config.loss.sample_ratio <= 1:
-        raise ConfigError(f"loss.sample_ratio={config.loss.sample_ratio} must be in (0, 1]")
-    sampling = config.loss.get("sampling", "paper")
-    if sampling not in SAMPLING_MODES:
-        raise ConfigError(f"loss.sampling={sampling!r}: choose one of {', '.join(SAMPLING_MODES)}")
-    if config.loss.get("positive_budget", "expected") not in POSITIVE_BUDGETS:
-        raise ConfigError(f"loss.positive_budget={config.loss.positive_budget!r}: choose one of "
-                          f"{', '.join(POSITIVE_BUDGETS)}")
-    labels = config.batch_size * labels_per_sample(config.loss.kind, config.loss.top_l)
-    warning = ratio_ignored_warning(config.loss.num_classes, config.loss.sample_ratio, labels, sampling)
-    if warning:
-        logging.warning(warning)
-
-
-def _validate_episodes(config: ml_collections.ConfigDict) -> None:
-    """ProtoCLIP's episode sizes (whole batches, enough pairs to cluster) and teacher."""
-    p = config.protoclip
-    if p.episode_size <= 0 or p.episode_size % config.batch_size:
-        raise ConfigError(f"protoclip.episode_size={p.episode_size} must be a positive multiple of "
-                          f"batch_size={config.batch_size}")
-    if not 0 < p.num_clusters <= p.episode_size:
-        raise ConfigError(f"protoclip.num_clusters={p.num_clusters} must be in [1, episode_size={p.episode_size}]")
-    if p.external not in ("", "tfidf"):
-        raise ConfigError(f"protoclip.external={p.external!r}: use tfidf or '' (none)")
-    if jax.process_count() > 1:
-        raise ConfigError("loss.kind=protoclip runs in one process (its episode pass reads the whole episode)")
-
-
-def _validate_text(config: ml_collections.ConfigDict) -> None:
-    """The text tower's preset and its embedding width (it must equal the image tower's)."""
-    try:
-        text_cfg = text_config(config)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"text {config.text.name!r}: {err}") from None
-    image_dim = vit_config(config).embed_dim
-    if text_cfg.embed_dim != image_dim:
-        raise ConfigError(
-            f"text.overrides.proj_dim={text_cfg.proj_dim} but the image tower embeds into {image_dim}: "
-            "the contrastive loss compares them, make them equal"
-        )
-    for key in ("image_tower", "text_tower"):
-        spec = config.loss.get(key, "")
-        if spec:
-            check_tower_spec(spec, key)
+    goal.validate(config)
