@@ -200,7 +200,7 @@ def test_the_teachers_forward_compiles_for_a_tpu_slice(tmp_path):
 
 
 @needs_libtpu
-@pytest.mark.slow  # 2-5 min each on 2 cores: the paper's models at the paper's batch
+@pytest.mark.plan  # 4-15 min each on 2 cores: the paper's models at the paper's batch
 @pytest.mark.parametrize("name", ["vitb32", "vitb16", "vitl14", "vitl14_336", "vitbigg14"])
 def test_each_paper_config_as_shipped_fits_the_papers_batch_on_its_slice(tmp_path, name):
     """`python -m mlcd_jax.aot --config=configs/NAME.py --topology=SLICE`, nothing else: the paper's batch of
@@ -220,7 +220,7 @@ def test_each_paper_config_as_shipped_fits_the_papers_batch_on_its_slice(tmp_pat
 
 
 @needs_libtpu
-@pytest.mark.slow  # two L/14 compiles for 32 chips, 2-4 min each on 2 cores
+@pytest.mark.plan  # two L/14 compiles for 32 chips, 3-7 min each on 2 cores
 def test_fsdp_as_shipped_needs_no_more_temporaries_than_data_parallelism():
     """configs/vitl14.py as shipped (FSDP over all 32 chips, scanned blocks) at batch 1,024 on v5p-64: its
     per-chip temporaries are within 1.3x of pure data parallelism's (mesh.data=32), and FSDP's state per
