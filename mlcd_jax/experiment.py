@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from mlcd_jax import fileio, runs, train
+from mlcd_jax import identity, runs, train, workdir_lock
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.evaluate.evaluators import Target, build_evaluators, eval_arrays, evaluate
 from mlcd_jax.objectives import objective
@@ -45,6 +44,16 @@ def cluster_cache_dir(config: ml_collections.ConfigDict) -> str:
     key = hashlib.sha256(settings.encode()).hexdigest()[:16]
     root = os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
     return os.path.join(root, "clusters", key)
+
+
+def named_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with an empty ``data.shards`` naming the cluster cache it trains on (as the run's
+    config.json records it), without running the clustering job; a copy."""
+    if config.data.shards or not (config.data.cluster and config.data.cluster.get("source")):
+        return config
+    config = copy.deepcopy(config)
+    config.data.shards = cluster_cache_dir(config)
+    return config
 
 
 def with_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -187,23 +196,22 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Dispatches on ``config.mode``: ``train`` (cluster if needed, train, evaluate) or ``eval``."""
+    """Dispatches on ``config.mode``: ``train`` (cluster if needed, train, evaluate) or ``eval`` (of the run
+    in ``workdir`` as its config.json says, see :func:`eval_config`)."""
     if config.mode not in ("train", "eval"):
         raise ConfigError(f"mode={config.mode!r}: choose train or eval")
     if config.mode == "train":
         train.checked_mesh(config)  # config mistakes surface before the clustering job runs
-        _check_workdir(workdir)
+        workdir_lock.check_writable(workdir)
+        recorded = identity.read(workdir)
+        if recorded is not None and identity.has_checkpoints(workdir):  # a resume: the run's identity holds
+            identity.check_resume(recorded, named_shards(config), workdir)
     clock = [("start", time.perf_counter())]
     if config.mode == "train":
         config = with_shards(config)
         clock.append(("clustering", time.perf_counter()))  # seconds when cached
-    else:  # evaluation never clusters: it reads a finished cluster cache when there is one
-        if not (epath.Path(workdir) / "checkpoints").exists():
-            raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
-        cache = cluster_cache_dir(config)
-        if not config.data.shards and epath.Path(cache, "manifest.json").exists():
-            config = copy.deepcopy(config)
-            config.data.shards = cache
+    else:  # evaluation never clusters, and evaluates the run as its config.json says
+        config = eval_config(config, workdir)
     out: dict[str, Any] = {}
     if config.mode == "train":
         out["train"] = train.train_and_evaluate(config, workdir, periodic_evals(config, workdir))
@@ -221,16 +229,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return out
 
 
-def _check_workdir(workdir: str) -> None:
-    """Creates ``workdir``; a path that is a file, or a directory this process cannot write, is one
-    ConfigError line before anything runs."""
-    try:
-        fileio.makedirs(workdir)
-        if not fileio.is_remote(workdir):
-            with tempfile.TemporaryFile(dir=workdir):
-                pass
-    except OSError as err:
-        raise ConfigError(f"--workdir={workdir} is not a writable directory ({err.strerror or err})") from None
+def eval_config(config: ml_collections.ConfigDict | None, workdir: str) -> ml_collections.ConfigDict:
+    """The config that evaluates ``workdir``: the run's config.json with the evaluation keys of ``config``
+    (a ``--config``, or None); a workdir without a finished checkpoint, a ``config`` that changes the
+    run, or no evaluation images are one ConfigError line each."""
+    if not identity.has_checkpoints(workdir):
+        raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
+    if identity.read(workdir) is None:
+        raise ConfigError(f"--workdir={workdir} holds no config.json: not a mlcd_jax training workdir")
+    config = identity.eval_config(workdir, None if config is None else named_shards(config))
+    if not config.eval.source:
+        raise ConfigError(f"eval.source is empty: the run in {workdir} names no labelled images to evaluate on; "
+                          "add --config=<its config file> --config.eval.source=NAME (e.g. digits, fashion_mnist)")
+    cache = cluster_cache_dir(config)
+    if not config.data.shards and epath.Path(cache, "manifest.json").exists():
+        config.data.shards = cache
+    return config
 
 
 def _duration(seconds: float) -> str:

@@ -12,10 +12,9 @@ import jax
 import ml_collections
 import numpy as np
 from clu import parameter_overview
-from etils import epath
 from flax import nnx
 
-from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
+from mlcd_jax import checkpointing, fileio, identity, metrics as metrics_lib, periodic, sharding
 from mlcd_jax.config_lib import ConfigError, ResumeMismatch
 from mlcd_jax.models import VisionTransformer
 from mlcd_jax.objectives import objective
@@ -128,14 +127,18 @@ def train_and_evaluate(
         raise ConfigError(f"data.shards: {err}") from None
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+    recorded = identity.read(workdir)
+    if recorded is not None and manager.all_steps():  # a resume: config.json is the run's identity
+        identity.check_resume(recorded, config, workdir)
     try:
         restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
     except (checkpointing.CheckpointMismatch, ResumeMismatch) as err:
         raise ConfigError(str(err)) from None
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)
+    if jax.process_index() == 0:
+        identity.record(workdir, config, start)  # with the step of the changes this launch was allowed
     if start == 0 and jax.process_index() == 0:
-        fileio.write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
     step_fn = make_train_step(setup, loader.augment)  # crops, flips, normalisation inside the step
@@ -178,10 +181,11 @@ def train_and_evaluate(
                 metrics = jax.device_get(metrics)
                 for name in ("loss", "grad_norm"):
                     if not np.isfinite(metrics[name]):
+                        kept = manager.latest_step()
                         raise TrainingDiverged(
-                            f"{name} is {metrics[name]} at step {step}; stopped, the last good checkpoint "
-                            f"(step {manager.latest_step()}) is kept"
-                        )
+                            f"{name} is {metrics[name]} at step {step}; stopped, " +
+                            (f"the last good checkpoint (step {kept}) is kept" if kept is not None else
+                             "before its first checkpoint (nothing saved; lower learning_rate and re-run)"))
             if log_now:
                 timing = timer.report()
                 results: dict[str, float] = {}
