@@ -6,7 +6,9 @@ instead of another entry point.
 :func:`main` initialises multi-process JAX first (explicit flags, the ``JAX_COORDINATOR_ADDRESS`` /
 ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment, or discovered on TPU pods and SLURM), then runs the
 experiment of ``config.mode`` (``train``: cluster if needed, train, evaluate; ``eval``: evaluate a
-trained workdir). Configuration errors are printed as one line and exit with status 2.
+trained workdir, from its own config.json when no ``--config`` is given) while holding the workdir's lock
+(:mod:`mlcd_jax.workdir_lock`). Configuration errors (and a full disk) are printed as one line and exit
+with status 2; ``--config`` itself is read by :mod:`mlcd_jax.cli_config`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mlcd_jax import identity
+from mlcd_jax import fileio, identity
 from mlcd_jax.cli_config import config_error, loaded_config, parse_flags  # noqa: F401  (the entry points' parser)
 
 FLAGS = flags.FLAGS
@@ -156,8 +158,7 @@ def run_or_exit(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        config_error(err)
     except TrainingDiverged as err:
         print(f"training diverged: {err}", file=sys.stderr)
         sys.exit(3)
@@ -197,7 +198,7 @@ def _space_report(path: str) -> str:
     probe = path
     while probe and not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) or not os.path.exists(probe):
+    if fileio.is_remote(path) or not os.path.exists(probe):
         return path
     usage = shutil.disk_usage(probe)
     return f"{path} ({usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} GiB)"

@@ -55,7 +55,7 @@ def parse_value(key: str, text: str, kind: type, optional: bool = False) -> Any:
     try:
         return PARSERS[kind].parse(text.strip())
     except (ValueError, KeyError):
-        raise ValueError(f"{key}={text!r} is not a valid {kind.__name__}") from None
+        raise ValueError(f"{text!r} for {key} is not a valid {kind.__name__}") from None
 
 
 def set_tower_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -89,15 +89,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides are applied: a mistake there is one ``config error:`` line, not a traceback. The towers'
     shape overrides are taken out first and applied by :func:`loaded_config`."""
     rest = []
+    named = any(a == "--config" or a.startswith("--config=") for a in argv)
+    if not named and any(a.startswith("--config.") for a in argv):
+        config_error("--config.KEY=VALUE overrides need --config=FILE (for evaluate: the run's config file; "
+                     "evaluation keys only)")
+    for arg in argv:
+        match = _TOWER_FLAG.fullmatch(arg)
+        field = tower_field_type(match.group(1)) if match else None
+        if field is None:
+            rest.append(arg)
+            continue
+        try:
+            _tower_overrides.append((match.group(1), parse_value(match.group(1), match.group(2), *field)))
+        except ValueError as err:
+            config_error(err)
+    sys.argv = [a for a in sys.argv if a in rest or not a.startswith("--config.")]  # config_flags reads it too
     try:
-        for arg in argv:
-            match = _TOWER_FLAG.fullmatch(arg)
-            field = tower_field_type(match.group(1)) if match else None
-            if field is None:
-                rest.append(arg)
-            else:
-                _tower_overrides.append((match.group(1), parse_value(match.group(1), match.group(2), *field)))
-        sys.argv = [a for a in sys.argv if a in rest or not a.startswith("--config.")]  # config_flags reads it too
         return app.parse_flags_with_usage(rest)
     except _CONFIG_MISTAKES as err:
         _config_mistake(err)

@@ -46,16 +46,6 @@ def cluster_cache_dir(config: ml_collections.ConfigDict) -> str:
     return os.path.join(root, "clusters", key)
 
 
-def named_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with an empty ``data.shards`` naming the cluster cache it trains on (as the run's
-    config.json records it), without running the clustering job; a copy."""
-    if config.data.shards or not (config.data.cluster and config.data.cluster.get("source")):
-        return config
-    config = copy.deepcopy(config)
-    config.data.shards = cluster_cache_dir(config)
-    return config
-
-
 def with_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` with ``data.shards`` filled in by running (or reusing) the clustering job when it is
     empty; a copy, the caller's config is left as it was."""
@@ -205,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         workdir_lock.check_writable(workdir)
         recorded = identity.read(workdir)
         if recorded is not None and identity.has_checkpoints(workdir):  # a resume: the run's identity holds
-            identity.check_resume(recorded, named_shards(config), workdir)
+            identity.check_resume(recorded, config, workdir)
     clock = [("start", time.perf_counter())]
     if config.mode == "train":
         config = with_shards(config)
@@ -229,15 +219,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return out
 
 
-def eval_config(config: ml_collections.ConfigDict | None, workdir: str) -> ml_collections.ConfigDict:
+def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """The config that evaluates ``workdir``: the run's config.json with the evaluation keys of ``config``
-    (a ``--config``, or None); a workdir without a finished checkpoint, a ``config`` that changes the
+    (a ``--config``, or the run's own); a workdir without a finished checkpoint, a ``config`` that changes the
     run, or no evaluation images are one ConfigError line each."""
     if not identity.has_checkpoints(workdir):
         raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
     if identity.read(workdir) is None:
         raise ConfigError(f"--workdir={workdir} holds no config.json: not a mlcd_jax training workdir")
-    config = identity.eval_config(workdir, None if config is None else named_shards(config))
+    config = identity.eval_config(workdir, config)
     if not config.eval.source:
         raise ConfigError(f"eval.source is empty: the run in {workdir} names no labelled images to evaluate on; "
                           "add --config=<its config file> --config.eval.source=NAME (e.g. digits, fashion_mnist)")

@@ -21,9 +21,14 @@ from mlcd_jax import fileio
 from mlcd_jax.config_lib import ConfigError
 
 # Dotted keys (or prefixes ending in ".") that do not change what is trained.
+# Where the shards are (data.shards, data.cache_dir) is free too: moved shards resume, and shards of other
+# content are the data loader's ResumeMismatch; the clustering settings that make them are not free.
 FREE_KEYS = ("mode", "cpu_devices", "allow_changes", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-             "profile_steps", "stop_after_steps", "eval.", "evals.", "mesh.", "mesh_rules", "data.num_workers", "data.cache_dir",
-             "loss.histograms")
+             "profile_steps", "stop_after_steps", "eval.", "evals.", "mesh.", "mesh_rules", "data.num_workers",
+             "data.shards", "data.cache_dir", "loss.histograms")
+# What made the training images: evaluation keeps the run's own and ignores a --config's (a config file
+# given without the launch's --config.data.shards override still evaluates the run).
+TRAINING_DATA = ("data.cluster.",)
 HISTORY = "history"  # config.json's list of {"step", "changes": {key: [old, new]}}
 
 
@@ -33,7 +38,7 @@ def flat(record: Any, prefix: str = "") -> dict[str, Any]:
         record = json.loads(record.to_json_best_effort())
     out: dict[str, Any] = {}
     for key, value in record.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty one (no overrides) is no key, as a missing one
             out.update(flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -106,13 +111,11 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({k: v for k, v in recorded.items() if k != HISTORY})
 
 
-def eval_config(workdir: str, given: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+def eval_config(workdir: str, given: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The run's own config with only the :data:`FREE_KEYS` of ``given`` (a ``--config``) applied; a
-    ``given`` that changes anything else is a ConfigError listing the keys."""
+    ``given`` that changes anything else but :data:`TRAINING_DATA` is a ConfigError listing the keys."""
     config = run_config(workdir)
-    if given is None:
-        return config
-    diff = changes(config.to_dict(), given)
+    diff = {k: v for k, v in changes(config.to_dict(), given).items() if not _matches(k, TRAINING_DATA)}
     if diff:
         raise ConfigError(f"--config differs from the run in {workdir} in {_listed(diff)}: evaluation uses the "
                           "run's own config.json and takes only evaluation keys (eval.*, evals.*, devices) from "
@@ -120,7 +123,7 @@ def eval_config(workdir: str, given: ml_collections.ConfigDict | None) -> ml_col
     new = flat(given)
     with config.unlocked():
         for key, value in new.items():
-            if _matches(key, FREE_KEYS):
+            if _matches(key, FREE_KEYS) and not key.startswith("data."):  # the run's shards stay
                 _set(config, key, value)
     return config
 

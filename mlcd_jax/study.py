@@ -325,7 +325,7 @@ def check_plan(runs: Sequence[Run]) -> None:
     """Every run's config validated before the first one trains, one ConfigError line for the first
     mistake: the config itself, a ``workdir:`` tower (``{seed}`` filled in) that is neither a trained run
     nor an earlier run of this study, and a run already trained here with other settings."""
-    from mlcd_jax import experiment, train
+    from mlcd_jax import train
     from mlcd_jax.config_lib import ConfigError
 
     planned: set[str] = set()
@@ -342,7 +342,7 @@ def check_plan(runs: Sequence[Run]) -> None:
                 raise ConfigError(f"{where}: loss.{key}={spec}: {path} holds no trained run (no config.json)")
         recorded = identity.read(run.workdir)
         if recorded is not None and identity.has_checkpoints(run.workdir):
-            identity.check_resume(recorded, experiment.named_shards(run.config), run.workdir)
+            identity.check_resume(recorded, run.config, run.workdir)
         planned.add(run.workdir)
 
 

@@ -66,7 +66,7 @@ def test_a_second_trainer_refuses_in_one_line_naming_the_holder(trained, tmp_pat
               "heartbeat": time.time(), "token": "other"}
     (workdir / "lock.json").write_text(json.dumps(holder))
     before = (workdir / "metrics.jsonl").read_bytes()
-    for module in ("mlcd_jax.main", "mlcd_jax.evaluate"):
+    for module in ("mlcd_jax.main", "mlcd_jax.evaluate", "mlcd_jax.study"):  # two studies failed the same way
         out = _run(module, *_train_args(workdir, trained[2]))
         assert out.returncode == 2, out.stderr[-2000:]
         assert _last_line(out).startswith(f"config error: {workdir} is in use by train pid {os.getpid()} on host ")
@@ -226,7 +226,7 @@ def test_a_diverging_point_is_recorded_and_the_study_goes_on(trained, tmp_path):
     ("mlcd_jax.main", ("--config=configs/demo.py:digits", "--workdir=/tmp/unused", "--config.model.overrides.mlp_dim=64",
                        "--config.text.overrides.act=gelu", "--config.batch_size=12"), "batch_size=12 is not divisible"),
     ("mlcd_jax.main", ("--config=configs/demo.py:digits", "--workdir=/tmp/unused",
-                       "--config.model.overrides.mlp_dim=wide"), "model.overrides.mlp_dim='wide' is not a valid int"),
+                       "--config.model.overrides.mlp_dim=wide"), "'wide' for model.overrides.mlp_dim is not a valid int"),
 ])
 def test_entry_point_mistakes_are_one_line_with_exit_2(module, args, message):
     out = _run(module, *args)
