@@ -193,9 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.mode == "train":
         train.checked_mesh(config)  # config mistakes surface before the clustering job runs
         workdir_lock.check_writable(workdir)
-        recorded = identity.read(workdir)
-        if recorded is not None and identity.has_checkpoints(workdir):  # a resume: the run's identity holds
-            identity.check_resume(recorded, config, workdir)
+        identity.check_rerun(config, workdir)  # a resume: the run's identity holds
     clock = [("start", time.perf_counter())]
     if config.mode == "train":
         config = with_shards(config)

@@ -73,7 +73,7 @@ def has_checkpoints(workdir: str) -> bool:
     return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def check_resume(recorded: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[Any]]:
+def check_resume(recorded: dict[str, Any], config: ml_collections.ConfigDict, workdir: str) -> None:
     """The training changes of ``config`` against the run in ``workdir``; a ConfigError unless every one
     is named in ``config.allow_changes``."""
     diff = changes(recorded, config)
@@ -83,7 +83,13 @@ def check_resume(recorded: dict[str, Any], config: ml_collections.ConfigDict, wo
         raise ConfigError(f"{workdir} holds a run trained with other settings: {_listed(refused)}; resume with its "
                           f"config.json, or name them in --config.allow_changes={','.join(refused)}, or use a new "
                           "workdir")
-    return diff
+
+
+def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """:func:`check_resume` when ``workdir`` holds a run to resume (a config.json and a checkpoint)."""
+    recorded = read(workdir)
+    if recorded is not None and has_checkpoints(workdir):
+        check_resume(recorded, config, workdir)
 
 
 def record(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:

@@ -340,9 +340,7 @@ def check_plan(runs: Sequence[Run]) -> None:
             path = spec.removeprefix("workdir:").replace("{seed}", str(run.seed))
             if spec.startswith("workdir:") and path not in planned and identity.read(path) is None:
                 raise ConfigError(f"{where}: loss.{key}={spec}: {path} holds no trained run (no config.json)")
-        recorded = identity.read(run.workdir)
-        if recorded is not None and identity.has_checkpoints(run.workdir):
-            identity.check_resume(recorded, run.config, run.workdir)
+        identity.check_rerun(run.config, run.workdir)
         planned.add(run.workdir)
 
 

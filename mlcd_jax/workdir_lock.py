@@ -75,7 +75,8 @@ def _alive(record: dict[str, Any]) -> bool:
 def describe(record: dict[str, Any]) -> str:
     """``train pid 123 on host h since 2026-12-06 19:01:33 UTC`` for messages."""
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(record.get("started", 0))))
-    return f"{record.get('command', '?')} pid {record.get('pid', '?')} on host {record.get('host', '?')} since {started}"
+    who = f"{record.get('command', '?')} pid {record.get('pid', '?')}"
+    return f"{who} on host {record.get('host', '?')} since {started}"
 
 
 class WorkdirLock:

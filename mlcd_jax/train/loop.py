@@ -90,6 +90,7 @@ def train_and_evaluate(
 
     fileio.makedirs(workdir)
     mesh = checked_mesh(config)
+    identity.check_rerun(config, workdir)  # a resume: config.json is the run's identity
     shards, manifest = _dataset_info(config)
     goal = objective(config.loss.kind)
     if goal.clusters and manifest and manifest.get("top_l") and manifest["top_l"] < config.loss.top_l:
@@ -127,9 +128,6 @@ def train_and_evaluate(
         raise ConfigError(f"data.shards: {err}") from None
     iterator = iter(loader)
     manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-    recorded = identity.read(workdir)
-    if recorded is not None and manager.all_steps():  # a resume: config.json is the run's identity
-        identity.check_resume(recorded, config, workdir)
     try:
         restored = checkpointing.restore(manager, setup.abstract_state, iterator, num_classes=setup.num_classes)
     except (checkpointing.CheckpointMismatch, ResumeMismatch) as err:
