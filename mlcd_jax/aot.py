@@ -52,6 +52,9 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from mlcd_jax import fileio
+from mlcd_jax.cli_config import config_error, loaded_config, parse_flags
+
 FLAGS = flags.FLAGS
 
 
@@ -348,10 +351,13 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
 
 def main(argv: list[str]) -> None:
     del argv
+    config = loaded_config()
+    if FLAGS.json and not fileio.is_remote(FLAGS.json) and not os.path.isdir(os.path.dirname(FLAGS.json) or "."):
+        config_error(f"--json={FLAGS.json}: its folder does not exist (checked before compiling)")
     try:
         topology = parse_topology(FLAGS.topology)
     except ValueError as err:
-        sys.exit(f"config error: {err}")
+        config_error(err)
     hlo_dir = None
     if topology.generation is None:
         flags_now = os.environ.get("XLA_FLAGS", "")
@@ -363,14 +369,13 @@ def main(argv: list[str]) -> None:
             hlo_dir = tempfile.mkdtemp(prefix="mlcd_jax_aot_hlo_")
             dump_hlo(hlo_dir)
 
-    config = FLAGS.config
     print(f"compiling {config.model.name} @ {config.data.image_size}px, k={config.loss.num_classes:,}, "
           f"global batch {config.batch_size:,} for {FLAGS['num-slices'].value} x {topology.name} "
           f"({topology.num_chips} chips each)", file=sys.stderr, flush=True)
     try:
         result = plan(config, topology, FLAGS["num-slices"].value, hlo_dir)
     except ValueError as err:  # ConfigError too
-        sys.exit(f"config error: {err}")
+        config_error(err)
     finally:
         if hlo_dir is not None:
             shutil.rmtree(hlo_dir, ignore_errors=True)
@@ -384,4 +389,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

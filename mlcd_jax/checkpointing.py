@@ -97,6 +97,10 @@ def _check_shapes(stored: Any, wanted: Any, where: str) -> None:
     """``CheckpointMismatch`` naming the first backbone parameter whose stored shape is not this run's
     (another model size), instead of orbax's advice to restore non-strictly."""
     have = {_param_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    extra = sorted(have.keys() - _leaf_names(wanted))
+    if extra:
+        raise CheckpointMismatch(f"{where} has parameter {extra[0]} that this run's model lacks: it holds another "
+                                 "model (its config.json says which); use that model or a new workdir")
     for path, leaf in jax.tree_util.tree_flatten_with_path(wanted)[0]:
         name = _param_name(path)
         if name not in have:
@@ -204,13 +208,19 @@ def restore_params(
 ) -> tuple[Any, int] | None:
     """Only one model's parameters (``state[key]``: the image tower ``params``, or ``text``) of checkpoint
     ``step`` (default: the newest), into ``abstract_params``' shardings: prototypes and optimizer state
-    are neither read nor allocated.
+    are neither read nor allocated. Strict: every parameter must be stored with its shape and nothing
+    else may be (a shallower model would read part of the network), else :class:`CheckpointMismatch`.
 
     Returns ``(params, step)`` or None when the directory has no checkpoint.
     """
     item = {key: abstract_params}
 
     def read(step: int) -> tuple[Any, int]:
+        metadata = manager.item_metadata(step)["state"]
+        where = f"checkpoint {step} in {manager.directory}"
+        if key not in metadata:
+            raise CheckpointMismatch(f"{where} holds no {key} (it holds {', '.join(sorted(metadata))})")
+        _check_shapes(metadata[key], abstract_params, where)
         args = ocp.args.PyTreeRestore(item, _restore_args(item), partial_restore=True)
         restored = manager.restore(step, args=ocp.args.Composite(state=args))
         return restored["state"][key], step

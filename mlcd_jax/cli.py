@@ -6,22 +6,28 @@ instead of another entry point.
 :func:`main` initialises multi-process JAX first (explicit flags, the ``JAX_COORDINATOR_ADDRESS`` /
 ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` environment, or discovered on TPU pods and SLURM), then runs the
 experiment of ``config.mode`` (``train``: cluster if needed, train, evaluate; ``eval``: evaluate a
-trained workdir). Configuration errors are printed as one line and exit with status 2.
+trained workdir, from its own config.json when no ``--config`` is given) while holding the workdir's lock
+(:mod:`mlcd_jax.workdir_lock`). Configuration errors (and a full disk) are printed as one line and exit
+with status 2; ``--config`` itself is read by :mod:`mlcd_jax.cli_config`.
 """
 
 from __future__ import annotations
 
-import copy
+import errno
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from mlcd_jax import fileio, identity
+from mlcd_jax.cli_config import config_error, loaded_config, parse_flags  # noqa: F401  (the entry points' parser)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
@@ -31,7 +37,7 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None,
                      "Number of processes in a multi-process run (default: $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run (default: $JAX_PROCESS_ID).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])  # --config: required by main and study, optional for evaluate
 
 
 def _cluster_environment() -> bool:
@@ -89,47 +95,16 @@ def size_cpu_thread_pool() -> None:
         os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * int(devices.group(1)))))
 
 
-_CONFIG_MISTAKES = (OSError, AttributeError, KeyError, TypeError, ValueError)
-
-
-def _config_mistake(err: Exception) -> NoReturn:
-    """Exits with status 2 and one line for a ``--config`` file that does not load or a wrong override."""
-    text = str(err).replace("\\n", "\n")
-    lines = [line.strip("'\"\\ ") for line in text.splitlines() if line.strip("'\"\\ ")]
-    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    if isinstance(err, OSError):  # "Failed loading config file ... Attempted ... <path> <reason>"
-        message = text.strip().splitlines()[-1].strip()
-    elif suggestion:
-        message = f"unknown key {suggestion.group(2)!r}; did you mean {suggestion.group(1)!r}?"
-    elif isinstance(err, (AttributeError, KeyError)):
-        message = f"unknown key {' '.join(lines)!r}"
-    else:
-        message = " ".join(lines)
-    print(f"config error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (``app.run(..., flags_parser=parse_flags)``), where ``--config.key=value``
-    overrides are applied: a mistake there is one ``config error:`` line, not a traceback."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except _CONFIG_MISTAKES as err:
-        _config_mistake(err)
-
-
-def loaded_config() -> ml_collections.ConfigDict:
-    """A copy of ``--config`` with its overrides applied; a config file that does not load is one line."""
-    try:
-        return copy.deepcopy(FLAGS.config)
-    except _CONFIG_MISTAKES as err:
-        _config_mistake(err)
-
-
 def main(argv: list[str], mode: str | None = None) -> None:
-    """The run of ``--config`` (with ``mode``, when given, in place of the config's ``mode``)."""
+    """The run of ``--config`` (with ``mode``, when given, in place of the config's ``mode``); without
+    ``--config`` (evaluation), the run's own config.json. The workdir is locked for the run."""
     del argv
     config = loaded_config()
+    if config is None:
+        try:
+            config = identity.run_config(FLAGS.workdir)
+        except FileNotFoundError as err:
+            config_error(err)
     if mode is not None:
         config.mode = mode
     prepare_process(config)
@@ -149,7 +124,17 @@ def main(argv: list[str], mode: str | None = None) -> None:
     )
     from mlcd_jax import experiment
 
-    run_or_exit(lambda: experiment.run(config, FLAGS.workdir))
+    command = "train" if config.mode == "train" else "evaluate"
+    run_or_exit(lambda: locked(FLAGS.workdir, command, lambda: experiment.run(config, FLAGS.workdir),
+                               create=config.mode == "train"))
+
+
+def locked(workdir: str, command: str, fn: Callable[[], Any], create: bool = True) -> Any:
+    """``fn()`` while this process holds ``workdir``'s lock (:mod:`mlcd_jax.workdir_lock`)."""
+    from mlcd_jax import workdir_lock
+
+    with workdir_lock.hold(workdir, command, create=create):
+        return fn()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -173,15 +158,47 @@ def run_or_exit(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        config_error(err)
     except TrainingDiverged as err:
         print(f"training diverged: {err}", file=sys.stderr)
         sys.exit(3)
     except Preempted as err:
         print(f"stopped by {err}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as err:  # noqa: BLE001  (a full disk surfaces through orbax, tensorstore, grain, asyncio)
+        full = _disk_full(err)
+        if full is None:
+            raise
+        print(f"no space left on device: {_space_report(full.filename or FLAGS.workdir)}; stopped, finished "
+              "stages and the last good checkpoint are kept: free space and re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as err:
         print(f"stopped by {err.args[0] if err.args else 'SIGINT'} outside training: finished stages and "
               f"checkpoints are kept; re-run the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The ``ENOSPC`` error behind ``err`` (itself, a cause or a context), None when the disk was not full."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return err
+        if "No space left on device" in str(err):
+            return OSError(errno.ENOSPC, "No space left on device")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _space_report(path: str) -> str:
+    """``PATH (N MiB free of M GiB)``: the path that did not fit and its disk's room (local paths)."""
+    path = os.fspath(path)
+    probe = path
+    while probe and not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if fileio.is_remote(path) or not os.path.exists(probe):
+        return path
+    usage = shutil.disk_usage(probe)
+    return f"{path} ({usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} GiB)"

@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mode = "train"  # or "eval"
     c.seed = 0
     c.cpu_devices = 8  # fake CPU devices on a machine without an accelerator (XLA_FLAGS wins)
+    # KEY[,KEY...] (or prefixes, e.g. model): training settings a re-run of a workdir may change; config.json
+    # keeps each change with the step it took effect at (mlcd_jax.identity). Others are refused.
+    c.allow_changes = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "B/16"

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from mlcd_jax import fileio, objectives, runs, train
+from mlcd_jax import identity, objectives, runs, train, workdir_lock
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_arrays, evaluate
 
@@ -178,23 +177,20 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Dispatches on ``config.mode``: ``train`` (cluster if needed, train, evaluate) or ``eval``."""
+    """Dispatches on ``config.mode``: ``train`` (cluster if needed, train, evaluate) or ``eval`` (of the run
+    in ``workdir`` as its config.json says, see :func:`eval_config`)."""
     if config.mode not in ("train", "eval"):
         raise ConfigError(f"mode={config.mode!r}: choose train or eval")
     if config.mode == "train":
         train.checked_mesh(config)  # config mistakes surface before the clustering job runs
-        _check_workdir(workdir)
+        workdir_lock.check_writable(workdir)
+        identity.check_rerun(config, workdir)  # a resume: the run's identity holds
     clock = [("start", time.perf_counter())]
     if config.mode == "train":
         config = with_shards(config)
         clock.append(("clustering", time.perf_counter()))  # seconds when cached
-    else:  # evaluation never clusters: it reads a finished cluster cache when there is one
-        if not (epath.Path(workdir) / "checkpoints").exists():
-            raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
-        cache = cluster_cache_dir(config)
-        if not config.data.shards and epath.Path(cache, "manifest.json").exists():
-            config = copy.deepcopy(config)
-            config.data.shards = cache
+    else:  # evaluation never clusters, and evaluates the run as its config.json says
+        config = eval_config(config, workdir)
     out: dict[str, Any] = {}
     if config.mode == "train":
         out["train"] = train.train_and_evaluate(config, workdir, periodic_evals(config, workdir))
@@ -212,16 +208,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return out
 
 
-def _check_workdir(workdir: str) -> None:
-    """Creates ``workdir``; a path that is a file, or a directory this process cannot write, is one
-    ConfigError line before anything runs."""
-    try:
-        fileio.makedirs(workdir)
-        if not fileio.is_remote(workdir):
-            with tempfile.TemporaryFile(dir=workdir):
-                pass
-    except OSError as err:
-        raise ConfigError(f"--workdir={workdir} is not a writable directory ({err.strerror or err})") from None
+def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config that evaluates ``workdir``: the run's config.json with the evaluation keys of ``config``
+    (a ``--config``, or the run's own); a workdir without a finished checkpoint, a ``config`` that changes the
+    run, or no evaluation images are one ConfigError line each."""
+    if not identity.has_checkpoints(workdir):
+        raise ConfigError(f"--workdir={workdir} holds no checkpoints: nothing to evaluate (train there first)")
+    if identity.read(workdir) is None:
+        raise ConfigError(f"--workdir={workdir} holds no config.json: not a mlcd_jax training workdir")
+    config = identity.eval_config(workdir, config)
+    if not config.eval.source:
+        raise ConfigError(f"eval.source is empty: the run in {workdir} names no labelled images to evaluate on; "
+                          "add --config=<its config file> --config.eval.source=NAME (e.g. digits, fashion_mnist)")
+    cache = cluster_cache_dir(config)
+    if not config.data.shards and epath.Path(cache, "manifest.json").exists():
+        config.data.shards = cache
+    return config
 
 
 def _duration(seconds: float) -> str:

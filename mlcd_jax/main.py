@@ -13,4 +13,5 @@ from mlcd_jax import cli
 
 if __name__ == "__main__":
     flags.adopt_module_key_flags(cli)  # --help lists the run's flags, as when they were defined here
+    flags.mark_flags_as_required(["config"])
     app.run(cli.main, flags_parser=cli.parse_flags)

@@ -8,18 +8,16 @@ the optimizer state, on whatever devices this process has.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from mlcd_jax import checkpointing, sharding
+from mlcd_jax import checkpointing, identity, sharding
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.models import TextConfig, TextTransformer, VisionTransformer, ViTConfig, get_preset, get_text_preset
 
@@ -152,11 +150,8 @@ class AbstractModel:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was trained with (``workdir/config.json``, written at its start)."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {workdir} is not a mlcd_jax training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    """The config a run in ``workdir`` trains with (``workdir/config.json``, without its history of changes)."""
+    return identity.run_config(workdir)
 
 
 def load_model(
@@ -176,6 +171,8 @@ def load_model(
     try:
         restored = checkpointing.restore_params(manager, model.abstract_arrays(), step=step,
                                                 key="text" if text else "params")
+    except checkpointing.CheckpointMismatch as err:  # the config's model is not the run's: nothing is read
+        raise ConfigError(str(err)) from None
     finally:
         manager.close()
     if restored is None:

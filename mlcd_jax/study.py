@@ -16,6 +16,12 @@ from its checkpoint. ``DIR/study.json`` is rewritten after every run; at the end
 and ``DIR/study.png`` drawn. Spread over seeds is the sample standard deviation (ddof=1; null for a
 single seed). Configuration errors are one ``config error:`` line and exit status 2; SIGTERM / Ctrl-C
 checkpoints the run in training and exits with 75 (re-run to go on).
+
+Every run's config is validated before the first one trains; a run that diverges or meets a config
+error of its own is recorded in ``study.json`` as ``failed`` with its reason and the study goes on (a
+re-run retries it). ``DIR`` is locked for the study (:mod:`mlcd_jax.workdir_lock`); a run already trained
+under ``DIR`` with other training settings (say fewer steps) is refused as a re-run of one workdir is
+(:mod:`mlcd_jax.identity`). ``seed`` is swept by ``--seeds``, not ``--sweep``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -35,8 +41,8 @@ from absl import app, flags
 from etils import epath
 from ml_collections.config_flags import config_path
 
-from mlcd_jax import fileio
-from mlcd_jax import cli
+from mlcd_jax import cli, fileio, identity
+from mlcd_jax.cli_config import PARSERS, config_error, parse_value, set_tower_override, tower_field_type
 
 FLAGS = cli.FLAGS
 flags.DEFINE_string("sweep", "", "KEY=V1,V2[;KEY2=W1,W2]: config values to sweep (cartesian product); empty: "
@@ -48,9 +54,6 @@ METRIC_NAMES = {"knn_top1": "kNN", "linear_top1": "linear probe", "zero_shot_top
                 "i2t_r@1": "image->text R@1", "i2t_r@5": "image->text R@5", "t2i_r@1": "text->image R@1",
                 "t2i_r@5": "text->image R@5"}
 STD_NOTE = "mean ± std over seeds (sample std, ddof=1), top-1 / recall in %"
-# How a sweep value is read for each type of config value: as `--config.key=value` reads it.
-_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser(),
-            str: flags.ArgumentParser()}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -94,22 +97,17 @@ def parse_sweep(config: ml_collections.ConfigDict, sweep: str) -> list[Point]:
             raise ValueError(f"--sweep part {part!r} is not KEY=V1,V2")
         if key in axes:
             raise ValueError(f"--sweep names {key} twice")
-        try:
-            current = config_path.get_value(key, config)
-        except (KeyError, AttributeError, TypeError, IndexError):
-            raise ValueError(f"--sweep key {key} is not in the config") from None
-        parser = _PARSERS.get(type(current))
-        if parser is None:
-            raise ValueError(f"--sweep key {key} holds a {type(current).__name__}; only int, float, bool and "
+        if key == "seed":
+            raise ValueError("--sweep cannot hold seed: every point already runs with each of --seeds; "
+                             "use --seeds=0,1,2")
+        kind, optional = _sweep_type(config, key)
+        if kind not in PARSERS:
+            raise ValueError(f"--sweep key {key} holds a {kind.__name__}; only int, float, bool and "
                              "str values can be swept")
-        parsed = []
-        for token in values.split(","):
-            try:
-                parsed.append(parser.parse(token.strip()))
-            except ValueError:
-                raise ValueError(
-                    f"--sweep value {token!r} for {key} is not a valid {type(current).__name__}"
-                ) from None
+        try:
+            parsed = [parse_value(key, token, kind, optional) for token in values.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--sweep value {err}") from None
         if len(set(parsed)) < len(parsed):
             raise ValueError(f"--sweep repeats a value of {key}: {values}")
         axes[key] = parsed
@@ -117,6 +115,19 @@ def parse_sweep(config: ml_collections.ConfigDict, sweep: str) -> list[Point]:
     if len({p.name for p in points}) < len(points):
         raise ValueError(f"--sweep values give clashing folder names: {[p.name for p in points]}")
     return points
+
+
+def _sweep_type(config: ml_collections.ConfigDict, key: str) -> tuple[type, bool]:
+    """The type a sweep of ``key`` is read as and whether None is a value: the config value's, a
+    placeholder's declared type, or a tower shape field's (``model.overrides.mlp_dim``)."""
+    try:
+        current = config_path.get_value(key, config)
+        return (config_path.get_type(key, config), True) if current is None else (type(current), False)
+    except (KeyError, AttributeError, TypeError, IndexError):
+        field = tower_field_type(key)
+        if field is None:
+            raise ValueError(f"--sweep key {key} is not in the config") from None
+        return field
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -141,7 +152,10 @@ def plan(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: Sequen
         for seed in seeds:
             config = copy.deepcopy(base)
             for key, value in point.overrides.items():
-                config_path.set_value(key, config, value)
+                if tower_field_type(key):
+                    set_tower_override(config, key, value)
+                else:
+                    config_path.set_value(key, config, value)
             config.seed = seed
             config.eval.baselines = ""
             runs.append(Run(point, seed, config, str(epath.Path(workdir) / "runs" / point.name / f"seed{seed}")))
@@ -164,7 +178,9 @@ def finished_result(run: Run) -> dict[str, Any] | None:
     if not ((out / "results.json").exists() and (out / "config.json").exists()):
         return None
     from_cache = not run.config.data.shards
-    recorded = _comparable(fileio.load_json(out / "config.json"), from_cache)
+    recorded = fileio.load_json(out / "config.json")
+    recorded.pop(identity.HISTORY, None)
+    recorded = _comparable(recorded, from_cache)
     if recorded != _comparable(json.loads(run.config.to_json_best_effort()), from_cache):
         return None
     name = experiment.trained_model_name(run.config)
@@ -238,10 +254,11 @@ def study_baselines(base: ml_collections.ConfigDict, seeds: Sequence[int], workd
 
 
 def study_record(points: Sequence[Point], runs: Sequence[dict[str, Any]], baselines: list[dict[str, Any]]) -> dict:
-    """study.json: the finished runs, the baselines and one summary row per point with finished runs."""
+    """study.json: the runs (finished, or failed with their reason), the baselines and one summary row per
+    point with finished runs."""
     summary = []
     for point in points:
-        done = [r for r in runs if r["overrides"] == point.overrides]
+        done = [r for r in runs if r["overrides"] == point.overrides and "failed" not in r]
         if done:
             summary.append({"overrides": point.overrides, **seed_stats(done)})
     return {"runs": list(runs), "baselines": baselines, "summary": summary}
@@ -304,11 +321,50 @@ def study_png(record: dict[str, Any], path: str, title: str) -> None:
     save_figure(fig, path)
 
 
-def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: Sequence[int], workdir: str) -> dict:
-    """Trains and evaluates every run not finished yet, then writes study.json / study.png and prints the table."""
-    from mlcd_jax import experiment
+def check_plan(runs: Sequence[Run]) -> None:
+    """Every run's config validated before the first one trains, one ConfigError line for the first
+    mistake: the config itself, a ``workdir:`` tower (``{seed}`` filled in) that is neither a trained run
+    nor an earlier run of this study, and a run already trained here with other settings."""
+    from mlcd_jax import train
+    from mlcd_jax.config_lib import ConfigError
 
+    planned: set[str] = set()
+    for run in runs:
+        where = f"sweep point {run.point.label} seed {run.seed}"
+        try:
+            train.checked_mesh(run.config)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        for key in ("image_tower", "text_tower"):
+            spec = run.config.loss.get(key, "")
+            path = spec.removeprefix("workdir:").replace("{seed}", str(run.seed))
+            if spec.startswith("workdir:") and path not in planned and identity.read(path) is None:
+                raise ConfigError(f"{where}: loss.{key}={spec}: {path} holds no trained run (no config.json)")
+        identity.check_rerun(run.config, run.workdir)
+        planned.add(run.workdir)
+
+
+def _train_point(run: Run) -> dict[str, Any] | str:
+    """The trained model's results row of ``run`` (trained and evaluated now), or why it failed: a
+    divergence or a config error found inside the run fails that point, not the study."""
+    from mlcd_jax import experiment
+    from mlcd_jax.config_lib import ConfigError
+    from mlcd_jax.train import TrainingDiverged
+
+    try:
+        rows = experiment.run(copy.deepcopy(run.config), run.workdir)["eval"]
+    except (TrainingDiverged, ConfigError) as err:
+        reason = f"{'diverged' if isinstance(err, TrainingDiverged) else 'config error'}: {err}"
+        print(f"failed: {reason}", file=sys.stderr, flush=True)
+        return reason
+    return next(r for r in rows if r["model"] == experiment.trained_model_name(run.config))
+
+
+def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: Sequence[int], workdir: str) -> dict:
+    """Trains and evaluates every run not finished yet (failed ones are retried), then writes study.json /
+    study.png and prints the table; a run that fails is recorded with its reason and the study goes on."""
     runs = plan(base, points, seeds, workdir)
+    check_plan(runs)
     out = epath.Path(workdir)
     baselines = study_baselines(base, seeds, workdir)
     finished: list[dict[str, Any]] = []
@@ -316,23 +372,23 @@ def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: S
         progress = f"[{i}/{len(runs)}] {run.point.label} seed {run.seed}"
         row = finished_result(run)
         print(f"{progress}: {'done (cached)' if row else 'training'}", flush=True)
-        if row is None:
-            rows = experiment.run(copy.deepcopy(run.config), run.workdir)["eval"]
-            row = next(r for r in rows if r["model"] == experiment.trained_model_name(run.config))
-        metrics = {m: row[m] for m in METRICS if m in row}
-        finished.append({"overrides": run.point.overrides, "seed": run.seed, **metrics, "workdir": run.workdir})
+        row = row or _train_point(run)
+        entry = {"overrides": run.point.overrides, "seed": run.seed}
+        if isinstance(row, str):
+            finished.append({**entry, "failed": row, "workdir": run.workdir})
+        else:
+            finished.append({**entry, **{m: row[m] for m in METRICS if m in row}, "workdir": run.workdir})
         record = study_record(points, finished, baselines)
         fileio.write_atomic(out / "study.json", json.dumps(record, indent=1, default=float) + "\n")
     print(study_table(record), flush=True)
     title = f"{base.eval.source}: top-1 / recall over seeds {', '.join(map(str, seeds))} (mean ± sample std)"
     study_png(record, str(out / "study.png"), title)
     print(f"study: {out / 'study.json'}, {out / 'study.png'}", flush=True)
+    failed = [r for r in finished if "failed" in r]
+    if failed:
+        print(f"study: {len(failed)} of {len(runs)} runs failed (their reasons are in study.json); re-run the same "
+              "command to retry only those", file=sys.stderr, flush=True)
     return record
-
-
-def _config_error(err: Exception) -> NoReturn:
-    print(f"config error: {err}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -344,9 +400,10 @@ def main(argv: list[str]) -> None:
             raise ValueError("a study runs in one process: drop --coordinator_address / --num_processes")
         points, seeds = parse_sweep(config, FLAGS.sweep), parse_seeds(FLAGS.seeds)
     except ValueError as err:
-        _config_error(err)
-    cli.run_or_exit(lambda: run_study(config, points, seeds, FLAGS.workdir))
+        config_error(err)
+    cli.run_or_exit(lambda: cli.locked(FLAGS.workdir, "study", lambda: run_study(config, points, seeds, FLAGS.workdir)))
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=cli.parse_flags)

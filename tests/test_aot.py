@@ -165,9 +165,9 @@ def test_fake_cpu_devices_keep_the_xla_cpu_plan():
 
 def test_config_errors_are_one_line():
     out = _run("v5p-6")
-    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("config error: topology 'v5p-6'")
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("config error: topology 'v5p-6'")
     out = _run("cpu:4", "--config.batch_size=30")
-    assert out.returncode == 1 and "not divisible by the 4 data-parallel devices" in out.stderr.splitlines()[-1]
+    assert out.returncode == 2 and "not divisible by the 4 data-parallel devices" in out.stderr.splitlines()[-1]
 
 
 def test_a_tpu_slice_without_libtpu_names_the_extra(monkeypatch):

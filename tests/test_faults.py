@@ -334,3 +334,13 @@ def test_fake_cpu_devices_get_twice_their_threads(monkeypatch, env, want):
     cli.prepare_process(ml_collections.ConfigDict({"cpu_devices": 8}))
     assert "xla_force_host_platform_device_count=" in os.environ["XLA_FLAGS"]
     assert os.environ.get("PJRT_NPROC") == want
+
+
+def test_clustering_that_leaves_most_clusters_empty_warns_with_the_counts(tmp_path, capsys):
+    """Constant images left 7 of 8 clusters empty with only a scikit-learn warning."""
+    images = np.full((30, 8, 8), 128, np.uint8)
+    _png_folder(tmp_path / "images", images, np.zeros(30, int), [f"img{i:02d}.png" for i in range(30)])
+    manifest = cluster.run(_job(tmp_path / "out", tmp_path / "images"))
+    empty = manifest["cluster_sizes_top1"]["empty"]
+    assert empty > 4
+    assert f"warning: {empty} of 8 clusters are empty (top-1 of 30 images)" in capsys.readouterr().err

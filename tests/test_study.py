@@ -149,9 +149,10 @@ def test_parse_sweep_types_values_by_the_config_and_names_points():
     assert points[0].label == "loss.kind=mlcd loss.sample_ratio=1.0 model.scan_layers=True"
     assert [p.overrides for p in study.parse_sweep(config, "")] == [{}]
     assert study.parse_seeds("0, 1,7") == [0, 1, 7]
-    for sweep, message in [("loss=1", "holds a ConfigDict"), ("seed=1,1", "repeats a value"),
+    for sweep, message in [("loss=1", "holds a ConfigDict"), ("num_train_steps=1,1", "repeats a value"),
                            ("seed", "is not KEY=V1,V2"), ("eval.source=a/b,a_b", "clashing folder names"),
-                           ("seed=1;seed=2", "names seed twice")]:
+                           ("num_train_steps=1;num_train_steps=2", "names num_train_steps twice"),
+                           ("seed=0,1", "cannot hold seed.*use --seeds")]:  # the seed loop overwrote it
         with pytest.raises(ValueError, match=message):
             study.parse_sweep(config, sweep)
     with pytest.raises(ValueError, match="comma-separated integers"):

@@ -268,3 +268,29 @@ def test_the_tar_reader_flags_corruption_and_accepts_a_missing_end_marker(tmp_pa
     bad[512 + 1024 + 3] ^= 0xFF  # the second header's name
     with pytest.raises(webdataset.TarError, match="checksum"):
         list(webdataset._members(io.BytesIO(bytes(bad))))
+
+
+def test_a_repeated_key_is_skipped_and_listed(tmp_path):
+    """Issue 31 case 8: a key repeated in a tar became two records with the same key."""
+    path = tmp_path / "000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.png", b"A"), ("a.txt", b"first"), ("b.png", b"B"), ("a.png", b"again"),
+                           ("c.png", b"C"), ("c.png", b"C twice")):
+            _add(tar, name, data)
+    with open(path, "rb") as stream:
+        out = list(webdataset._samples(stream, "000", str(path)))
+    kept = [s.key for s in out if isinstance(s, webdataset.Sample)]
+    skipped = {s.key: s.error for s in out if isinstance(s, webdataset.Skipped)}
+    assert kept == ["000/a.png", "000/b.png"]
+    assert "repeats this key after other samples" in skipped["000/a"]
+    assert "holds a member of this sample twice" in skipped["000/c"]
+
+
+def test_a_gzip_of_garbage_is_named_as_not_a_tar(tmp_path):
+    import gzip
+
+    path = tmp_path / "000.tar"
+    path.write_bytes(gzip.compress(os.urandom(4096)))
+    with open(path, "rb") as stream:
+        (skipped,) = webdataset._samples(stream, "000", str(path))
+    assert "it is not a tar (gzip-compressed data that holds no tar)" in skipped.error

@@ -8,6 +8,7 @@ took; its presence marks the whole job done.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -72,6 +73,10 @@ def write(ctx: Context) -> dict[str, Any]:
     kmeans_info = fileio.load_json(layout.kmeans_info)
     seconds["kmeans"] = kmeans_info.pop("seconds")
     nonempty = sizes[sizes > 0]
+    if len(sizes) - len(nonempty) > len(sizes) / 2:  # near-identical images, or a teacher that maps them alike
+        print(f"warning: {len(sizes) - len(nonempty)} of {len(sizes)} clusters are empty (top-1 of {num_images} "
+              "images): the images are near-identical or the teacher embeds them alike; use fewer num_clusters "
+              "or another teacher", file=sys.stderr, flush=True)
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "record_version": records.VERSION,

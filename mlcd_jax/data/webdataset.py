@@ -153,7 +153,7 @@ def _members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     stream.seek(0)
     if gzipped:
         stream = gzip.GzipFile(fileobj=stream)
-    buffer, pos, long_name = bytearray(), 0, None
+    buffer, pos, long_name, first = bytearray(), 0, None, True
 
     def need(n: int) -> bool:
         """At least ``n`` bytes from ``pos`` in the buffer (False at the end of the stream)."""
@@ -178,8 +178,11 @@ def _members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if header.count(0) == _BLOCK:
             return  # end of archive
         stored = header[148:156].split(b"\0", 1)[0].strip()
-        if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+        if not stored or not stored.isdigit() or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+            if first:
+                raise TarError(f"it is not a tar{' (gzip-compressed data that holds no tar)' if gzipped else ''}")
             raise TarError("a member header is corrupt (bad checksum)")
+        first = False
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         kind = header[156:157]
         name = long_name
@@ -220,8 +223,17 @@ def _samples(stream: BinaryIO, prefix: str, path: str) -> Iterator[Sample | Skip
     current: str | None = None
     members: dict[str, tuple[str, bytes]] = {}  # extension -> (member name, bytes)
     count = 0
+    seen: set[str] = set()  # keys of the samples before: a repeated one would be two records of one key
+    repeated = False  # the current sample has a member twice
 
     def finish() -> Sample | Skipped:
+        if repeated:
+            return Skipped(f"{prefix}/{current}", "the tar holds a member of this sample twice: which is the "
+                                                  "sample's is unknown, so it is skipped")
+        if current in seen:
+            return Skipped(f"{prefix}/{current}", "the tar repeats this key after other samples: the first "
+                                                  "sample with it is kept, this one skipped")
+        seen.add(current)
         image = next(((name, data) for ext, (name, data) in members.items()
                       if ext.lower().endswith(IMAGE_EXTENSIONS)), None)
         if image is None:
@@ -235,8 +247,11 @@ def _samples(stream: BinaryIO, prefix: str, path: str) -> Iterator[Sample | Skip
             if key != current and current is not None:
                 yield finish()
                 count += 1
-                members = {}
+                members, repeated = {}, False
             current = key
+            if ext in members:
+                repeated = True
+                continue
             members[ext] = (name, data)
     except (TarError, ValueError, EOFError, OSError, zlib.error) as e:  # zlib, EOFError: a truncated .tar.gz
         # The sample being read may miss members: it is skipped with the rest of the tar. When the cut

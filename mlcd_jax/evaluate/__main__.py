@@ -1,8 +1,10 @@
-"""``python -m mlcd_jax.evaluate --config=configs/<name>.py --workdir=DIR``: evaluate a trained run.
+"""``python -m mlcd_jax.evaluate --workdir=DIR [--config=configs/<name>.py --config.eval.source=...]``: evaluate
+a trained run.
 
 The same as ``python -m mlcd_jax.main ... --config.mode=eval``: the evaluators of ``config.evals`` on the
 newest checkpoint's frozen features (and the configured baselines) on ``config.eval.source``; writes
-``DIR/results.json`` and prints the table.
+``DIR/results.json`` and prints the table. The run is evaluated as its ``DIR/config.json`` says; a
+``--config`` may change only evaluation keys (``eval.*``, ``evals.*``, devices).
 """
 
 import functools

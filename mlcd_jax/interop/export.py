@@ -27,14 +27,13 @@ import ml_collections
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mlcd_jax import checkpointing, runs, sharding
+from mlcd_jax import checkpointing, objectives, runs, sharding
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.data.augment import CLIP_MEAN, CLIP_STD
 from mlcd_jax.evaluate.report import markdown_table
 from mlcd_jax.interop.clip import save_clip, save_clip_tokenizer
 from mlcd_jax.interop.hf import save_vision
 from mlcd_jax.models.presets import ViTConfig
-from mlcd_jax.objectives import objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ def export_run(workdir: str, out: str, name: str | None = None) -> Exported:
     ``out``). One process: the towers are read onto this process's devices."""
     try:
         config = runs.load_run_config(workdir)
-        goal = objective(config.loss.kind)
+        goal = objectives.get(config.loss.kind)
         image = runs.load_model(workdir, config)
         text = runs.load_model(workdir, config, text=True) if goal.text else None
         log_scale, step = _checkpoint_scalar(workdir, config, "logit_scale" if goal.text else None)
@@ -152,10 +151,10 @@ def model_card(config: ml_collections.ConfigDict, cfg: ViTConfig, done: Exported
                name: str) -> str:
     """The model card (``README.md``): what the model is, how to use it, its preprocessing, the training
     config and data, and the run's results table."""
-    data, goal = config.data, objective(config.loss.kind)
+    data, goal = config.data, objectives.get(config.loss.kind)
     cluster = data.get("cluster") or {}
     source = cluster.get("source") or data.get("shards") or "?"
-    teacher = cluster.get("teacher") if goal.clusters else None
+    teacher = cluster.get("teacher") if "proto" in goal.trainable else None
     lines = [
         "---", "library_name: transformers", f"pipeline_tag: {done.task}", "tags: [mlcd_jax, mlcd, vision]", "---",
         f"# {done.architecture} trained with {config.loss.kind.upper()} (mlcd_jax)", "",

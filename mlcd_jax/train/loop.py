@@ -11,10 +11,9 @@ import jax
 import ml_collections
 import numpy as np
 from clu import parameter_overview
-from etils import epath
 from flax import nnx
 
-from mlcd_jax import checkpointing, fileio, metrics as metrics_lib, periodic, sharding
+from mlcd_jax import checkpointing, fileio, identity, metrics as metrics_lib, periodic, sharding
 from mlcd_jax.config_lib import ConfigError, ResumeMismatch
 from mlcd_jax.models import VisionTransformer
 from mlcd_jax.objectives import get as objective_class
@@ -86,6 +85,7 @@ def train_and_evaluate(
 
     fileio.makedirs(workdir)
     mesh = checked_mesh(config)
+    identity.check_rerun(config, workdir)  # a resume: config.json is the run's identity
     shards, manifest = _dataset_info(config)
     objective_class(config.loss.kind).check_shards(config, manifest)
     total_steps = num_train_steps(config, int(manifest.get("num_images", 0)) if manifest else 0)
@@ -117,8 +117,9 @@ def train_and_evaluate(
         raise ConfigError(str(err)) from None
     state, start = (restored if restored else (setup.init_state(config.seed), 0))
     writer = metrics_lib.create_writer(workdir, resume_step=start)
+    if jax.process_index() == 0:
+        identity.record(workdir, config, start)  # with the step of the changes this launch was allowed
     if start == 0 and jax.process_index() == 0:
-        fileio.write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=1))
         writer.write_hparams(config.to_dict())
         parameter_overview.log_parameter_overview(state["params"], msg="backbone parameters")
     step_fn = GuardedStep(setup, loader.augment)  # crops, flips, normalisation inside the step
@@ -149,10 +150,11 @@ def train_and_evaluate(
                 metrics = jax.device_get(metrics)
                 for name in ("loss", "grad_norm"):
                     if not np.isfinite(metrics[name]):
+                        kept = manager.latest_step()
                         raise TrainingDiverged(
-                            f"{name} is {metrics[name]} at step {step}; stopped, the last good checkpoint "
-                            f"(step {manager.latest_step()}) is kept"
-                        )
+                            f"{name} is {metrics[name]} at step {step}; stopped, " +
+                            (f"the last good checkpoint (step {kept}) is kept" if kept is not None else
+                             "before its first checkpoint (nothing saved; lower learning_rate and re-run)"))
             if log_now:
                 timing = timer.report()
                 results: dict[str, float] = {}

@@ -30,6 +30,9 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     for key in ("learning_rate", "batch_size"):
         if not config[key] > 0:
             raise ConfigError(f"{key}={config[key]} must be positive")
+    if config.keep_checkpoints < 1:  # 0 deleted every checkpoint, the final one included
+        raise ConfigError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1 (how many of the newest "
+                          "checkpoints are kept; the final one is among them)")
     if config.weight_decay < 0:
         raise ConfigError(f"weight_decay={config.weight_decay} must be >= 0")
     try:
