@@ -53,6 +53,7 @@ def test_notebook_opens_with_the_install_cell_and_reads_no_checkout(name):
     assert install == _code(_notebook(NOTEBOOKS[0]))[0].source  # one install cell, the same in all
     assert len(REPO_LINE.findall(install)) == 1 and 'git+{REPO}' in install and "MLCD_NB_INSTALL" in install
     assert "xla_force_host_platform_device_count" in install and "nvidia-smi" in install
+    assert "size_cpu_thread_pool()" in install  # else a collective over the fake devices can starve (PJRT_NPROC)
     rest = "\n".join(later)
     for banned in ("REPO", "XLA_FLAGS", "MLCD_JAX_ROOT", "sys.path", "..", "configs/", "spec_from_file_location"):
         assert banned not in rest, (name, banned)
@@ -130,7 +131,7 @@ def quickstart(fresh, tmp_path_factory) -> tuple[Path, nbformat.NotebookNode]:
 def test_quickstart_installs_trains_evaluates_and_plots(quickstart):
     workdir, notebook = quickstart
     text = _outputs(notebook)
-    assert "8 cpu device(s)" in text  # no accelerator here: the fake CPU devices
+    assert "installing" in text and "8 cpu device(s)" in text  # the first notebook installs; no accelerator here
     assert "MLCD ViT" in text and "random-init ViT" in text and "raw pixels" in text
     assert "LiT ViT" in text and "zero_shot_top1" in text  # the text tower on the locked MLCD encoder
     assert _images(notebook) >= 3  # training curves, patch PCA, cosine curves
