@@ -64,7 +64,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["mlcd_jax", "mlcd_jax.*"]),
+    # configs/ ships inside the package as mlcd_jax.configs (one copy: the checkout's files), so an
+    # installed package (a notebook on Colab) imports them by name: `from mlcd_jax.configs import demo`.
+    packages=find_packages(include=["mlcd_jax", "mlcd_jax.*"]) + ["mlcd_jax.configs", "mlcd_jax.configs.cluster"],
+    package_dir={"mlcd_jax.configs": "configs"},
     package_data={"mlcd_jax.evaluate": ["imagenet.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

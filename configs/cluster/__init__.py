@@ -1,0 +1,1 @@
+"""The clustering job's configs, shipped as ``mlcd_jax.configs.cluster``."""
