@@ -154,7 +154,8 @@ def model_card(config: ml_collections.ConfigDict, cfg: ViTConfig, done: Exported
     data, goal = config.data, objectives.get(config.loss.kind)
     cluster = data.get("cluster") or {}
     source = cluster.get("source") or data.get("shards") or "?"
-    teacher = cluster.get("teacher") if "proto" in goal.trainable else None
+    clusters = "proto" in goal.trainable  # trained against prototypes of a clustering
+    teacher = cluster.get("teacher") if clusters else None
     lines = [
         "---", "library_name: transformers", f"pipeline_tag: {done.task}", "tags: [mlcd_jax, mlcd, vision]", "---",
         f"# {done.architecture} trained with {config.loss.kind.upper()} (mlcd_jax)", "",
@@ -174,7 +175,7 @@ def model_card(config: ml_collections.ConfigDict, cfg: ViTConfig, done: Exported
         f"{cfg.depth} layers, patch {cfg.patch_size}, {cfg.image_size} px"
         f"{', 2-D RoPE' if cfg.rope else ''}{f', projection to {cfg.proj_dim}' if cfg.proj_dim else ''}",
         f"- objective: `{config.loss.kind}`" + (
-            f", {config.loss.num_classes:,} prototypes, top-{config.loss.top_l} positives" if goal.clusters else ""),
+            f", {config.loss.num_classes:,} prototypes, top-{config.loss.top_l} positives" if clusters else ""),
         f"- data: `{source}`" + (f", clustered by the `{teacher}` teacher" if teacher else ""),
         f"- {config.num_train_steps:,} steps at batch {config.batch_size:,}, learning rate {config.learning_rate:g}, "
         f"weight decay {config.weight_decay:g}, warm-up {config.warmup_steps:,} steps, seed {config.seed}", "",
