@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -284,12 +285,32 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(argv), overrides
 
 
-def main(argv: list[str]) -> None:
-    """Runs one launcher command."""
-    args, overrides = parse(argv)
+def check(args: argparse.Namespace) -> None:
+    """The arguments' mistakes, before any gcloud call: an accelerator type not named as Cloud TPU names
+    slices (``v5p-64``, ``v5litepod-16``), fewer than one slice, a config file that is not there."""
+    if not re.fullmatch(r"v\d+[a-z]*-[1-9]\d*", args.type):  # a newer generation needs --version
+        raise SystemExit(f"tpu_pod: --type {args.type!r} is not an accelerator type such as v5p-64, v5litepod-16, "
+                         "v4-32 or v6e-16")
+    if args.num_slices < 1:
+        raise SystemExit(f"tpu_pod: --num-slices {args.num_slices} must be at least 1")
     if args.version is None:
-        runtime_version(args.type)  # fail early on an unknown generation
-    getattr(Slice(args, overrides), args.command)()
+        runtime_version(args.type)  # an unknown generation
+    path = (args.config or "").partition(":")[0]
+    if path and not (Path(path).is_file() or (REPO / path).is_file()):
+        raise SystemExit(f"tpu_pod: --config {path} is not a file in this checkout (e.g. configs/vitl14.py)")
+
+
+def main(argv: list[str]) -> None:
+    """Runs one launcher command; a mistake is one ``tpu_pod:`` line on stderr and exit status 2."""
+    args, overrides = parse(argv)
+    try:
+        check(args)
+        getattr(Slice(args, overrides), args.command)()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):  # a message: this launcher's one-line errors
+            print(stop.code, file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -167,3 +167,18 @@ def test_vitl14_without_data_names_the_keys_and_the_recipe(tmp_path):
     assert "--config.data.shards=" in errors[0] and "--config.data.cluster.source=" in errors[0]
     section = errors[0].split('launch/README.md, "', 1)[1].rstrip('"')
     assert f"\n## {section}\n" in (ROOT / "launch" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--type", "v5p-7x"], "--type 'v5p-7x' is not an accelerator type"),
+    (["--type", "tpu-8"], "--type 'tpu-8' is not an accelerator type"),
+    (["--type", "v5p-64", "--num-slices", "0"], "--num-slices 0 must be at least 1"),
+    (["--type", "v5p-64", "--config", "configs/nope.py", "--workdir", "gs://b/r"], "--config configs/nope.py is not a file"),
+    (["--type", "v5p-64"], "run needs --config and --workdir"),
+])
+def test_launcher_mistakes_are_one_line_with_status_2_before_any_gcloud_call(args, message):
+    """$GCLOUD names no program: a mistake that reached gcloud would fail with its error, not this line."""
+    out = subprocess.run(["bash", str(ROOT / "launch" / "tpu_pod.sh"), "run", "--name", "n", "--zone", "z", *args],
+                         capture_output=True, text=True, env={**os.environ, "GCLOUD": GCLOUD})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"tpu_pod: {message}"), out.stderr
