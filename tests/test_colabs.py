@@ -97,7 +97,7 @@ def fresh(tmp_path_factory) -> tuple[Path, Path]:
     """The venv, and a copy of the checkout's files for the install cell (no build leftovers, no .git)."""
     checkout = tmp_path_factory.mktemp("checkout") / "mlcd_jax"
     shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "workdir*"))
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     return _venv(checkout), checkout
 
 
