@@ -90,13 +90,18 @@ def eval_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarra
 HELDOUT = "heldout/"  # the prefix of what evaluators report during training
 
 
+def _heldout_start(num_images: int, fraction: float) -> int:
+    """Where a split's held-out part starts: ``fraction`` of its images (at least one) are held out."""
+    return num_images - max(1, round(fraction * num_images))
+
+
 @functools.cache
 def _held_out(source: str, limit: int, fraction: float) -> tuple[np.ndarray, ...]:
     """(fit images, fit labels, held-out images, held-out labels) of one train split: ``fraction`` of it
     (at least one image, a permutation drawn with seed 0) held out, read-only, once per process."""
     images, labels = _eval_split(source, "train", limit)
     order = np.random.default_rng(0).permutation(len(images))
-    cut = len(images) - max(1, round(fraction * len(images)))
+    cut = _heldout_start(len(images), fraction)
     if cut < 1:
         raise ConfigError(f"eval.heldout_fraction={fraction} leaves no train images to score against")
     parts = tuple(a[np.sort(order[s])] for s in (slice(None, cut), slice(cut, None)) for a in (images, labels))
@@ -202,7 +207,7 @@ def _captioned_split(
         images, captions = load_captioned(source, split=split, limit=limit or None)
         image_of = np.arange(len(captions))
     if heldout_fraction:
-        first = len(images) - max(1, round(heldout_fraction * len(images)))
+        first = _heldout_start(len(images), heldout_fraction)
         keep = image_of >= first
         images, captions, image_of = images[first:], [c for c, k in zip(captions, keep) if k], image_of[keep] - first
     images.flags.writeable = False
