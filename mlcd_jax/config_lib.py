@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Random-resized-crop area range (torchvision's / the paper's default); tiny images need less.
     c.data.crop_scale = (0.08, 1.0)
     c.data.patch_drop = 0.0  # FLIP: the fraction of patch tokens dropped per image in training (0.5 in FLIP)
+    c.data.patch_drop_until_step = 0  # FLIP's unmasked tuning: no patch drop after this step (0: drop throughout)
     c.data.num_workers = 0  # grain worker processes per host (0 = in the main process)
     # When `shards` is empty and this is set, the clustering job (mlcd_jax.cluster) builds the shards
     # into `cache_dir` first (a finished cache is reused).

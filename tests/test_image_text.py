@@ -15,12 +15,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections.config_flags import config_path
 
 from mlcd_jax import checkpointing, experiment, runs, sharding, train
-from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.config_lib import ConfigError, base_config
 from mlcd_jax.data import records
 from mlcd_jax.data.pipeline import make_train_loader
 from mlcd_jax.data.tokenizer import tokenize
 from mlcd_jax.evaluate import zero_shot
-from mlcd_jax.losses.contrastive import MAX_LOGIT_SCALE, contrastive_loss
+from mlcd_jax.losses.contrastive import LOG_SCALE_RANGE, contrastive_loss
 from mlcd_jax.models import VisionTransformer, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,19 +41,88 @@ def _reference(img: np.ndarray, txt: np.ndarray, scale: float) -> float:
     return (xent(logits) + xent(logits.T)) / 2
 
 
-def test_contrastive_loss_matches_numpy_and_caps_the_scale():
+def test_contrastive_loss_matches_numpy_with_a_gradient_at_the_cap():
     rng = np.random.default_rng(0)
     img, txt = rng.normal(size=(16, 8)), rng.normal(size=(16, 8))
-    for log_scale in (np.log(1 / 0.07), np.log(1000.0)):
+    for log_scale in (np.log(1 / 0.07), LOG_SCALE_RANGE[1]):
         loss, metrics = contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
                                          jnp.asarray(log_scale, jnp.float32))
-        scale = min(np.exp(log_scale), MAX_LOGIT_SCALE)
-        np.testing.assert_allclose(float(loss), _reference(img, txt, scale), rtol=1e-5)
-        np.testing.assert_allclose(float(metrics["logit_scale"]), scale, rtol=1e-6)
+        np.testing.assert_allclose(float(loss), _reference(img, txt, np.exp(log_scale)), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["logit_scale"]), np.exp(log_scale), rtol=1e-6)
+    # at ln 100, where the trainer clips the parameter, the loss still pulls it (back down, if it must)
+    grad = jax.grad(lambda s: contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), s)[0])
+    assert float(grad(jnp.float32(LOG_SCALE_RANGE[1]))) != 0.0
     # matched pairs (text = image) are retrieved perfectly
     _, metrics = contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(img, jnp.float32), jnp.asarray(3.0))
     assert float(metrics["i2t_top1"]) == float(metrics["t2i_top1"]) == 1.0
     np.testing.assert_allclose(float(metrics["mean_pos_cos"]), 1.0, rtol=1e-6)
+
+
+def _tiny_image_text(kind: str, **overrides) -> tuple[train.TrainSetup, dict]:
+    """A tiny ``kind`` run's TrainSetup on the default mesh, and one random global batch of 16."""
+    c = base_config()
+    c.model.name, c.model.dtype, c.data.image_size, c.model.overrides = "tiny", "float32", 16, {"patch_size": 8}
+    c.text.name, c.text.context_length = "tiny", 8
+    c.text.overrides = {"width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+    c.loss.kind, c.batch_size, c.warmup_steps, c.learning_rate = kind, 16, 0, 1e-3
+    c.protoclip.episode_size, c.protoclip.num_clusters = 16, 4
+    for key, value in overrides.items():
+        config_path.set_value(key, c, value)
+    mesh = sharding.make_mesh(dict(c.mesh))
+    train.validate(c, mesh)
+    setup = train.TrainSetup.create(c, mesh, num_train_steps=10)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32), "labels": np.zeros((16, 1), np.int32),
+             "tokens": rng.integers(1, 100, (16, 8)).astype(np.int32), "episode_pos": np.zeros(16, np.int32)}
+    batch = {k: batch[k] for k in ("image", "labels", *setup.objective.input_specs(c))}
+    return setup, sharding.host_to_global(batch, mesh, setup.rules)
+
+
+@pytest.mark.parametrize("kind", ["clip", "protoclip"])
+def test_the_trainer_clips_the_log_temperatures_into_0_ln100_after_each_update(kind):
+    """CLIP's clamp: a log temperature driven past ln 100 (or below 0) is clipped back after the update,
+    however far past it started (an old checkpoint); inside the range the update is AdamW's."""
+    setup, batch = _tiny_image_text(kind)
+    c = setup.config
+    step, (low, high) = train.make_train_step(setup), map(float, np.float32(LOG_SCALE_RANGE))
+    keys = sorted(setup.objective.bounds)
+    assert keys == (["logit_scale"] if kind == "clip" else ["logit_scale", "logit_scale_proto"])
+    for start, allowed in ((high + 1.0, {high}), (low - 1.0, {low}), (high - 1e-4, None)):
+        state = setup.init_state(0)
+        for key in keys:
+            state[key] = jax.device_put(jnp.float32(start), setup.state_shardings[key])
+        new, _ = step(state, batch)
+        for key in keys:
+            value = float(new[key])
+            if allowed is not None:
+                assert value in allowed, (key, start, value)
+            elif key == "logit_scale_proto":  # episode 0 has no prototype term: no gradient, no move
+                assert value == pytest.approx(start, abs=1e-6), value
+            else:  # AdamW's first step is about lr x sign(gradient): up is clipped at ln 100, down is not
+                assert value in {high} or value == pytest.approx(start - 1e-3, abs=1e-5), (key, value)
+    with pytest.raises(ConfigError, match="init_logit_scale"):
+        c.loss.init_logit_scale = 5.0
+        train.validate(c, setup.mesh)
+
+
+def test_flip_tunes_unmasked_after_patch_drop_until_step():
+    """FLIP's last phase: steps up to data.patch_drop_until_step drop half the patches, later steps see
+    them all (the same program as a run without patch drop); a bad setting is one line."""
+    setup, batch = _tiny_image_text("clip", **{"data.patch_drop": 0.5, "data.patch_drop_until_step": 2})
+    from mlcd_jax.train.step import GuardedStep
+
+    guarded = GuardedStep(setup)
+    assert [guarded.patch_drop(step) for step in (1, 2, 3, 10)] == [0.5, 0.5, 0.0, 0.0]
+    losses = {}
+    masked, unmasked = (train.make_train_step(setup, patch_drop=rate) for rate in (0.5, 0.0))
+    for name, run in (("step 2", lambda s: guarded(s, batch, 2)), ("step 3", lambda s: guarded(s, batch, 3)),
+                      ("masked", lambda s: masked(s, batch)), ("unmasked", lambda s: unmasked(s, batch))):
+        losses[name] = float(run(setup.init_state(0))[1]["loss"])
+    assert losses["step 2"] == losses["masked"] != losses["unmasked"] == losses["step 3"]
+    for bad in ({"data.patch_drop": 0.0}, {"data.patch_drop_until_step": 10}, {"data.patch_drop_until_step": -1}):
+        with pytest.raises(ConfigError, match="patch_drop_until_step"):
+            _tiny_image_text("clip", **{"data.patch_drop": 0.5, "data.patch_drop_until_step": 2,
+                                        "num_train_steps": 10, **bad})
 
 
 def test_contrastive_loss_uses_the_global_batch_on_8_devices():
@@ -204,7 +273,7 @@ def _losses(workdir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("clip")
-    c = experiment.with_shards(_config(base / "x", "clip", **{"data.patch_drop": 0.5}))
+    c = experiment.with_shards(_config(base / "x", "clip", **{"data.patch_drop": 0.5, "data.patch_drop_until_step": 4}))
     train.train_and_evaluate(c, str(base / "straight"))
     return c, base
 

@@ -292,10 +292,10 @@ def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step():
         return sharding.host_to_global({"image": image, "labels": labels.astype(np.int32)}, mesh)
 
     guarded = GuardedStep(setup)
-    _, metrics = guarded(setup.init_state(0), batch(rng.integers(0, 8 * 512, (64, 8))))
+    _, metrics = guarded(setup.init_state(0), batch(rng.integers(0, 8 * 512, (64, 8))), 1)
     assert guarded.checked and guarded.exact_steps == 0 and int(metrics["positives_dropped"]) == 0
     crowded = batch(np.arange(64 * 8).reshape(64, 8))  # 512 distinct positives, all on shard 0
-    state, metrics = guarded(setup.init_state(0), crowded)
+    state, metrics = guarded(setup.init_state(0), crowded, 2)
     assert guarded.exact_steps == 1 and "positives_dropped" not in metrics
     want, want_metrics = train.make_train_step(setup, exact=True)(setup.init_state(0), crowded)
     assert float(metrics["loss"]) == float(want_metrics["loss"])

@@ -1,7 +1,9 @@
 """CLIP's symmetric InfoNCE over the global batch, with a learnable temperature (CLIP, FLIP, LiT).
 
-Image and text embeddings [B, d] are L2-normalised; ``logits = s · img · txtᵀ`` with ``s = exp(log_scale)``
-capped at :data:`MAX_LOGIT_SCALE` (CLIP clamps its parameter at ln 100); the loss is the mean of the
+Image and text embeddings [B, d] are L2-normalised; ``logits = s · img · txtᵀ`` with ``s = exp(log_scale)``;
+the trainer clips the parameter into :data:`LOG_SCALE_RANGE` = [0, ln 100] after each update, as CLIP
+and ProtoCLIP clamp theirs (a cap on ``s`` instead would zero the gradient past it, and Adam's momentum
+could carry the parameter above ln 100 to stay there); the loss is the mean of the
 image->text and text->image cross-entropies against the diagonal. Under ``jit`` with the batch split
 over devices, each device holds its rows of the [B, B] logits and the text embeddings of the whole
 batch (XLA all-gathers the B x d matrix, as CLIP's ``gather_with_grad``): the negatives are the global
@@ -19,12 +21,13 @@ from mlcd_jax.losses.core import l2_normalize
 from mlcd_jax.sharding import constrain
 
 MAX_LOGIT_SCALE = 100.0
+LOG_SCALE_RANGE = (0.0, math.log(MAX_LOGIT_SCALE))  # where the trainer keeps a log temperature
 INIT_LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 
 
 def logit_scale(log_scale: jax.Array) -> jax.Array:
-    """``exp(log_scale)`` capped at :data:`MAX_LOGIT_SCALE` (no gradient past the cap)."""
-    return jnp.minimum(jnp.exp(log_scale.astype(jnp.float32)), MAX_LOGIT_SCALE)
+    """``exp(log_scale)`` in float32: the parameter, not the scale, is bounded (:data:`LOG_SCALE_RANGE`)."""
+    return jnp.exp(log_scale.astype(jnp.float32))
 
 
 def contrastive_loss(

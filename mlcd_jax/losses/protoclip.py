@@ -8,8 +8,8 @@ here are pure and jit-able with static shapes:
   is the mean of *its own* features over the *other* modality's clusters, so grouping is learned
   without asking the two spaces to be aligned (robust to the modality gap).
 - :func:`soft_targets`: the teacher's targets, ``softmax(c[label] · cᵀ / T)`` over its k-means centroids.
-- :func:`proto_loss`: cross-entropy of ``s · f · prototypesᵀ`` (``s`` learned, capped at 100) against
-  soft targets or hard labels; empty clusters are masked out of the softmax.
+- :func:`proto_loss`: cross-entropy of ``s · f · prototypesᵀ`` (``s`` learned, its log kept in
+  [0, ln 100]) against soft targets or hard labels; empty clusters are masked out of the softmax.
 - :func:`protoclip_loss`: ``w_clip · InfoNCE + w_proto · ½(i->t + t->i) + w_ext · ½(ext_i + ext_t)``.
 
 Follows the released code (github.com/megvii-research/protoclip): ``training/clustering.py``
@@ -88,8 +88,8 @@ def proto_loss(
     ``features`` [B, d] (L2-normalised here), ``prototypes`` [k, d] and ``targets`` fixed for the episode
     (no gradient). ``targets`` is either soft [B, k] float (:func:`soft_targets`) or hard labels [B] int
     (rows with a label < 0 or on a masked class are left out of the mean, as torch's ``ignore_index=-1``).
-    ``s = exp(log_scale)`` capped at 100. ``mask`` [k] (False = empty cluster) drops classes from the
-    softmax. Metrics: ``loss``, ``top1`` (argmax logit vs label / argmax target), ``logit_scale``,
+    ``s = exp(log_scale)``, its parameter kept in [0, ln 100] by the trainer. ``mask`` [k] (False =
+    empty cluster) drops classes from the softmax. Metrics: ``loss``, ``top1`` (argmax logit vs label / argmax target), ``logit_scale``,
     ``active_prototypes``.
     """
     if features.ndim != 2 or prototypes.ndim != 2 or features.shape[1] != prototypes.shape[1]:

@@ -36,14 +36,16 @@ class Objective:
     tower's abstract model. Class attributes and class methods need only the config.
 
     ``trainable``: state keys the optimizer updates (``groups`` names each one's optimizer group);
-    ``frozen``: keys kept in the state unchanged; ``text``: the run has a text tower (batches carry
-    ``tokens``, checkpoints hold ``text``).
+    ``frozen``: keys kept in the state unchanged; ``bounds``: trainable scalars the train step clips
+    into ``[low, high]`` after each update (CLIP's temperature clamp); ``text``: the run has a text
+    tower (batches carry ``tokens``, checkpoints hold ``text``).
     """
 
     kinds: ClassVar[tuple[str, ...]] = ()
     trainable: ClassVar[tuple[str, ...]] = ()
     frozen: ClassVar[tuple[str, ...]] = ()
     groups: ClassVar[dict[str, str]] = {}
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {}
     text: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from mlcd_jax import sharding
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.losses.contrastive import INIT_LOG_SCALE, contrastive_loss
+from mlcd_jax.losses.contrastive import INIT_LOG_SCALE, LOG_SCALE_RANGE, contrastive_loss
 from mlcd_jax.objectives.base import Objective, register
 from mlcd_jax.runs import AbstractModel, build_text_model, check_tower_spec, load_tower, text_config, vit_config
 
@@ -29,6 +29,7 @@ class ImageText(Objective):
     """The image–text objectives' shared parts; a subclass names its kinds, keys and :meth:`loss`."""
 
     text = True
+    bounds = {"logit_scale": LOG_SCALE_RANGE}  # clipped after each update, as CLIP's
     init_log_scale: ClassVar[float] = INIT_LOG_SCALE  # the temperature's start when loss.init_logit_scale is None
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
@@ -53,6 +54,10 @@ class ImageText(Objective):
             spec = config.loss.get(key, "")
             if spec:
                 check_tower_spec(spec, key)
+        init, (low, high) = config.loss.get("init_logit_scale"), LOG_SCALE_RANGE
+        if init is not None and not low <= init <= high:
+            raise ConfigError(f"loss.init_logit_scale={init} is outside [{low}, ln 100 = {high:.4f}], "
+                              "where training keeps the log temperature")
 
     @classmethod
     def loader_options(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class ProtoCLIP(ImageText):
     frozen = ("episode",)
     groups = {"params": "backbone", "text": "backbone", "logit_scale": "scale", "heads": "backbone",
               "logit_scale_proto": "scale"}
+    bounds = {**ImageText.bounds, "logit_scale_proto": ImageText.bounds["logit_scale"]}
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
                  image: AbstractModel) -> None:

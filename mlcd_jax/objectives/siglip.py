@@ -3,7 +3,7 @@ towers from scratch with the pairwise sigmoid loss, a learnable temperature and 
 
 ``L = -1/B · Σ_i Σ_j log σ(y_ij · (t · cos(x_i, y_j) + b))``, ``y_ij`` = 1 for a matched pair, -1 otherwise:
 every image–text pair of the global batch is a binary problem, normalised by the batch size as the
-paper's pseudo-code. ``t = exp(logit_scale)`` capped at 100 as CLIP's temperature in this repo
+paper's pseudo-code. ``t = exp(logit_scale)``, its parameter kept in [0, ln 100] as CLIP's temperature
 (:func:`mlcd_jax.losses.contrastive.logit_scale`); initialised as big_vision's SigLIP: ``t = 10``
 (``logit_scale`` = ln 10, unless ``loss.init_logit_scale`` says otherwise) and ``b = loss.init_logit_bias``
 (-10), both in the optimizer's ``scale`` group (no weight decay, not clipped).

@@ -20,7 +20,7 @@ from mlcd_jax.objectives import get as objective_class
 from mlcd_jax.train.preemption import Preempted, Preemption
 from mlcd_jax.train.state import TrainSetup
 from mlcd_jax.train.step import GuardedStep
-from mlcd_jax.train.validate import checked_mesh
+from mlcd_jax.train.validate import check_patch_drop_phase, checked_mesh
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,6 +91,7 @@ def train_and_evaluate(
     total_steps = num_train_steps(config, int(manifest.get("num_images", 0)) if manifest else 0)
     if total_steps <= 0:
         raise ConfigError("set num_train_steps > 0, or num_epochs with shards that have a manifest")
+    check_patch_drop_phase(config, total_steps)  # num_epochs: the last step is known only now
     setup = TrainSetup.create(config, mesh, total_steps)
     goal = setup.objective
     if jax.process_index() == 0:
@@ -139,7 +140,7 @@ def train_and_evaluate(
             with timer.data_wait():
                 local = next(iterator)
             profiler.before(step)
-            state, metrics = step_fn(state, sharding.host_to_global(local, mesh, setup.rules))
+            state, metrics = step_fn(state, sharding.host_to_global(local, mesh, setup.rules), step)
             profiler.after(step, metrics)
             preempted = preemption.requested(step)
             is_last = step >= stop_after

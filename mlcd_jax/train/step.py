@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -20,7 +21,8 @@ Step = Callable[[Any, Batch], tuple[Any, Batch]]
 
 
 def make_train_step(
-    setup: TrainSetup, preprocess: Callable[[Batch], Batch] | None = None, exact: bool = False
+    setup: TrainSetup, preprocess: Callable[[Batch], Batch] | None = None, exact: bool = False,
+    patch_drop: float | None = None,
 ) -> Step:
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
@@ -28,12 +30,15 @@ def make_train_step(
     batches carry (:meth:`~mlcd_jax.objectives.base.Objective.input_specs`), or whatever ``preprocess``
     (run first, inside the same program) turns into that: the trainer passes the data loader's
     on-device augmentation, so its canvases are cropped and flipped by the step itself. The image tower
-    runs here; the objective's :meth:`~mlcd_jax.objectives.base.Objective.loss` does the rest (its
+    runs here, and the objective's ``bounds`` are applied after the update; the objective's :meth:`~mlcd_jax.objectives.base.Objective.loss` does the rest (its
     ``exact`` variant with ``exact=True``: what :class:`GuardedStep` runs for a batch that needs it).
+    ``patch_drop`` (FLIP: the fraction of each image's patch tokens dropped; None: ``data.patch_drop``)
+    is static: it sets the token count, so the masked and unmasked steps are two programs.
     """
     config, mesh = setup.config, setup.mesh
     compute_dtype = DTYPES[config.model.dtype]
-    patch_drop = float(config.data.get("patch_drop", 0.0))  # FLIP: drop this fraction of the patch tokens
+    if patch_drop is None:
+        patch_drop = float(config.data.get("patch_drop", 0.0))
     goal = setup.objective
 
     def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
@@ -58,6 +63,7 @@ def make_train_step(
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
+        trainable = {k: jnp.clip(v, *goal.bounds[k]) if k in goal.bounds else v for k, v in trainable.items()}
         new_state = {**state, **trainable, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {
             **metrics,
@@ -77,18 +83,27 @@ def make_train_step(
 
 
 class GuardedStep:
-    """The train step with the objective's exact fallback (:meth:`~mlcd_jax.objectives.base.Objective.exact_check`):
-    each batch is checked on device first (a small program; its verdict is read before the step is
-    dispatched), and a batch that needs it runs through the step compiled with the loss's ``exact``
-    variant, built at its first use. The prototype head uses it so that a batch whose positives overflow
-    a shard's row budget still has every positive in its loss. Objectives without a check run the plain
-    step, unchecked."""
+    """The train step the loop runs: the objective's exact fallback, and FLIP's unmasked tuning phase.
+
+    Exact fallback (:meth:`~mlcd_jax.objectives.base.Objective.exact_check`): each batch is checked on
+    device first (a small program; its verdict is read before the step is dispatched), and a batch that
+    needs it runs through the step compiled with the loss's ``exact`` variant. The prototype head uses
+    it so that a batch whose positives overflow a shard's row budget still has every positive in its
+    loss. Objectives without a check run the plain step, unchecked.
+
+    FLIP: ``data.patch_drop`` applies to train steps 1 .. ``data.patch_drop_until_step`` (0: every step);
+    the steps after it see every patch token (FLIP's unmasked tuning, same run and schedule). The phase
+    follows from the step number alone, so a resumed run is in the phase it left. Each program is
+    compiled at its first use.
+    """
 
     def __init__(self, setup: TrainSetup, preprocess: Callable[[Batch], Batch] | None = None):
         self._setup, self._preprocess = setup, preprocess
-        self._step, self._exact = make_train_step(setup, preprocess), None
+        self._steps: dict[tuple[bool, float], Step] = {}
         check = setup.objective.exact_check()
         self._check = None if check is None else jax.jit(check)
+        data = setup.config.data
+        self._drop, self._drop_until = float(data.get("patch_drop", 0.0)), int(data.get("patch_drop_until_step", 0))
         self.exact_steps = 0  # batches that needed the exact step (logged as exact_steps)
 
     @property
@@ -96,10 +111,16 @@ class GuardedStep:
         """Whether batches are checked (the objective has an exact variant)."""
         return self._check is not None
 
-    def __call__(self, state: Any, batch: Batch) -> tuple[Any, Batch]:
-        if self._check is None or not bool(self._check(batch)):
-            return self._step(state, batch)
-        if self._exact is None:
-            self._exact = make_train_step(self._setup, self._preprocess, exact=True)
-        self.exact_steps += 1
-        return self._exact(state, batch)
+    def patch_drop(self, step: int) -> float:
+        """The patch drop of train step ``step`` (1-based): ``data.patch_drop`` until
+        ``data.patch_drop_until_step``, none after it."""
+        return self._drop if not self._drop_until or step <= self._drop_until else 0.0
+
+    def __call__(self, state: Any, batch: Batch, step: int) -> tuple[Any, Batch]:
+        """Train step number ``step`` (1-based) on ``batch``."""
+        exact = self._check is not None and bool(self._check(batch))
+        self.exact_steps += exact
+        key = (exact, self.patch_drop(step))
+        if key not in self._steps:
+            self._steps[key] = make_train_step(self._setup, self._preprocess, exact=exact, patch_drop=key[1])
+        return self._steps[key](state, batch)

@@ -60,4 +60,15 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     goal = objectives.get(config.loss.kind)  # an unknown kind: ConfigError
     if not 0.0 <= float(config.data.get("patch_drop", 0.0)) < 1.0:
         raise ConfigError(f"data.patch_drop={config.data.patch_drop} must be in [0, 1)")
+    check_patch_drop_phase(config, config.num_train_steps if config.num_train_steps > 0 else None)
     goal.validate(config)
+
+
+def check_patch_drop_phase(config: ml_collections.ConfigDict, total_steps: int | None) -> None:
+    """One-line :class:`ConfigError` unless ``data.patch_drop_until_step`` is 0 or a step before the last
+    of ``total_steps`` (None: not known yet, from num_epochs) with ``data.patch_drop`` > 0."""
+    until = int(config.data.get("patch_drop_until_step", 0))
+    if until and not (float(config.data.get("patch_drop", 0.0)) > 0 and until > 0
+                      and (total_steps is None or until < total_steps)):
+        raise ConfigError(f"data.patch_drop_until_step={until} needs data.patch_drop > 0 and a step in "
+                          f"(0, {total_steps or 'the run'}'s last step), after which FLIP's unmasked tuning runs")
