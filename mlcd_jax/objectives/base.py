@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -91,6 +92,10 @@ class Objective:
         if trained:  # FLIP's patch drop: the blocks see ~(1 - rate) of the tokens
             image *= 1.0 - float(config.data.get("patch_drop", 0.0))
         return image + (3 * text_flops(text_config(config)) if cls.text else 0.0)
+
+    def bounded(self, trainable: dict[str, Any]) -> dict[str, Any]:
+        """``trainable`` after an update, its :attr:`bounds` keys clipped into their ranges."""
+        return {k: jnp.clip(v, *self.bounds[k]) if k in self.bounds else v for k, v in trainable.items()}
 
     def init(self, keys: tuple[jax.Array, jax.Array]) -> dict[str, Any]:
         """This objective's initial state entries besides ``params`` (unsharded, inside ``jit``), from two

@@ -23,6 +23,8 @@ from mlcd_jax.losses.partial_fc import POSITIVE_BUDGETS, SAMPLING_MODES, ratio_i
 from mlcd_jax.objectives.base import Objective, register
 from mlcd_jax.runs import DTYPES, AbstractModel
 
+PROTO_INITS = ("unit", "normal")  # loss.proto_init (ClusterDiscrimination.init)
+PROTO_INIT_STD = 0.01  # PartialFC / UNICOM's prototype init, N(0, 0.01^2)
 
 @register
 class ClusterDiscrimination(Objective):
@@ -57,6 +59,8 @@ class ClusterDiscrimination(Objective):
             raise ConfigError(f"loss.sampling={sampling!r}: choose one of {', '.join(SAMPLING_MODES)}")
         if loss.get("positive_budget", "expected") not in POSITIVE_BUDGETS:
             raise ConfigError(f"loss.positive_budget={loss.positive_budget!r}: choose one of {', '.join(POSITIVE_BUDGETS)}")
+        if loss.get("proto_init", "unit") not in PROTO_INITS:
+            raise ConfigError(f"loss.proto_init={loss.proto_init!r}: choose one of {', '.join(PROTO_INITS)}")
         if loss.get("head_dtype") and loss.head_dtype not in DTYPES:
             raise ConfigError(f"loss.head_dtype={loss.head_dtype!r}: choose one of {', '.join(DTYPES)} (or '' for float32)")
         labels = config.batch_size * labels_per_sample(loss.kind, loss.top_l)
@@ -78,8 +82,12 @@ class ClusterDiscrimination(Objective):
             )
 
     def init(self, keys: tuple[jax.Array, jax.Array]) -> dict[str, Any]:
-        """Unit prototype rows drawn from N(0, 1)."""
-        return {"proto": l2_normalize(jax.random.normal(keys[0], (self.k_pad, self.embed_dim), jnp.float32))}
+        """Prototype rows as ``loss.proto_init`` says: ``normal``, N(0, 0.01²) as PartialFC / UNICOM, or
+        ``unit``, N(0, 1) rows scaled to unit norm. The loss reads only their directions, but AdamW's
+        steps do not depend on the rows' scale, so small rows turn ~100/√d times faster per step."""
+        rows = jax.random.normal(keys[0], (self.k_pad, self.embed_dim), jnp.float32)
+        return {"proto": PROTO_INIT_STD * rows if self.config.loss.get("proto_init", "unit") == "normal"
+                else l2_normalize(rows)}
 
     def shardings(self, abstract: dict[str, Any]) -> dict[str, Any]:
         return {"proto": NamedSharding(self.mesh, P(self.proto_axes or None, None))}

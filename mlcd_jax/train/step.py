@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,8 +61,7 @@ def make_train_step(
         trainable = {k: state[k] for k in goal.trainable}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        trainable = {k: jnp.clip(v, *goal.bounds[k]) if k in goal.bounds else v for k, v in trainable.items()}
+        trainable = goal.bounded(optax.apply_updates(trainable, updates))
         new_state = {**state, **trainable, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {
             **metrics,
