@@ -95,11 +95,17 @@ def size_cpu_thread_pool() -> None:
         os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * int(devices.group(1)))))
 
 
-def main(argv: list[str], mode: str | None = None) -> None:
+def main(argv: list[str], mode: str | None = None, model: str | None = None) -> None:
     """The run of ``--config`` (with ``mode``, when given, in place of the config's ``mode``); without
-    ``--config`` (evaluation), the run's own config.json. The workdir is locked for the run."""
+    ``--config`` (evaluation), the run's own config.json. ``model`` (evaluation of a released checkpoint,
+    ``hf:DIR`` / ``hf-hub:ORG/NAME``): that model evaluated by ``--config`` (default
+    ``configs/released.py``), results into ``--workdir``. The workdir is locked for the run."""
     del argv
     config = loaded_config()
+    if config is None and model:
+        from mlcd_jax.configs import released
+
+        config = released.get_config()
     if config is None:
         try:
             config = identity.run_config(FLAGS.workdir)
@@ -125,8 +131,9 @@ def main(argv: list[str], mode: str | None = None) -> None:
     from mlcd_jax import experiment
 
     command = "train" if config.mode == "train" else "evaluate"
-    run_or_exit(lambda: locked(FLAGS.workdir, command, lambda: experiment.run(config, FLAGS.workdir),
-                               create=config.mode == "train"))
+    job = ((lambda: experiment.evaluate_model(config, model, FLAGS.workdir)) if model else
+           (lambda: experiment.run(config, FLAGS.workdir)))
+    run_or_exit(lambda: locked(FLAGS.workdir, command, job, create=config.mode == "train" or bool(model)))
 
 
 def locked(workdir: str, command: str, fn: Callable[[], Any], create: bool = True) -> Any:

@@ -151,7 +151,6 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     """Results rows of the configured evaluators: the baselines that need no training, the trained model
     in ``workdir`` and, when ``eval.baselines`` has it and it was trained, the single-label run in
     ``workdir/single_label``. Writes ``workdir/results.json`` and prints the table."""
-    from mlcd_jax.evaluate.report import results_table, write_results
 
     baselines = configured_baselines(config)
     evaluators = build_evaluators(config)
@@ -169,11 +168,37 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     if SINGLE_LABEL in baselines and (epath.Path(single_dir) / "config.json").exists():
         model = runs.load_model(single_dir, single_label_config(config))
         rows.append(evaluate(evaluators, model_target(config, SINGLE_LABEL_ROW, model)))  # no pictures
-    if jax.process_index() == 0:
-        write_results(rows, epath.Path(workdir) / "results.json")
-        columns = ["model"] + list(dict.fromkeys(k for r in rows for k in r if k != "model"))
-        print(results_table(rows, columns), flush=True)
-    return rows
+    return _reported(rows, workdir)
+
+
+def evaluate_model(config: ml_collections.ConfigDict, spec: str, workdir: str) -> list[dict[str, Any]]:
+    """The results row of the configured evaluators for a released model, no training run: ``spec`` is
+    ``hf:DIR`` or ``hf-hub:ORG/NAME[@REV]`` (an HF CLIP / MLCD checkpoint, through the hub cache), at
+    ``data.image_size`` (0: the checkpoint's own), with its text tower when it has one (a ``CLIPModel``:
+    zero-shot and retrieval). Writes ``workdir/results.json`` and prints the table."""
+    from mlcd_jax import interop
+    from mlcd_jax.interop import hub
+    from mlcd_jax.models.features import FeatureExtractor, TextEncoder
+
+    if not config.eval.source:
+        raise ConfigError("eval.source is empty: name the labelled images to evaluate on "
+                          "(--config=configs/released.py:SOURCE, e.g. fashion_mnist or tfds:imagenet2012)")
+    try:
+        path = hub.snapshot_dir(spec)
+        model = interop.load_vision(path, image_size=config.data.image_size or None)[0]
+    except (OSError, ValueError, KeyError) as err:  # not cached offline, no such directory, not a checkpoint
+        raise ConfigError(f"--model={spec}: cannot load it ({str(err)[:300]})") from None
+    try:
+        text = interop.load_text(path)[0]
+    except (OSError, ValueError, KeyError):  # a vision-only checkpoint: no zero-shot or retrieval
+        text = None
+    config = copy.deepcopy(config)
+    config.data.image_size = model.config.image_size
+    print(f"evaluating {spec} ({model.config.image_size} px, width {model.config.width}, "
+          f"{'with' if text is not None else 'without'} a text tower) on {config.eval.source}", flush=True)
+    target = Target(spec, FeatureExtractor(model, model.config.image_size), model,
+                    encode_text=TextEncoder(text) if text is not None else None)
+    return _reported([evaluate(build_evaluators(config), target)], workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -224,6 +249,17 @@ def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     if not config.data.shards and epath.Path(cache, "manifest.json").exists():
         config.data.shards = cache
     return config
+
+
+def _reported(rows: list[dict[str, Any]], workdir: str) -> list[dict[str, Any]]:
+    """``rows``, written to ``workdir/results.json`` and printed as a table (by process 0)."""
+    from mlcd_jax.evaluate.report import results_table, write_results
+
+    if jax.process_index() == 0:
+        write_results(rows, epath.Path(workdir) / "results.json")
+        columns = ["model"] + list(dict.fromkeys(k for r in rows for k in r if k != "model"))
+        print(results_table(rows, columns), flush=True)
+    return rows
 
 
 def _duration(seconds: float) -> str:

@@ -2,6 +2,7 @@
 the snapshot holds a checkpoint that loads, a revision picks another snapshot, and an id that is not
 cached is one clear line."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +87,36 @@ print(teacher(np.zeros((3, 16, 16, 3), np.uint8)).shape)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1].startswith("(3, ")  # three embeddings
+
+
+def test_a_released_model_is_evaluated_by_name_offline(tmp_path):
+    """``python -m mlcd_jax eval --model=hf-hub:ORG/NAME``: a cached CLIPModel (both towers) is evaluated
+    at its own image size with kNN, the on-device linear probe and zero-shot (it has a text tower),
+    results.json written to --workdir; an id that is not cached is one config error line, status 2."""
+    from mlcd_jax.interop import clip
+    from mlcd_jax.models import TextTransformer, get_text_preset
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--test-org--tiny-clip" / "snapshots" / COMMITS["main"]
+    (snapshot.parent.parent / "refs").mkdir(parents=True)
+    (snapshot.parent.parent / "refs" / "main").write_text(COMMITS["main"])
+    image = VisionTransformer(get_preset("tiny", image_size=16, patch_size=4, proj_dim=32), rngs=nnx.Rngs(1))
+    text = TextTransformer(get_text_preset("tiny", context_length=16), rngs=nnx.Rngs(2))
+    clip.save_clip(image, text, 4.0, str(snapshot))
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def evaluate(spec: str, workdir: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mlcd_jax", "eval", f"--model={spec}", f"--workdir={workdir}",
+                   "--config=configs/released.py:digits", "--config.eval.train_limit=300",
+                   "--config.eval.test_limit=100", "--config.evals.zero_shot.templates=simple"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+
+    out = evaluate("hf-hub:test-org/tiny-clip", tmp_path / "released")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "evaluating hf-hub:test-org/tiny-clip (16 px, width 64, with a text tower) on digits" in out.stdout
+    (row,) = json.loads((tmp_path / "released" / "results.json").read_text())
+    assert row["model"] == "hf-hub:test-org/tiny-clip"
+    assert all(0.0 < row[key] <= 1.0 for key in ("knn_top1", "linear_top1", "zero_shot_top1")), row
+    missing = evaluate("hf-hub:test-org/other", tmp_path / "missing")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
+        "config error: --model=hf-hub:test-org/other: cannot load it"), missing.stderr[-2000:]

@@ -1,20 +1,19 @@
 """``python -m mlcd_jax.cluster --config=configs/cluster/default.py [--config.key=value ...]``.
 
-Prints the manifest's summary; a config file that does not load or a bad ``--config.key`` is one
-``config error:`` line with exit status 2, bad settings or inputs found by the job one ``error:`` line
-with status 1.
+Prints the manifest's summary; a config file that does not load, a bad ``--config.key``, and bad
+settings or inputs found by the job are one ``config error:`` line with exit status 2, as every command
+of ``python -m mlcd_jax`` (this one is ``python -m mlcd_jax cluster``).
 ``--config.runner=beam --config.beam_options='--runner=...'`` runs the embed and assign stages on Apache
 Beam (``mlcd_jax.cluster.runners.beam``); ``--dry-run`` (= ``--config.dry_run=True``) prints the plan
 (and the pipeline options) instead, writing nothing.
 """
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlcd_jax.cli_config import loaded_config, parse_flags
+from mlcd_jax.cli_config import config_error, loaded_config, parse_flags
 from mlcd_jax.cluster.config import ClusterError
 from mlcd_jax.cluster.job import run
 from mlcd_jax.cluster.teachers import TeacherError
@@ -35,7 +34,7 @@ def main(argv: list[str]) -> None:
     try:
         manifest = run(config)
     except (ClusterError, TeacherError, SourceError, RecordError) as e:
-        sys.exit(f"error: {e}")
+        config_error(e)
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "skipped", "settings")}
     print(json.dumps(summary, indent=2, sort_keys=True))
 
