@@ -24,6 +24,13 @@ from mlcd_jax.models import TextConfig, TextTransformer, VisionTransformer, ViTC
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def check_dtype(key: str, value: str, optional: bool = True) -> None:
+    """One-line :class:`ConfigError` unless ``value`` names one of :data:`DTYPES` (or, ``optional``, is
+    empty: float32)."""
+    if (value or not optional) and value not in DTYPES:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(DTYPES)}" + (" (or '' for float32)" if optional else ""))
+
+
 def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
     """The ViT preset named by ``config.model.name`` with ``config.model.overrides`` and the data's image size."""
     overrides = dict(config.model.get("overrides", {}) or {})

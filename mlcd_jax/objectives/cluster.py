@@ -21,7 +21,7 @@ from mlcd_jax.losses import KINDS, l2_normalize, most_positives, pad_num_classes
 from mlcd_jax.losses.core import labels_per_sample
 from mlcd_jax.losses.partial_fc import POSITIVE_BUDGETS, SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.objectives.base import Objective, register
-from mlcd_jax.runs import DTYPES, AbstractModel
+from mlcd_jax.runs import DTYPES, AbstractModel, check_dtype
 
 PROTO_INITS = ("unit", "normal")  # loss.proto_init (ClusterDiscrimination.init)
 PROTO_INIT_STD = 0.01  # PartialFC / UNICOM's prototype init, N(0, 0.01^2)
@@ -39,7 +39,7 @@ class ClusterDiscrimination(Objective):
                  image: AbstractModel) -> None:
         super().__init__(config, mesh, rules, image)
         self.proto_axes = sharding.proto_axes(mesh, rules)
-        shards = math.prod(mesh.shape[a] for a in self.proto_axes)
+        self.shards = shards = math.prod(mesh.shape[a] for a in self.proto_axes)  # the prototype matrix's row blocks
         self.num_classes = int(config.loss.num_classes)
         self.k_pad = pad_num_classes(self.num_classes, shards)
         if self.k_pad != self.num_classes:
@@ -61,8 +61,7 @@ class ClusterDiscrimination(Objective):
             raise ConfigError(f"loss.positive_budget={loss.positive_budget!r}: choose one of {', '.join(POSITIVE_BUDGETS)}")
         if loss.get("proto_init", "unit") not in PROTO_INITS:
             raise ConfigError(f"loss.proto_init={loss.proto_init!r}: choose one of {', '.join(PROTO_INITS)}")
-        if loss.get("head_dtype") and loss.head_dtype not in DTYPES:
-            raise ConfigError(f"loss.head_dtype={loss.head_dtype!r}: choose one of {', '.join(DTYPES)} (or '' for float32)")
+        check_dtype("loss.head_dtype", loss.get("head_dtype", ""))
         labels = config.batch_size * labels_per_sample(loss.kind, loss.top_l)
         warning = ratio_ignored_warning(loss.num_classes, loss.sample_ratio, labels, sampling)
         if warning:
@@ -113,8 +112,7 @@ class ClusterDiscrimination(Objective):
         if not self.head.budgeted:
             return None
         head, kind = self.head, self.config.loss.kind
-        return lambda batch: most_positives(batch["labels"], head.rows_per_shard, self.k_pad // head.rows_per_shard,
-                                            kind) > head.positive_budget
+        return lambda batch: most_positives(batch["labels"], head.rows_per_shard, self.shards, kind) > head.positive_budget
 
     def plan(self) -> dict[str, Any] | None:
         return self.head.report()

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from mlcd_jax import objectives, sharding
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.runs import DTYPES, sharding_rules, vit_config
+from mlcd_jax.runs import check_dtype, sharding_rules, vit_config
 
 
 def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -25,8 +25,7 @@ def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
 
 def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Config errors reported in one line before anything compiles."""
-    if config.model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={config.model.dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_dtype("model.dtype", config.model.dtype, optional=False)
     for key in ("learning_rate", "batch_size"):
         if not config[key] > 0:
             raise ConfigError(f"{key}={config[key]} must be positive")
@@ -55,8 +54,7 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         logging.warning("mesh.fsdp=%d without model.scan_layers: XLA:TPU keeps more of the unrolled blocks' "
                         "gathered weights alive (L/14 on v5p-64: 6.6 GiB against data parallelism's 1.5 GiB "
                         "per chip); set model.scan_layers=True", mesh.shape["fsdp"])
-    if config.get("mu_dtype") and config.mu_dtype not in DTYPES:
-        raise ConfigError(f"mu_dtype={config.mu_dtype!r}: choose one of {', '.join(DTYPES)} (or '' for float32)")
+    check_dtype("mu_dtype", config.get("mu_dtype", ""))
     goal = objectives.get(config.loss.kind)  # an unknown kind: ConfigError
     if not 0.0 <= float(config.data.get("patch_drop", 0.0)) < 1.0:
         raise ConfigError(f"data.patch_drop={config.data.patch_drop} must be in [0, 1)")
