@@ -1,11 +1,15 @@
 """What the source modules share (:mod:`mlcd_jax.data.sources` and the ones it opens, e.g.
-:mod:`mlcd_jax.data.emoji`, :mod:`mlcd_jax.data.tfds_source`): the error, the split names, the cache
-root, the item layout, caption decoding and CLIP-style caption templates. A leaf module, so a source
-module imports it without importing the spec parser that imports the source modules."""
+:mod:`mlcd_jax.data.emoji`, :mod:`mlcd_jax.data.tfds_source`, :mod:`mlcd_jax.data.webdataset`): the
+error, the split names, the cache root, the item layout, caption decoding, CLIP-style caption templates
+and :class:`Chunks`, a source as the clustering job reads it. A leaf module, so a source module imports
+it without importing the spec parser that imports the source modules."""
 
 from __future__ import annotations
 
+import abc
+import concurrent.futures
 import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 SPLITS = ("train", "test", "all")
@@ -40,3 +44,40 @@ def decode_caption(data: bytes) -> str:
 def item(key: str, image: bytes, label: int | None = None, caption: str | None = None) -> dict[str, Any]:
     """A source's item: ``{key, image (encoded bytes), label, caption}``."""
     return {"key": key, "image": image, "label": label, "caption": caption}
+
+
+# (source key, encoded image bytes or None when unreadable, the error or None)
+Encoded = tuple[str, bytes | None, str | None]
+Read = Callable[[], Encoded]  # reads one image when called (on a worker thread, or already read)
+
+
+class Chunks(abc.ABC):
+    """A source as the clustering job reads it: ``num_chunks`` units of work (chunk c becomes output
+    shard c), each read in batches of position-ordered images. :func:`mlcd_jax.data.chunks.open_chunks`
+    opens one for any source spec; the job sees nothing else of the source."""
+
+    num_chunks: int
+    num_images: int | None  # None: known once every chunk was read (a streamed source)
+
+    @abc.abstractmethod
+    def chunk_size(self, chunk: int) -> int | None:
+        """How many images ``chunk`` has, or None (a streamed chunk, before it is read)."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """``{"num_images", "sha256"}`` of what names the images (``sources.identity_digest``): a job
+        records it and refuses to resume against a changed source."""
+
+    @abc.abstractmethod
+    def batches(self, chunk: int, size: int) -> Iterator[tuple[list[int], list[Read]]]:
+        """``chunk``'s images in batches of ``size``: their positions in the chunk and their readers."""
+
+    @abc.abstractmethod
+    def items(self, chunk: int, positions: list[int], pool: concurrent.futures.Executor) -> Iterable[dict[str, Any]]:
+        """The items (key, image bytes, caption) at ``positions`` (ascending) of ``chunk``, in order; an
+        item that is no longer the image it was when first read raises :class:`SourceError`."""
+
+    @abc.abstractmethod
+    def fit_sample(self, n: int, seed: int) -> list[Read]:
+        """Readers of up to ``n`` images for fitting a teacher: a seeded sample, or the first ``n``
+        where the source is a stream."""

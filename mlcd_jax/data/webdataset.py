@@ -17,18 +17,22 @@ or corrupt), become ``Skipped`` entries that the job lists as it lists undecodab
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import gzip
+import itertools
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 from typing import BinaryIO
 
 from etils import epath
 
-from mlcd_jax.data.source_base import SourceError, decode_caption
-from mlcd_jax.data.sources import IMAGE_EXTENSIONS
+from mlcd_jax.data.source_base import Chunks, Encoded, Read, SourceError, decode_caption
+from mlcd_jax.data.sources import IMAGE_EXTENSIONS, identity_digest
 
 SPEC_PREFIX = "wds:"
 CAPTION_EXTENSION = ".txt"
@@ -129,6 +133,58 @@ class WebDatasetSource:
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({self.pattern!r}, shards={len(self.shards)})"
+
+
+class TarChunks(Chunks):
+    """A ``wds:`` source as the clustering job reads it: one chunk per tar file, streamed, so the image
+    count is known once every tar was read and ``limit`` does not apply (name fewer tars instead)."""
+
+    num_images = None
+
+    def __init__(self, pattern: str, limit: int = 0) -> None:
+        if limit:
+            raise SourceError("limit does not apply to a wds: source (its size is known once read): "
+                              "name fewer tar files in the pattern instead")
+        self.tars = WebDatasetSource(pattern)
+        self.num_chunks = self.tars.num_shards
+
+    def chunk_size(self, chunk: int) -> None:
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        return identity_digest(self.tars.identity_parts(), None)
+
+    def batches(self, chunk: int, size: int) -> Iterator[tuple[list[int], list[Read]]]:
+        """The tar read as a stream on the caller's thread, a batch at a time (a ``Skipped`` entry reads
+        as undecodable)."""
+        entries = enumerate(self.tars.read(chunk))
+        while batch := list(itertools.islice(entries, size)):
+            yield [p for p, _ in batch], [functools.partial(_encoded, e) for _, e in batch]
+
+    def items(self, chunk: int, positions: list[int], pool: concurrent.futures.Executor) -> Iterable[dict[str, Any]]:
+        """The tar read again; an entry that is no longer a readable image (the tar changed since it
+        was first read) raises ``SourceError`` instead of pairing labels with other images."""
+        wanted = iter(positions)
+        target = next(wanted, None)
+        for position, entry in enumerate(self.tars.read(chunk)):
+            if position != target:
+                continue
+            if not isinstance(entry, Sample):
+                break
+            yield {"key": entry.key, "image": entry.image, "caption": entry.caption}
+            target = next(wanted, None)
+        if target is not None:
+            raise SourceError(f"{self.tars.shards[chunk]} changed since it was embedded (entry {target} is no "
+                              "longer a readable image): re-run with a new output_dir")
+
+    def fit_sample(self, n: int, seed: int) -> list[Read]:
+        """The first ``n`` entries in tar order, reading no more tars than that takes."""
+        entries = itertools.chain.from_iterable(self.tars.read(s) for s in range(self.tars.num_shards))
+        return [functools.partial(_encoded, e) for e in itertools.islice(entries, n)]
+
+
+def _encoded(entry: Sample | Skipped) -> Encoded:
+    return (entry.key, None, entry.error) if isinstance(entry, Skipped) else (entry.key, entry.image, None)
 
 
 class TarError(Exception):
