@@ -113,6 +113,13 @@ def _heldout_rows(num_images: int, fraction: float) -> tuple[np.ndarray, np.ndar
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
+def _read_only(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """``arrays``, made read-only: cached features are shared by every evaluator of a target."""
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
 def labelled_features(
     config: ml_collections.ConfigDict, target: Target, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -121,14 +128,8 @@ def labelled_features(
 
     source, count = eval_split(config, split)
     size = config.data.image_size
-
-    def compute() -> tuple[np.ndarray, np.ndarray]:
-        arrays = split_features(target.embed, source, count, size, split)
-        for array in arrays:
-            array.flags.writeable = False
-        return arrays
-
-    return target.cached((config.eval.source, split, count, size), compute)
+    return target.cached((config.eval.source, split, count, size),
+                         lambda: _read_only(split_features(target.embed, source, count, size, split)))
 
 
 def eval_features(
@@ -140,13 +141,10 @@ def eval_features(
     train = labelled_features(config, target, "train")
     if not heldout:
         return (*train, *labelled_features(config, target, "test"))
-    fraction = float(config.eval.get("heldout_fraction", 0.1))
-
-    def parts() -> tuple[np.ndarray, ...]:
-        rows = _heldout_rows(len(train[1]), fraction)
-        return tuple(array[r] for r in rows for array in train)
-
-    return target.cached((config.eval.source, "heldout", len(train[1]), config.data.image_size, fraction), parts)
+    fraction, count = float(config.eval.get("heldout_fraction", 0.1)), len(train[1])
+    return target.cached(
+        (config.eval.source, "heldout", count, config.data.image_size, fraction),
+        lambda: _read_only(tuple(array[rows] for rows in _heldout_rows(count, fraction) for array in train)))
 
 
 def eval_images(config: ml_collections.ConfigDict, count: int, heldout: bool = False) -> np.ndarray:
