@@ -68,19 +68,20 @@ def test_an_image_that_does_not_decode_or_has_no_label_is_named(tmp_path):
         stream.split_features(pixel_features, open_source("emoji:test"), 3, 8, "test")
 
 
-def _demo_config():
+def _demo_config(arg: str):
     spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config()
+    c = module.get_config(arg)
     c.eval.train_limit, c.eval.test_limit = 1000, 300  # batches of 256: a partial last one in each split
     return c
 
 
-def test_streamed_features_and_metrics_equal_the_split_loaded_whole():
-    """A random-init ViT on the demo source (Fashion-MNIST, or digits offline): kNN and linear-probe
-    figures of the evaluators (streamed) are those of the images loaded whole and embedded at once."""
-    c = _demo_config()
+@pytest.mark.parametrize("demo", ["", "digits"])
+def test_streamed_features_and_metrics_equal_the_split_loaded_whole(demo):
+    """A random-init ViT on the demo sources (Fashion-MNIST, digits): kNN and linear-probe figures of the
+    evaluators (streamed) are those of the images loaded whole and embedded at once."""
+    c = _demo_config(demo)
     target = experiment.model_target(c, "random-init", runs.build_model(c, c.seed))
     train_x, train_y = load_arrays(c.eval.source, "train", c.eval.train_limit)
     test_x, test_y = load_arrays(c.eval.source, "test", c.eval.test_limit)

@@ -9,5 +9,4 @@ from tqdm import tqdm
 
 def progress(total: int, desc: str, unit: str) -> tqdm:
     """A tqdm bar on process 0 (disabled elsewhere), at most one refresh every 2 s (readable in logs)."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, mininterval=2.0,
-                disable=jax.process_index() != 0)
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=2.0, disable=jax.process_index() != 0)
