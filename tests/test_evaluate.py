@@ -58,14 +58,15 @@ def test_knn_matches_brute_force_numpy(k, temperature, batch_size):
     np.testing.assert_array_equal(got, _brute_force_knn(train, train_y, test, k, temperature, 5))
 
 
-@pytest.mark.parametrize("train_block", [1, 7, 64, 300, 1000])
+@pytest.mark.parametrize("train_block", [1, 7, 64, 128, 300, 1000])
 @pytest.mark.parametrize("k", [1, 20])
 def test_blocked_knn_matches_brute_force_for_any_train_block(k, train_block):
-    """Train rows in blocks with a running top-k (300 rows: blocks of 7 and 64 leave a partial last one, 1
-    is narrower than k, 1000 is all rows in one block) give the brute force's predictions."""
+    """Train rows in blocks with a running top-k (301 rows: at most 64, 128 or 300 per block leave padded
+    rows, 7 divides it, 1 is narrower than k, 1000 is all rows in one block) give the brute force's
+    predictions."""
     rng = np.random.default_rng(train_block)
-    train, test = rng.standard_normal((300, 16)), rng.standard_normal((100, 16))
-    train_y = rng.integers(0, 5, 300)
+    train, test = rng.standard_normal((301, 16)), rng.standard_normal((100, 16))
+    train_y = rng.integers(0, 5, 301)
     got = knn.knn_classify(train, train_y, test, k=k, batch_size=33, train_block=train_block)
     np.testing.assert_array_equal(got, _brute_force_knn(train, train_y, test, k, 0.07, 5))
 

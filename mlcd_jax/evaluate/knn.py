@@ -92,7 +92,7 @@ def knn_classify(
     """Predicted labels [N_test] by a temperature-weighted vote of the k most cosine-similar train samples.
 
     Ties in the vote go to the smaller class id. ``num_classes`` defaults to ``max(train_labels) + 1``.
-    Queries go in batches of ``batch_size`` against the train rows in blocks of ``train_block``.
+    Queries go in batches of ``batch_size`` against the train rows in blocks of at most ``train_block``.
     """
     train_features = check_features("train_features", train_features)
     test_features = check_features("test_features", test_features)
@@ -115,7 +115,8 @@ def knn_classify(
             f"num_classes={num_classes} is too small for train label {min_classes - 1}; pass >= {min_classes}"
         )
 
-    train_block = min(train_block, len(train_features))
+    num_blocks = -(-len(train_features) // train_block)
+    train_block = -(-len(train_features) // num_blocks)  # equal blocks: at most num_blocks - 1 padded rows
     blocks = np.pad(np.asarray(train_features, np.float32), ((0, -len(train_features) % train_block), (0, 0)))
     train = l2_normalize(jnp.asarray(blocks)).reshape(-1, train_block, blocks.shape[1])
     num_train = jnp.int32(len(train_features))
