@@ -16,7 +16,7 @@ import numpy as np
 
 from mlcd_jax import runs
 from mlcd_jax.evaluate.device_probe import device_linear_probe
-from mlcd_jax.evaluate.evaluators import eval_arrays
+from mlcd_jax.evaluate.evaluators import Target, eval_features
 from mlcd_jax.evaluate.linear_probe import linear_probe
 from mlcd_jax.models.features import FeatureExtractor, pixel_features
 
@@ -27,8 +27,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     config = runs.load_run_config(args.workdir)
-    train_x, train_y, test_x, test_y = eval_arrays(config)
-    print(f"{config.eval.source}: {len(train_x)} train / {len(test_x)} test images")
     encoders = {
         "trained ViT": FeatureExtractor(runs.load_model(args.workdir, config), config.data.image_size),
         "random-init ViT": FeatureExtractor(runs.build_model(config, config.seed), config.data.image_size),
@@ -38,7 +36,8 @@ def main() -> None:
           "| seconds (sklearn / device) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, encode in encoders.items():
-        train_f, test_f = encode(train_x), encode(test_x)
+        train_f, train_y, test_f, test_y = eval_features(config, Target(name, encode))
+        print(f"{config.eval.source}: {len(train_f)} train / {len(test_f)} test images")
         for seed in args.seeds:
             start = time.perf_counter()
             reference = linear_probe(train_f, train_y, test_f, test_y, seed=seed)

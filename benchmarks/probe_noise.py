@@ -34,7 +34,7 @@ from sklearn.model_selection import train_test_split
 from mlcd_jax import cli
 from mlcd_jax import runs
 from mlcd_jax import experiment
-from mlcd_jax.evaluate.evaluators import Knn, build_evaluators, eval_arrays, eval_split
+from mlcd_jax.evaluate.evaluators import Knn, Target, build_evaluators, eval_features, labelled_features
 from mlcd_jax.evaluate.knn import knn_accuracy
 from mlcd_jax.evaluate.linear_probe import linear_probe
 
@@ -54,12 +54,14 @@ def _targets(study: epath.Path) -> list[tuple[str, object, int, Callable]]:
     return out
 
 
-def _arrays(config: ml_collections.ConfigDict, heldout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(fit images, labels, scored images, labels): the study's train / test, or with ``heldout`` > 0 a
-    stratified split of train alone (fixed seed), the test split left unread."""
+def _features(
+    config: ml_collections.ConfigDict, target: Target, heldout: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fit features, labels, scored features, labels) of ``target``: the study's train / test, or with
+    ``heldout`` > 0 a stratified split of train alone (fixed seed), the test split left unread."""
     if not heldout:
-        return eval_arrays(config)
-    x, y = eval_split(config, "train")
+        return eval_features(config, target)
+    x, y = labelled_features(config, target, "train")
     fit, held = train_test_split(np.arange(len(y)), test_size=heldout, random_state=0, stratify=y)
     return x[fit], y[fit], x[held], y[held]
 
@@ -78,15 +80,16 @@ def main() -> None:
         raise SystemExit(f"error: --heldout={args.heldout} must be in [0, 1)")
     targets = _targets(epath.Path(args.study))
     cli.prepare_process(targets[0][1])  # the study's fake CPU devices, before JAX starts
-    train_x, train_y, test_x, test_y = _arrays(targets[0][1], args.heldout)
     scored = "held-out train" if args.heldout else "test"
-    print(f"{len(targets)} checkpoints; probe on {len(train_x)} train / {len(test_x)} {scored} images; split seeds "
-          f"0..{args.split_seeds - 1}; linear top-1 % as mean ± sample std over the split seeds", flush=True)
     knn = next((e for e in build_evaluators(targets[0][1]) if isinstance(e, Knn)), None)  # the study's, if on
     record = {}
     for name, config, seed, make in targets:
         target = experiment.model_target(config, name, make())  # features computed once, for both probes
-        f_train, f_test = target.features(train_x), target.features(test_x)
+        f_train, train_y, f_test, test_y = _features(config, target, args.heldout)
+        if not record:
+            print(f"{len(targets)} checkpoints; probe on {len(f_train)} train / {len(f_test)} {scored} images; split "
+                  f"seeds 0..{args.split_seeds - 1}; linear top-1 % as mean ± sample std over the split seeds",
+                  flush=True)
         start = time.perf_counter()
         top1 = [linear_probe(f_train, train_y, f_test, test_y, seed=s)["top1"] for s in range(args.split_seeds)]
         seconds = (time.perf_counter() - start) / args.split_seeds

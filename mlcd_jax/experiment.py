@@ -22,7 +22,7 @@ from flax import nnx
 
 from mlcd_jax import identity, objectives, runs, train, workdir_lock
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_arrays, evaluate
+from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_split, evaluate
 
 # The baselines of ``config.eval.baselines`` that need no training, in table order, and their row names.
 BASELINE_MODELS = {"pixels": "raw pixels", "teacher": "teacher (clustering)", "random_init": "random-init ViT"}
@@ -155,8 +155,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     baselines = configured_baselines(config)
     evaluators = build_evaluators(config)
     if any(e.labelled for e in evaluators):
-        train_x, _, test_x, _ = eval_arrays(config)
-        print(f"evaluating on {config.eval.source}: {len(train_x)} train / {len(test_x)} test images", flush=True)
+        (_, num_train), (_, num_test) = eval_split(config, "train"), eval_split(config, "test")
+        print(f"evaluating on {config.eval.source}: {num_train} train / {num_test} test images", flush=True)
     if "teacher" in baselines and not config.data.shards:
         print("notice: no clustering output (data.shards, or a finished cluster cache): no teacher row", flush=True)
         baselines.remove("teacher")

@@ -51,7 +51,8 @@ def test_mistakes_are_the_reference_probes_errors(digits):
 
 def test_the_linear_probe_evaluator_fits_on_device_when_asked(monkeypatch):
     from mlcd_jax.config_lib import base_config
-    from mlcd_jax.evaluate.evaluators import Target, build_evaluators, eval_arrays, evaluate
+    from mlcd_jax.data.sources import load_arrays
+    from mlcd_jax.evaluate.evaluators import Target, build_evaluators, evaluate
     from mlcd_jax.models.features import pixel_features
 
     config = base_config()
@@ -66,7 +67,8 @@ def test_the_linear_probe_evaluator_fits_on_device_when_asked(monkeypatch):
     monkeypatch.setattr(device_probe, "device_linear_probe", fake)
     (probe,) = build_evaluators(config)
     assert evaluate([probe], Target("raw pixels", pixel_features))["linear_top1"] == 0.5
-    train_x, train_y, test_x, test_y = eval_arrays(config)
+    train_x, train_y = load_arrays("digits", "train", 400)
+    test_y = load_arrays("digits", "test", 200)[1]
     (got,) = calls
     np.testing.assert_array_equal(got[0], pixel_features(train_x))
     np.testing.assert_array_equal(got[3], test_y)

@@ -58,6 +58,39 @@ def test_knn_matches_brute_force_numpy(k, temperature, batch_size):
     np.testing.assert_array_equal(got, _brute_force_knn(train, train_y, test, k, temperature, 5))
 
 
+@pytest.mark.parametrize("train_block", [1, 7, 64, 128, 300, 1000])
+@pytest.mark.parametrize("k", [1, 20])
+def test_blocked_knn_matches_brute_force_for_any_train_block(k, train_block):
+    """Train rows in blocks with a running top-k (301 rows: at most 64, 128 or 300 per block leave padded
+    rows, 7 divides it, 1 is narrower than k, 1000 is all rows in one block) give the brute force's
+    predictions."""
+    rng = np.random.default_rng(train_block)
+    train, test = rng.standard_normal((301, 16)), rng.standard_normal((100, 16))
+    train_y = rng.integers(0, 5, 301)
+    got = knn.knn_classify(train, train_y, test, k=k, batch_size=33, train_block=train_block)
+    np.testing.assert_array_equal(got, _brute_force_knn(train, train_y, test, k, 0.07, 5))
+
+
+@pytest.mark.parametrize("train_block", [1, 2, 3, 5])
+def test_blocked_knn_ties_go_to_the_smaller_train_index(train_block):
+    """Equal cosines across (and within) blocks: the neighbours are the earliest rows, as one top_k over
+    all rows (and the brute force's stable sort) picks them."""
+    train = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    train_y = np.array([0, 1, 2, 3, 4])
+    query = np.array([[1.0, 0.0]])
+    sims, index = knn._top_k_neighbours(query.astype(np.float32), _blocks(train, train_block), 5, k=3)
+    assert index.tolist() == [[1, 2, 3]]
+    for k in (1, 2, 4):
+        got = knn.knn_classify(train, train_y, query, k=k, temperature=100.0, train_block=train_block)
+        np.testing.assert_array_equal(got, _brute_force_knn(train, train_y, query, k, 100.0, 5))
+
+
+def _blocks(train, rows):
+    """``train`` L2-normalised, zero-padded and cut into blocks of ``rows`` (what knn_classify passes)."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    return np.pad(train, ((0, -len(train) % rows), (0, 0))).reshape(-1, rows, train.shape[1]).astype(np.float32)
+
+
 def test_knn_temperature_decides_between_nearest_and_majority():
     # The query is almost on the single class-1 sample; two class-0 samples are farther away.
     train = np.array([[1.0, 0.05], [1.0, 1.0], [1.0, 1.1]])

@@ -11,6 +11,7 @@ from ml_collections.config_flags import config_path
 
 from mlcd_jax import experiment, train
 from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.data.sources import load_arrays
 from mlcd_jax.evaluate import evaluators as ev
 from mlcd_jax.evaluate.knn import knn_accuracy
 from mlcd_jax.evaluate.linear_probe import linear_probe
@@ -57,7 +58,7 @@ def test_zero_shot_reads_the_class_names_once_and_they_are_no_option(monkeypatch
     c = _config()
     zero_shot = ev.ZeroShot(name="zs", every=0, config=c)
     names = class_names(c.eval.source, "test")
-    test_y = ev.eval_arrays(c)[3]
+    test_y = load_arrays(c.eval.source, "test", c.eval.test_limit)[1]
     target = ev.Target(  # a perfect image tower (one-hot labels) and a text tower that names the prompt's class
         name="oracle", embed=lambda images: np.eye(len(names))[test_y],
         encode_text=lambda prompts: np.eye(len(names))[[names.index(p[len("a photo of a "):-1]) for p in prompts]])
@@ -72,7 +73,8 @@ def test_zero_shot_reads_the_class_names_once_and_they_are_no_option(monkeypatch
 def test_a_baseline_row_is_what_the_metrics_give_on_the_eval_split():
     c = _config(**{"evals.pictures.every": -1})
     row = experiment.baseline_row(c, "pixels")
-    train_x, train_y, test_x, test_y = ev.eval_arrays(c)
+    train_x, train_y = load_arrays(c.eval.source, "train", c.eval.train_limit)  # the split loaded whole
+    test_x, test_y = load_arrays(c.eval.source, "test", c.eval.test_limit)
     f_train, f_test = pixel_features(train_x), pixel_features(test_x)
     assert row == {
         "model": "raw pixels",
@@ -105,23 +107,28 @@ def test_training_time_evaluation_holds_out_part_of_train_and_never_reads_test(m
     """``heldout=True`` (what the trainer asks for): the queries are a fixed tenth of the train split, the
     references the other nine tenths, disjoint and together the whole split; the test split is not read."""
     c = _config()
-    train_x, train_y = ev.eval_split(c, "train")
+    train_x, train_y = load_arrays(c.eval.source, "train", c.eval.train_limit)
     read = []
-    real = ev._eval_split.__wrapped__
+    real = ev._split.__wrapped__
 
     def spy(source, split, limit):
         read.append(split)
         return real(source, split, limit)
 
-    monkeypatch.setattr(ev, "_eval_split", spy)
-    ev._held_out.cache_clear()
-    fit_x, fit_y, held_x, held_y = ev.eval_arrays(c, heldout=True)
+    monkeypatch.setattr(ev, "_split", spy)
+    target = ev.Target("pixels", pixel_features)
+    fit_x, fit_y, held_x, held_y = ev.eval_features(c, target, heldout=True)
     assert set(read) == {"train"} and (len(fit_x), len(held_x)) == (360, 40)
     rows = {x.tobytes(): y for x, y in zip(np.concatenate([fit_x, held_x]), np.concatenate([fit_y, held_y]))}
-    assert len(rows) == len({x.tobytes() for x in train_x}) and sorted(rows.values()) == sorted(train_y.tolist())
-    assert ev.eval_arrays(c, heldout=True)[2] is held_x  # one draw per process: features are computed once
-    scores = ev.Knn(name="knn", every=5, config=c, k=20)(ev.Target("pixels", pixel_features), heldout=True)
-    assert scores == {"knn_top1": knn_accuracy(pixel_features(fit_x), fit_y, pixel_features(held_x), held_y, k=20)}
+    assert len(rows) == len({x.tobytes() for x in pixel_features(train_x)})
+    assert sorted(rows.values()) == sorted(train_y.tolist())
+    order = np.random.default_rng(0).permutation(400)  # the draw held-out images always had: seed 0, last 40
+    np.testing.assert_array_equal(held_x, pixel_features(train_x[np.sort(order[360:])]))
+    np.testing.assert_array_equal(fit_y, train_y[np.sort(order[:360])])
+    assert ev.eval_features(c, target, heldout=True)[2] is held_x  # one draw per target: features computed once
+    np.testing.assert_array_equal(ev.eval_images(c, 8, heldout=True), train_x[np.sort(order[360:])][:8])
+    scores = ev.Knn(name="knn", every=5, config=c, k=20)(target, heldout=True)
+    assert scores == {"knn_top1": knn_accuracy(fit_x, fit_y, held_x, held_y, k=20)}
     assert set(read) == {"train"}
 
 

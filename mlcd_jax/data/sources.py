@@ -1,13 +1,15 @@
 """Image sources for the clustering job and the evaluation, by spec string.
 
-Specs (``open_source(spec)`` / ``load_arrays(spec, split, limit)`` / ``load_captioned(spec, split, limit)``):
+Specs (``open_source(spec)`` / ``open_split(spec, split)`` / ``load_arrays(spec, split, limit)`` /
+``load_captioned(spec, split, limit)``):
 
 - ``folder:DIR`` — every image file under DIR (recursive; .jpg .jpeg .png .bmp .gif .webp .tif .tiff),
   in sorted relative-path order; the key is the relative path, the bytes are the file's own bytes. If
   images sit in class sub-folders (``DIR/<class>/...``) the label is the index of ``<class>`` among the
   sorted class folders, else None. A sibling ``<stem>.txt`` is the caption (UTF-8, else read as
-  Latin-1). ``load_arrays`` reads ``DIR/<split>/<class>/...``, ``load_captioned`` ``DIR/<split>/...``
-  (every image with a caption); both need all images of one size.
+  Latin-1). ``open_split`` and ``load_arrays`` read ``DIR/<split>/<class>/...``, ``load_captioned``
+  ``DIR/<split>/...`` (every image with a caption); the two loaders need all images of one size (the
+  evaluators stream a split of any sizes, :mod:`mlcd_jax.evaluate.stream`).
 - ``fashion_mnist[:DIR][:SPLIT]`` — the IDX files of Debian's ``dataset-fashion-mnist``
   (default DIR /usr/share/datasets/fashion-mnist); SPLIT is ``train`` (60,000, the default), ``test``
   (10,000) or ``all`` (train then test). E.g. ``fashion_mnist:test``, ``fashion_mnist:/data/fm:train``.
@@ -396,13 +398,18 @@ def _loaded(source: Source, limit: int | None, field: str, missing: str) -> tupl
     return np.stack(images), values
 
 
-def load_arrays(spec: str, split: str = "train", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All (or the first ``limit``) images uint8 [N, H, W, C] and class labels [N] of one split.
+def open_split(spec: str, split: str) -> Source:
+    """One split of ``spec``: ``split`` replaces a split in the spec (``fashion_mnist:train`` with
+    ``split='test'`` reads the test set); folders read ``DIR/<split>``."""
+    return _open(spec, _split_arg(spec, split))
 
-    For evaluation. ``split`` replaces a split in ``spec`` (``fashion_mnist:train`` with
-    ``split='test'`` reads the test set); folders read ``DIR/<split>``.
+
+def load_arrays(spec: str, split: str = "train", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All (or the first ``limit``) images uint8 [N, H, W, C] and class labels [N] of one split
+    (:func:`open_split`), all of one size, in host memory: for tests and tools on small sets (the
+    evaluators stream their splits instead, :mod:`mlcd_jax.evaluate.stream`).
     """
-    source = _open(spec, _split_arg(spec, split))
+    source = open_split(spec, split)
     images, labels = _loaded(source, limit, "label", "has no class label (folders: DIR/<split>/<class>/...)")
     return images, np.asarray(labels, np.int64)
 
@@ -413,6 +420,6 @@ def load_captioned(spec: str, split: str = "train", limit: int | None = None) ->
     For image–text retrieval: emoji, Fashion-MNIST and digits (templated captions), folders whose images
     have ``<stem>.txt`` captions (``DIR/<split>/...``). ``split`` replaces a split in ``spec``.
     """
-    source = _open(spec, _split_arg(spec, split))
+    source = open_split(spec, split)
     images, captions = _loaded(source, limit, "caption", "has no caption (a sibling <stem>.txt)")
     return (images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)), list(captions)

@@ -12,7 +12,9 @@ the train split is the reference and the test split the queries, as the papers r
 
 An evaluator looks at a :class:`Target`: a named feature function (a trained or random-init ViT, raw
 pixels, the clustering teacher) and, for a trained run, its model and workdir. The labelled images come
-from ``config.eval.source`` (train split -> test split), read once per process.
+from ``config.eval.source`` (train split -> test split), streamed in batches through the target once
+(:mod:`mlcd_jax.evaluate.stream`): what is kept, per target, is features and labels, never the images, so
+host memory does not grow with the eval set, and the images may be of any sizes.
 
 - ``knn`` (option ``k``): cosine k-NN top-1, ``knn_top1``.
 - ``linear_probe`` (option ``on_device``: the fits in JAX on the devices, :mod:`mlcd_jax.evaluate.device_probe`,
@@ -33,8 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import ml_collections
@@ -44,6 +46,9 @@ from flax import nnx
 
 from mlcd_jax.config_lib import ConfigError
 from mlcd_jax.data import karpathy
+
+if TYPE_CHECKING:
+    from mlcd_jax.data.sources import Source
 
 Embed = Callable[[np.ndarray], np.ndarray]
 EncodeText = Callable[[Sequence[str]], np.ndarray]
@@ -60,31 +65,34 @@ class Target:
     model: nnx.Module | None = None
     workdir: str | None = None
     encode_text: EncodeText | None = None
-    _features: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    _cache: dict[Hashable, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def cached(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per ``key`` for this target (its features of one split, say)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """``embed(images)``, cached per (read-only, shared) image array."""
-        if id(images) not in self._features:
-            self._features[id(images)] = self.embed(images)
-        return self._features[id(images)]
+        return self.cached(id(images), lambda: self.embed(images))
 
 
 @functools.cache
-def _eval_split(source: str, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """One split's (images, labels), read once per process and shared read-only by every caller."""
-    from mlcd_jax.data.sources import load_arrays
+def _split(source: str, split: str, limit: int) -> tuple[Source, int]:
+    """One split's source and how many of its images are evaluated, opened once per process."""
+    from mlcd_jax.data.sources import open_split
 
-    arrays = load_arrays(source, split=split, limit=limit or None)
-    for array in arrays:
-        array.flags.writeable = False
-    return arrays
+    opened = open_split(source, split)
+    return opened, min(limit, len(opened)) if limit else len(opened)
 
 
-def eval_split(config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of one split, ``"train"`` or ``"test"``, of ``config.eval.source``, its limit applied."""
+def eval_split(config: ml_collections.ConfigDict, split: str) -> tuple[Source, int]:
+    """The source of one split, ``"train"`` or ``"test"``, of ``config.eval.source`` and its image count,
+    its limit applied."""
     if not config.eval.source:
         raise ConfigError("eval.source is empty: name a labelled source, e.g. fashion_mnist or digits")
-    return _eval_split(config.eval.source, split, config.eval[f"{split}_limit"])
+    return _split(config.eval.source, split, config.eval[f"{split}_limit"])
 
 
 HELDOUT = "heldout/"  # the prefix of what evaluators report during training
@@ -95,31 +103,61 @@ def _heldout_start(num_images: int, fraction: float) -> int:
     return num_images - max(1, round(fraction * num_images))
 
 
-@functools.cache
-def _held_out(source: str, limit: int, fraction: float) -> tuple[np.ndarray, ...]:
-    """(fit images, fit labels, held-out images, held-out labels) of one train split: ``fraction`` of it
-    (at least one image, a permutation drawn with seed 0) held out, read-only, once per process."""
-    images, labels = _eval_split(source, "train", limit)
-    order = np.random.default_rng(0).permutation(len(images))
-    cut = _heldout_start(len(images), fraction)
+def _heldout_rows(num_images: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows) of a train split, each ascending: ``fraction`` of it (at least one image,
+    a permutation drawn with seed 0) held out."""
+    order = np.random.default_rng(0).permutation(num_images)
+    cut = _heldout_start(num_images, fraction)
     if cut < 1:
         raise ConfigError(f"eval.heldout_fraction={fraction} leaves no train images to score against")
-    parts = tuple(a[np.sort(order[s])] for s in (slice(None, cut), slice(cut, None)) for a in (images, labels))
-    for array in parts:
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def _read_only(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """``arrays``, made read-only: cached features are shared by every evaluator of a target."""
+    for array in arrays:
         array.flags.writeable = False
-    return parts
+    return arrays
 
 
-def eval_arrays(
-    config: ml_collections.ConfigDict, heldout: bool = False
+def labelled_features(
+    config: ml_collections.ConfigDict, target: Target, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``target``'s features and the labels of one split, streamed once per target (read-only)."""
+    from mlcd_jax.evaluate.stream import split_features
+
+    source, count = eval_split(config, split)
+    size = config.data.image_size
+    return target.cached((config.eval.source, split, count, size),
+                         lambda: _read_only(split_features(target.embed, source, count, size, split)))
+
+
+def eval_features(
+    config: ml_collections.ConfigDict, target: Target, heldout: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train images, train labels, test images, test labels) of ``config.eval.source``, limits applied;
-    ``heldout``: the train split's held-out part in place of the test split, the rest as train (what
-    evaluators score during training)."""
+    """(train features, train labels, test features, test labels) of ``target`` on ``config.eval.source``,
+    limits applied; ``heldout``: the rows of the train split's held-out part in place of the test split,
+    the rest as train (what evaluators score during training; the test split is not read)."""
+    train = labelled_features(config, target, "train")
+    if not heldout:
+        return (*train, *labelled_features(config, target, "test"))
+    fraction, count = float(config.eval.get("heldout_fraction", 0.1)), len(train[1])
+    return target.cached(
+        (config.eval.source, "heldout", count, config.data.image_size, fraction),
+        lambda: _read_only(tuple(array[rows] for rows in _heldout_rows(count, fraction) for array in train)))
+
+
+def eval_images(config: ml_collections.ConfigDict, count: int, heldout: bool = False) -> np.ndarray:
+    """The first ``count`` query images of :func:`eval_features` (of the test split, or with ``heldout`` of
+    the train split's held-out part), read alone."""
+    from mlcd_jax.evaluate.stream import read_images
+
+    source, total = eval_split(config, "train" if heldout else "test")
     if heldout:
-        eval_split(config, "train")  # a ConfigError without eval.source
-        return _held_out(config.eval.source, config.eval.train_limit, float(config.eval.get("heldout_fraction", 0.1)))
-    return (*eval_split(config, "train"), *eval_split(config, "test"))
+        rows = _heldout_rows(total, float(config.eval.get("heldout_fraction", 0.1)))[1][:count]
+    else:
+        rows = np.arange(min(count, total))
+    return read_images(source, rows, config.data.image_size)[0]
 
 
 @dataclasses.dataclass
@@ -133,7 +171,7 @@ class Evaluator:
 
     def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         """The evaluator's scalars for ``target``; ``heldout``: during training, on the train split's
-        held-out part instead of the test split (:func:`eval_arrays`)."""
+        held-out part instead of the test split (:func:`eval_features`)."""
         raise NotImplementedError
 
 
@@ -144,8 +182,7 @@ class Knn(Evaluator):
     def __call__(self, target: Target, heldout: bool = False) -> dict[str, float]:
         from mlcd_jax.evaluate.knn import knn_accuracy
 
-        train_x, train_y, test_x, test_y = eval_arrays(self.config, heldout)
-        top1 = knn_accuracy(target.features(train_x), train_y, target.features(test_x), test_y, k=self.k)
+        top1 = knn_accuracy(*eval_features(self.config, target, heldout), k=self.k)
         return {"knn_top1": top1}
 
 
@@ -157,9 +194,8 @@ class LinearProbe(Evaluator):
         from mlcd_jax.evaluate.device_probe import device_linear_probe
         from mlcd_jax.evaluate.linear_probe import linear_probe
 
-        train_x, train_y, test_x, test_y = eval_arrays(self.config, heldout)
         probe = device_linear_probe if self.on_device else linear_probe
-        result = probe(target.features(train_x), train_y, target.features(test_x), test_y, seed=self.config.seed)
+        result = probe(*eval_features(self.config, target, heldout), seed=self.config.seed)
         return {"linear_top1": result["top1"]}
 
 
@@ -173,7 +209,7 @@ class Pictures(Evaluator):
         from mlcd_jax.models.features import FeatureExtractor
         from mlcd_jax.evaluate.pictures import cosine_curves_png, patch_pca_image, pca_grid_png
 
-        images = eval_arrays(self.config, heldout)[2][: self.num_images]
+        images = eval_images(self.config, self.num_images, heldout)
         size = self.config.data.image_size
         tokens = FeatureExtractor(target.model, size, batch_size=len(images), tokens=True)(images)
         if jax.process_index() != 0:
@@ -246,9 +282,11 @@ class ZeroShot(Evaluator):
             return {}  # an image-only model has no zero-shot classifier
         from mlcd_jax.evaluate.zero_shot import TEMPLATES, class_embeddings, zero_shot_top1
 
-        _, _, test_x, test_y = eval_arrays(self.config, heldout)  # a ConfigError without eval.source (no names then)
+        # the queries only (a ConfigError without eval.source)
+        test_f, test_y = (eval_features(self.config, target, heldout)[2:] if heldout
+                          else labelled_features(self.config, target, "test"))
         classes = class_embeddings(target.encode_text, self._names, TEMPLATES[self.templates])
-        return {"zero_shot_top1": zero_shot_top1(target.features(test_x), test_y, classes)}
+        return {"zero_shot_top1": zero_shot_top1(test_f, test_y, classes)}
 
 
 @dataclasses.dataclass

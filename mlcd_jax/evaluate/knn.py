@@ -1,8 +1,10 @@
 """Weighted k-nearest-neighbour classification on frozen features (InstDisc / DINO protocol).
 
 Features are L2-normalised, similarity is the cosine, and each of the k nearest training samples votes
-for its label with weight ``exp(cos / T)``. The test set is processed in fixed-size batches, so memory is
-one ``batch_size × N_train`` similarity block at a time and a single compiled program serves every batch.
+for its label with weight ``exp(cos / T)``. The test set is processed in fixed-size batches of queries,
+each against the train features in blocks of rows with a running top-k on the device, so memory beyond
+the features is one ``batch_size × train_block`` similarity block and the ``batch_size × k`` running
+result (not ``N_test × N_train``), and a single compiled program serves every batch.
 """
 
 from __future__ import annotations
@@ -39,11 +41,29 @@ def check_labels(name: str, labels: np.ndarray, n: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _top_k_neighbours(test: jax.Array, train: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
-    """Cosines and indices [b, k] of the k nearest rows of the L2-normalised ``train`` for one test batch."""
-    # HIGHEST: accelerators would otherwise round the cosine to bf16/TF32 and reorder near neighbours.
-    sims = jnp.matmul(l2_normalize(test), train.T, precision=jax.lax.Precision.HIGHEST)
-    return jax.lax.top_k(sims, k)
+def _top_k_neighbours(
+    test: jax.Array, train: jax.Array, num_train: jax.Array, *, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """Cosines and indices [b, k] of the k nearest of the first ``num_train`` rows of the L2-normalised
+    ``train`` [blocks, rows, d] for one test batch: a running top-k merged with each block's top-k, so
+    memory is one [b, rows] similarity block. Ties go to the smaller train index, as one top_k over all
+    rows does (top_k keeps the earlier of equal values, and the running top-k holds earlier rows)."""
+    test = l2_normalize(test)
+    rows = train.shape[1]
+
+    def merge(best: tuple[jax.Array, jax.Array], block: tuple[jax.Array, jax.Array]) -> tuple[tuple, None]:
+        features, start = block
+        # HIGHEST: accelerators would otherwise round the cosine to bf16/TF32 and reorder near neighbours.
+        sims = jnp.matmul(test, features.T, precision=jax.lax.Precision.HIGHEST)
+        index = start + jnp.arange(rows, dtype=jnp.int32)
+        sims, index = jax.lax.top_k(jnp.where(index < num_train, sims, -jnp.inf), min(k, rows))
+        sims, index = jnp.concatenate([best[0], sims], 1), jnp.concatenate([best[1], start + index], 1)
+        top, where = jax.lax.top_k(sims, k)
+        return (top, jnp.take_along_axis(index, where, 1)), None
+
+    start = (jnp.full((len(test), k), -jnp.inf, test.dtype), jnp.zeros((len(test), k), jnp.int32))
+    starts = jnp.arange(train.shape[0], dtype=jnp.int32) * rows
+    return jax.lax.scan(merge, start, (train, starts))[0]
 
 
 def _vote(top_sim: np.ndarray, top_labels: np.ndarray, temperature: float, num_classes: int) -> np.ndarray:
@@ -67,10 +87,12 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     batch_size: int = 1024,
+    train_block: int = 8192,
 ) -> np.ndarray:
     """Predicted labels [N_test] by a temperature-weighted vote of the k most cosine-similar train samples.
 
     Ties in the vote go to the smaller class id. ``num_classes`` defaults to ``max(train_labels) + 1``.
+    Queries go in batches of ``batch_size`` against the train rows in blocks of at most ``train_block``.
     """
     train_features = check_features("train_features", train_features)
     test_features = check_features("test_features", test_features)
@@ -84,8 +106,8 @@ def knn_classify(
         raise ValueError(f"k={k} must be between 1 and the number of train samples ({len(train_features)})")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if batch_size < 1 or train_block < 1:
+        raise ValueError(f"batch_size={batch_size} and train_block={train_block} must be >= 1")
     min_classes = int(train_labels.max()) + 1
     num_classes = min_classes if num_classes is None else num_classes
     if num_classes < min_classes:
@@ -93,7 +115,11 @@ def knn_classify(
             f"num_classes={num_classes} is too small for train label {min_classes - 1}; pass >= {min_classes}"
         )
 
-    train = l2_normalize(jnp.asarray(train_features, jnp.float32))
+    num_blocks = -(-len(train_features) // train_block)
+    train_block = -(-len(train_features) // num_blocks)  # equal blocks: at most num_blocks - 1 padded rows
+    blocks = np.pad(np.asarray(train_features, np.float32), ((0, -len(train_features) % train_block), (0, 0)))
+    train = l2_normalize(jnp.asarray(blocks)).reshape(-1, train_block, blocks.shape[1])
+    num_train = jnp.int32(len(train_features))
     batch_size = min(batch_size, len(test_features))
     preds = []
     for start in range(0, len(test_features), batch_size):
@@ -101,7 +127,7 @@ def knn_classify(
         n = len(chunk)
         if n < batch_size:  # pad the last batch so every batch reuses one compiled program
             chunk = np.concatenate([chunk, np.ones((batch_size - n, chunk.shape[1]), np.float32)])
-        top_sim, top_idx = (np.asarray(a)[:n] for a in _top_k_neighbours(chunk, train, k=k))
+        top_sim, top_idx = (np.asarray(a)[:n] for a in _top_k_neighbours(chunk, train, num_train, k=k))
         preds.append(_vote(top_sim, train_labels[top_idx], temperature, num_classes))
     return np.concatenate(preds).astype(train_labels.dtype)
 

@@ -42,6 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from mlcd_jax.evaluate.knn import check_features, check_labels
+from mlcd_jax.evaluate.progress import progress
 
 COARSE_C_GRID: tuple[float, ...] = tuple(10.0**e for e in range(-6, 7, 2))  # CLIP's starting points
 REFINE_ROUNDS = 3  # interval 2 → 1 → 0.5 → 0.25 decades around the best C (CLIP goes on to 0.125)
@@ -112,28 +113,34 @@ def search_c(
 
     ``validate(c, start)`` fits at ``c``, warm-started from the fit at C = ``start`` (None: the C → 0
     optimum), and returns its validation accuracy; each C is fitted once. ``c_grid=None`` is CLIP's
-    coarse-to-fine search; an explicit grid is swept as given. Ties go to the smaller C.
+    coarse-to-fine search; an explicit grid is swept as given. Ties go to the smaller C. Process 0
+    shows the fits as a progress bar (a refinement that repeats a C ends it short of its total).
     """
     val_top1: dict[float, float] = {}
+    grid = sorted(float(c) for c in (COARSE_C_GRID if c_grid is None else c_grid))
+    bar = progress(len(grid) + (2 * REFINE_ROUNDS if c_grid is None else 0), "probe C search", "fit")
 
     def evaluate(c: float, start: float | None) -> None:
         if c not in val_top1:
             val_top1[c] = validate(c, start)
+            bar.set_postfix_str(f"C={c:g} val {val_top1[c]:.3f}", refresh=False)
+            bar.update()
 
     def best() -> float:  # highest validation accuracy; ties to the smaller C
         return max(sorted(val_top1), key=lambda c: val_top1[c])
 
-    previous = None
-    for c in sorted(float(c) for c in (COARSE_C_GRID if c_grid is None else c_grid)):
-        evaluate(c, previous)
-        previous = c
-    if c_grid is None:
-        step = 2.0  # decades between neighbouring points of the coarse grid
-        for _ in range(REFINE_ROUNDS):
-            step /= 2
-            centre = best()
-            for e in (np.log10(centre) - step, np.log10(centre) + step):
-                evaluate(float(f"{10.0**e:.4g}"), centre)  # 4 digits: no 0.0009999999 keys
+    with bar:
+        previous = None
+        for c in grid:
+            evaluate(c, previous)
+            previous = c
+        if c_grid is None:
+            step = 2.0  # decades between neighbouring points of the coarse grid
+            for _ in range(REFINE_ROUNDS):
+                step /= 2
+                centre = best()
+                for e in (np.log10(centre) - step, np.log10(centre) + step):
+                    evaluate(float(f"{10.0**e:.4g}"), centre)  # 4 digits: no 0.0009999999 keys
     return best(), dict(sorted(val_top1.items()))
 
 

@@ -1,0 +1,94 @@
+"""Streamed eval features (mlcd_jax/evaluate/stream.py, issue 30): batch by batch from any source, images of
+any sizes, the same features and metrics as a split loaded whole, and one-line errors naming the image."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlcd_jax import experiment, runs
+from mlcd_jax.data.pipeline import eval_pixels
+from mlcd_jax.data.source_base import SourceError
+from mlcd_jax.data.sources import FolderSource, load_arrays, open_source, open_split
+from mlcd_jax.evaluate import evaluators as ev
+from mlcd_jax.evaluate import stream
+from mlcd_jax.evaluate.knn import knn_accuracy
+from mlcd_jax.evaluate.linear_probe import linear_probe
+from mlcd_jax.models.features import pixel_features
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(root: Path, images: np.ndarray, labels: np.ndarray, ext: str = "png") -> None:
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(root / f"c{label}" / f"{i:04d}.{ext}")
+
+
+def test_a_folder_streams_the_pixels_of_the_arrays_it_was_written_from(tmp_path, monkeypatch):
+    """Batches of 16 (a partial last one) from PNG files: the features and labels of the arrays, exactly."""
+    monkeypatch.setattr(stream, "BATCH", 16)
+    images, labels = load_arrays("digits", "test", 40)
+    _write(tmp_path, images, labels)
+    folder = FolderSource(str(tmp_path))
+    order = np.argsort([f"c{y}/{i:04d}" for i, y in enumerate(labels)])  # the folder's sorted order
+    features, got_labels = stream.split_features(pixel_features, folder, 40, 16, "test")
+    np.testing.assert_array_equal(features, pixel_features(images[order]))
+    np.testing.assert_array_equal(got_labels, labels[order])
+    array_features, array_labels = stream.split_features(pixel_features, open_split("digits", "test"), 40, 16, "t")
+    np.testing.assert_array_equal(array_features, pixel_features(images))
+    np.testing.assert_array_equal(array_labels, labels)
+
+
+def test_images_of_mixed_sizes_are_each_resized_and_centre_cropped_to_the_model_size(tmp_path):
+    rng = np.random.default_rng(0)
+    shapes = [(20, 30, 3), (16, 16, 3), (40, 24, 1), (16, 16, 3)]
+    images = [rng.integers(0, 256, shape, np.uint8) for shape in shapes]
+    for i, image in enumerate(images):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp_path / "a" / f"{i}.png")
+    features, labels = stream.split_features(pixel_features, FolderSource(str(tmp_path)), 4, 16, "train")
+    expected = np.concatenate([eval_pixels(image[None], 16) for image in images])
+    np.testing.assert_array_equal(features, pixel_features(expected))
+    assert labels.tolist() == [0, 0, 0, 0] and features.dtype == np.float32
+
+
+def test_an_image_that_does_not_decode_or_has_no_label_is_named(tmp_path):
+    _write(tmp_path / "split", *load_arrays("digits", "test", 3))
+    (tmp_path / "split" / "c9").mkdir(exist_ok=True)
+    (tmp_path / "split" / "c9" / "broken.png").write_bytes(b"not a png")  # sorts last
+    with pytest.raises(SourceError, match=r"^c9/broken.png: "):
+        stream.split_features(pixel_features, FolderSource(str(tmp_path / "split")), 4, 8, "test")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "loose.png")
+    with pytest.raises(SourceError, match=r"^loose.png has no class label"):
+        stream.split_features(pixel_features, FolderSource(str(tmp_path)), 5, 8, "test")
+    with pytest.raises(SourceError, match="emoji/test has no class label"):
+        stream.split_features(pixel_features, open_source("emoji:test"), 3, 8, "test")
+
+
+def _demo_config(arg: str):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.eval.train_limit, c.eval.test_limit = 1000, 300  # batches of 256: a partial last one in each split
+    return c
+
+
+@pytest.mark.parametrize("demo", ["", "digits"])
+def test_streamed_features_and_metrics_equal_the_split_loaded_whole(demo):
+    """A random-init ViT on the demo sources (Fashion-MNIST, digits): kNN and linear-probe figures of the
+    evaluators (streamed) are those of the images loaded whole and embedded at once."""
+    c = _demo_config(demo)
+    target = experiment.model_target(c, "random-init", runs.build_model(c, c.seed))
+    train_x, train_y = load_arrays(c.eval.source, "train", c.eval.train_limit)
+    test_x, test_y = load_arrays(c.eval.source, "test", c.eval.test_limit)
+    whole = target.embed(train_x), train_y, target.embed(test_x), test_y
+    streamed = ev.eval_features(c, target)
+    for got, want in zip(streamed, whole):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    knn, probe = (ev.build_evaluators(c)[i] for i in (0, 1))
+    assert knn(target) == {"knn_top1": knn_accuracy(*whole, k=knn.k)}
+    assert probe(target) == {"linear_top1": linear_probe(*whole, seed=c.seed)["top1"]}
