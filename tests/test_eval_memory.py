@@ -75,7 +75,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 def evaluate_in_child(folder: Path, pythonpath: str = str(ROOT)) -> dict[str, float]:
     """Peak RSS (MiB), seconds and kNN top-1 of evaluating ``folder`` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": pythonpath}
+    # glibc's per-thread malloc arenas (the decode thread's, XLA's) made the same run's peak vary by ~19 %
+    # (946-1,127 MiB over six runs of 20K); with two arenas three runs stayed within 1 % (918-928 MiB)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "MALLOC_ARENA_MAX": "2"}
     done = subprocess.run([sys.executable, "-c", CHILD, str(folder)], env=env, capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
