@@ -1,7 +1,8 @@
 """Features of a labelled eval split, streamed from its source (issue 30): the split is read in batches of
 :data:`BATCH` images, each batch decoded and brought to one shape on the host, embedded on the devices,
 and only the features [N, d] (float32) and labels [N] are kept. Host memory holds two batches of images
-(one embedding while the next decodes), not the split, so it does not grow with the eval set.
+(one embedding while the next decodes, on a thread per core), not the split, so it does not grow with
+the eval set.
 
 A batch whose images all have one shape goes to the embedding as decoded (a ViT's extractor brings it to
 the model's size itself, the raw-pixel baseline flattens it: the same numbers as a split loaded whole);
@@ -16,6 +17,7 @@ inputs, as :class:`~mlcd_jax.models.features.FeatureExtractor` needs; only proce
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -30,38 +32,45 @@ BATCH = 256  # images read, decoded and embedded at a time (FeatureExtractor's d
 NO_LABEL = "has no class label (folders: DIR/<split>/<class>/...)"
 
 
-def read_images(source: Source, rows: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def read_images(
+    source: Source, rows: np.ndarray, image_size: int, pool: concurrent.futures.Executor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [b, H, W, C] and labels int64 [b] of ``source``'s items ``rows``: as decoded when
-    they share one shape, else each brought to ``image_size`` (3 channels). An item that does not
-    decode or has no label is a SourceError naming its key."""
+    they share one shape, else each brought to ``image_size`` (3 channels); decoded on ``pool``'s
+    threads when given (PIL decodes without the GIL). An item that does not decode or has no label is a
+    SourceError naming its key."""
     if isinstance(source, ArraySource):  # raw pixels: no PNG round trip
         if source.labels is None:
             raise SourceError(f"{source.name} {NO_LABEL}")
         return source.images[rows], np.asarray(source.labels[rows], np.int64)
-    images, labels = [], []
-    for index in rows:
+
+    def load(index: int) -> tuple[np.ndarray, int]:
         item = source[int(index)]
         try:
-            images.append(augment.decode_image(item["image"]))
+            image = augment.decode_image(item["image"])
         except ValueError as e:
             raise SourceError(f"{item['key']}: {e}") from e
         if item["label"] is None:
             raise SourceError(f"{item['key']} {NO_LABEL}")
-        labels.append(item["label"])
+        return image, item["label"]
+
+    loaded = list(pool.map(load, rows) if pool is not None else map(load, rows))
+    images = [image for image, _ in loaded]
     if any(image.shape != images[0].shape for image in images):
         images = [eval_pixels(image[None], image_size)[0] for image in images]
-    return np.stack(images), np.asarray(labels, np.int64)
+    return np.stack(images), np.asarray([label for _, label in loaded], np.int64)
 
 
 def _batches(source: Source, count: int, image_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """:func:`read_images` of the first ``count`` items in batches of :data:`BATCH`, the next batch read
-    on a thread while the caller embeds this one."""
+    (and decoded on a thread per core) while the caller embeds this one."""
     starts = range(0, count, BATCH)
+    decoders = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
     def read(start: int) -> tuple[np.ndarray, np.ndarray]:
-        return read_images(source, np.arange(start, min(start + BATCH, count)), image_size)
+        return read_images(source, np.arange(start, min(start + BATCH, count)), image_size, decoders)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    with decoders, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, starts[0]) if starts else None
         for start in starts:
             batch = pending.result()
