@@ -92,3 +92,56 @@ def test_streamed_features_and_metrics_equal_the_split_loaded_whole(demo):
     knn, probe = (ev.build_evaluators(c)[i] for i in (0, 1))
     assert knn(target) == {"knn_top1": knn_accuracy(*whole, k=knn.k)}
     assert probe(target) == {"linear_top1": linear_probe(*whole, seed=c.seed)["top1"]}
+
+
+def _tars(root: Path, folder: Path, split: str, per_tar: int) -> None:
+    """``folder``'s images in its own (sorted) order as WebDataset tars ``root/<split>-<t>.tar``: each
+    sample ``<class>_<name>.png`` with ``.cls`` (the folder's label for it) and ``.txt``."""
+    import io
+    import tarfile
+
+    files = sorted((folder / split).rglob("*.png"))
+    classes = sorted({path.parent.name for path in files})  # the folder's labels: its class folders' order
+    for t in range(0, len(files), per_tar):
+        with tarfile.open(root / f"{split}-{t // per_tar}.tar", "w") as tar:
+            for path in files[t : t + per_tar]:
+                stem = f"{path.parent.name}_{path.stem}"
+                label = str(classes.index(path.parent.name)).encode()
+                for name, data in ((f"{stem}.png", path.read_bytes()), (f"{stem}.cls", label), (f"{stem}.txt", b"a digit")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_wds_split_streams_as_the_same_images_in_a_folder(tmp_path, monkeypatch):
+    """``wds:DIR/{split}-{0..1}.tar``: indexed once, read by offset, labels from ``.cls``: the folder's
+    pixels, labels and features, in the tars' order; mistakes are one line naming the tar or sample."""
+    monkeypatch.setattr(stream, "BATCH", 16)
+    for split, n in (("train", 40), ("test", 20)):
+        images, labels = load_arrays("digits", split, n)
+        _write(tmp_path / "folder" / split, images, labels)
+        (tmp_path / "wds").mkdir(exist_ok=True)
+        _tars(tmp_path / "wds", tmp_path / "folder", split, per_tar=-(-n // 2))
+    spec = f"wds:{tmp_path}/wds/{{split}}-{{0..1}}.tar"
+    for split, n in (("train", 40), ("test", 20)):
+        tars, folder = open_split(spec, split), open_split(f"folder:{tmp_path / 'folder'}", split)
+        assert len(tars) == len(folder) == n and tars[3]["caption"] == "a digit"
+        assert tars.key(0).startswith(f"{split}-0/c")
+        got = stream.split_features(pixel_features, tars, n, 16, split)
+        want = stream.split_features(pixel_features, folder, n, 16, split)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(SourceError, match="has no {split} to name the 'test' split"):
+        open_split(f"wds:{tmp_path}/wds/test-{{0..1}}.tar", "test")
+    (tmp_path / "bad").mkdir()
+    _tars(tmp_path / "bad", tmp_path / "folder", "test", per_tar=20)
+    import tarfile
+
+    with tarfile.open(tmp_path / "bad" / "test-0.tar", "a") as tar:  # a sample whose class id is a word
+        import io
+
+        info = tarfile.TarInfo("zz.cls")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"two"))
+    with pytest.raises(SourceError, match="zz.cls holds 'two', not a class id"):
+        open_source(f"wds:{tmp_path}/bad/test-0.tar")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 SPLITS = ("train", "test", "all")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
     "a photo of a {}.",
     "a black and white photo of a {}.",
@@ -21,6 +23,14 @@ CAPTION_TEMPLATES = (  # a few of CLIP's ImageNet prompt templates
     "a photo of the {}.",
     "a close-up photo of a {}.",
 )
+
+
+def identity_digest(parts: Iterable[str], num_images: int | None) -> dict[str, Any]:
+    """``{"num_images", "sha256"}`` of ``parts`` (one line each); ``num_images`` None: not known up front."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\n")
+    return {"num_images": num_images, "sha256": digest.hexdigest()}
 
 
 class SourceError(ValueError):

@@ -26,8 +26,10 @@ Specs (``open_source(spec)`` / ``open_split(spec, split)`` / ``load_arrays(spec,
   IDX files).
 - ``arrayrecord:GLOB`` — MLCD records (``mlcd_jax.data.records``), e.g. to re-cluster existing shards
   with another teacher; label None.
-- ``wds:PATTERN`` — WebDataset tar shards, local or ``gs://``, for the clustering job only: they are
-  streams, not random access (:mod:`mlcd_jax.data.webdataset`, opened by ``mlcd_jax.cluster.context``).
+- ``wds:PATTERN`` — WebDataset tar shards, local or ``gs://``: the clustering job streams them
+  (:mod:`mlcd_jax.data.webdataset`, through :mod:`mlcd_jax.data.chunks`); opened here, e.g. to evaluate
+  on, their headers are indexed once and samples read by offset, ``{split}`` in the pattern naming the
+  split and ``.cls`` members the labels (:mod:`mlcd_jax.data.wds_split`).
 
 Raw-pixel sources (IDX, digits, emoji) store a lossless PNG of exactly their pixels; grayscale stays
 grayscale. Fashion-MNIST's and digits' items are captioned from their class (:func:`class_names`) with
@@ -44,7 +46,6 @@ else digits.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,10 +54,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlcd_jax.data import augment, fashion_mnist, records
-from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SPLITS, SourceError, decode_caption, item
+from mlcd_jax.data.source_base import (  # noqa: F401  (identity_digest: part of this module's interface)
+    CAPTION_TEMPLATES, IMAGE_EXTENSIONS, SPLITS, SourceError, decode_caption, identity_digest, item,
+)
 from mlcd_jax.data.tfds_source import TfdsSource
+from mlcd_jax.data.wds_split import open_wds_split
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGITS_TRAIN = 1437
 # Class names as CLIP's zero-shot prompts use them (lower case)
 FASHION_MNIST_CLASSES = (
@@ -87,14 +90,6 @@ def source_identity(source: Source, num_images: int) -> dict[str, Any]:
     source's keys and captions). A clustering job records it, so that resuming against a changed source
     is refused instead of mislabelling records (or mixing records with and without captions)."""
     return identity_digest(source.identity_parts(num_images), num_images)
-
-
-def identity_digest(parts: Iterable[str], num_images: int | None) -> dict[str, Any]:
-    """``{"num_images", "sha256"}`` of ``parts`` (one line each); ``num_images`` None: not known up front."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode("utf-8", "surrogateescape") + b"\n")
-    return {"num_images": num_images, "sha256": digest.hexdigest()}
 
 
 def templated_captions(images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> list[str]:
@@ -247,7 +242,7 @@ def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _parse(spec: str) -> tuple[str, list[str]]:
     kind, _, rest = spec.partition(":")
-    if kind in ("folder", "arrayrecord"):
+    if kind in ("folder", "arrayrecord", "wds"):
         if not rest:
             raise SourceError(f"source {spec!r} needs a path: {kind}:PATH")
         return kind, [rest]
@@ -279,12 +274,9 @@ def _emoji_args(spec: str, args: list[str]) -> tuple[int, str]:
 
 
 def _unknown(spec: str) -> SourceError:
-    if spec.startswith("wds:"):
-        return SourceError(f"{spec!r}: WebDataset tars are read by the clustering job (python -m mlcd_jax.cluster); "
-                           "train and evaluate on its shards (arrayrecord:GLOB) or on folder:DIR")
     return SourceError(
         f"unknown source {spec!r}: use folder:DIR, fashion_mnist[:DIR][:SPLIT], digits[:SPLIT], "
-        "emoji[:SIZE][:SPLIT], tfds:NAME[:SPLIT] or arrayrecord:GLOB (the clustering job also reads wds:PATTERN)"
+        "emoji[:SIZE][:SPLIT], tfds:NAME[:SPLIT], arrayrecord:GLOB or wds:PATTERN (tars; {split} in it names the split)"
     )
 
 
@@ -328,6 +320,8 @@ def _open(spec: str, split: str | None) -> Source:
         code_points, images = emoji.load(split, size)
         return ArraySource(f"emoji/{split}", images, None, [emoji.caption(int(c)) for c in code_points],
                            [emoji.key(int(c)) for c in code_points])
+    if kind == "wds":
+        return open_wds_split(args[0], split)
     if kind == "tfds":
         if not args or not args[0]:
             raise SourceError(f"source {spec!r} needs a dataset name: tfds:NAME[:SPLIT]")
@@ -363,7 +357,7 @@ def class_names(spec: str, split: str | None = None) -> list[str] | None:
             return [name.replace("_", " ") for name in feature.names]
         except Exception:  # unknown or unprepared dataset, no "label" feature or not a ClassLabel
             return None
-    if kind in ("emoji", "arrayrecord"):
+    if kind in ("emoji", "arrayrecord", "wds"):
         return None
     raise _unknown(spec)
 

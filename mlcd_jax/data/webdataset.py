@@ -31,8 +31,7 @@ from typing import BinaryIO
 
 from etils import epath
 
-from mlcd_jax.data.source_base import Chunks, Encoded, Read, SourceError, decode_caption
-from mlcd_jax.data.sources import IMAGE_EXTENSIONS, identity_digest
+from mlcd_jax.data.source_base import IMAGE_EXTENSIONS, Chunks, Encoded, Read, SourceError, decode_caption, identity_digest
 
 SPEC_PREFIX = "wds:"
 CAPTION_EXTENSION = ".txt"
@@ -87,7 +86,7 @@ def _glob(name: str) -> list[str]:
     return sorted(os.fspath(p) for p in root.glob("/".join(parts[first:])))
 
 
-def _sample_name(member: str) -> tuple[str, str]:
+def sample_name(member: str) -> tuple[str, str]:
     """(sample key, extension) of a member name: ``a/b.x.jpg`` -> (``a/b``, ``.x.jpg``)."""
     directory, base = os.path.split(member)
     stem, dot, ext = base.partition(".")
@@ -299,7 +298,7 @@ def _samples(stream: BinaryIO, prefix: str, path: str) -> Iterator[Sample | Skip
 
     try:
         for name, data in _members(stream):
-            key, ext = _sample_name(name)
+            key, ext = sample_name(name)
             if key != current and current is not None:
                 yield finish()
                 count += 1
@@ -312,7 +311,7 @@ def _samples(stream: BinaryIO, prefix: str, path: str) -> Iterator[Sample | Skip
     except (TarError, ValueError, EOFError, OSError, zlib.error) as e:  # zlib, EOFError: a truncated .tar.gz
         # The sample being read may miss members: it is skipped with the rest of the tar. When the cut
         # member starts another sample, the one before it is whole.
-        cut = _sample_name(e.member)[0] if isinstance(e, TarError) and e.member else None
+        cut = sample_name(e.member)[0] if isinstance(e, TarError) and e.member else None
         if cut is not None and current is not None and cut != current:
             yield finish()
             count += 1
