@@ -145,3 +145,26 @@ def test_a_wds_split_streams_as_the_same_images_in_a_folder(tmp_path, monkeypatc
         tar.addfile(info, io.BytesIO(b"two"))
     with pytest.raises(SourceError, match="zz.cls holds 'two', not a class id"):
         open_source(f"wds:{tmp_path}/bad/test-0.tar")
+
+
+def test_each_process_reads_only_its_own_rows_and_gets_every_feature(tmp_path, monkeypatch):
+    """The multi-process path (run here in one process on 8 devices): each batch's rows are read per
+    device block, only the blocks this process holds, and the features and labels equal the whole
+    batches' (a partial last batch included); read_labels reads a folder's labels from its paths."""
+    from mlcd_jax.models.features import FeatureExtractor
+
+    images, labels = load_arrays("digits", "test", 40)
+    _write(tmp_path, images, labels)
+    folder = FolderSource(str(tmp_path))
+    c = _demo_config("digits")  # a 16 px ViT
+    embed = FeatureExtractor(runs.build_model(c, 0), c.data.image_size, batch_size=16)
+    assert embed.own_rows() == [(2 * i, 2 * i + 2) for i in range(8)]  # 8 devices, 2 rows each
+    read = []
+    get = FolderSource.__getitem__
+    monkeypatch.setattr(FolderSource, "__getitem__", lambda self, i: read.append(i) or get(self, i))
+    got = stream._own_rows_features(embed, folder, 40, 16, "test")
+    assert sorted(read) == list(range(40))  # every image once (one process holds every block)
+    want = stream.split_features(embed, folder, 40, 16, "test")
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(stream.read_labels(folder, np.arange(40)), want[1])

@@ -10,8 +10,10 @@ a batch of mixed sizes is brought to the model's size image by image first (shor
 centre crop: :func:`~mlcd_jax.data.pipeline.eval_pixels`), as a batch needs one shape. Raw-pixel
 sources (:class:`~mlcd_jax.data.sources.ArraySource`) are sliced, without a PNG round trip.
 
-In a multi-process run every process reads the same batches and calls the embedding with the same
-inputs, as :class:`~mlcd_jax.models.features.FeatureExtractor` needs; only process 0 shows progress.
+In a multi-process run each host reads and decodes only the rows of each batch that its own devices
+embed (:meth:`~mlcd_jax.models.features.FeatureExtractor.own_rows`), and every process gets all the
+features back; other embeddings (raw pixels, a teacher) read every batch on every process. Only
+process 0 shows progress.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import jax
 import numpy as np
 
 from mlcd_jax.data import augment
@@ -27,6 +31,7 @@ from mlcd_jax.data.pipeline import eval_pixels
 from mlcd_jax.data.source_base import SourceError
 from mlcd_jax.data.sources import ArraySource, Source
 from mlcd_jax.evaluate.progress import progress
+from mlcd_jax.models.features import FeatureExtractor
 
 BATCH = 256  # images read, decoded and embedded at a time (FeatureExtractor's default batch)
 NO_LABEL = "has no class label (folders: DIR/<split>/<class>/...)"
@@ -78,6 +83,55 @@ def _batches(source: Source, count: int, image_size: int) -> Iterator[tuple[np.n
             yield batch
 
 
+def read_labels(source: Source, rows: np.ndarray) -> np.ndarray:
+    """Labels int64 [b] of ``source``'s items ``rows``, without decoding their images (a folder's from the
+    paths, others' from the items)."""
+    if isinstance(source, ArraySource):
+        if source.labels is None:
+            raise SourceError(f"{source.name} {NO_LABEL}")
+        return np.asarray(source.labels[rows], np.int64)
+    labels = []
+    for index in rows:
+        label = source.label(int(index)) if hasattr(source, "label") else source[int(index)]["label"]
+        if label is None:
+            raise SourceError(f"{source.key(int(index))} {NO_LABEL}")
+        labels.append(label)
+    return np.asarray(labels, np.int64)
+
+
+def _own_rows_features(
+    embed: FeatureExtractor, source: Source, count: int, image_size: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split_features` in a multi-process run: of each batch, this process reads and decodes only
+    the rows its devices hold (:meth:`FeatureExtractor.own_rows`), the next batch's on a thread while
+    the devices embed this one; every process gets every feature back, and reads every label."""
+    size, own = embed.batch_size, embed.own_rows()
+    decoders = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+
+    def read(start: int) -> tuple[int, dict[tuple[int, int], np.ndarray], np.ndarray]:
+        n = min(size, count - start)
+        parts = {(a, min(b, n)): read_images(source, np.arange(start + a, start + min(b, n)), image_size, decoders)[0]
+                 for a, b in own if a < n}
+        return n, parts, read_labels(source, np.arange(start, start + n))
+
+    labels = np.empty(count, np.int64)
+
+    def batches(pool: concurrent.futures.Executor, bar: Any) -> Iterator[tuple[int, Callable[[slice], np.ndarray]]]:
+        pending = pool.submit(read, 0)
+        for start in range(0, count, size):
+            n, parts, batch_labels = pending.result()
+            labels[start : start + n] = batch_labels
+            if start + size < count:
+                pending = pool.submit(read, start + size)
+            bar.update(n)
+            yield n, lambda part, parts=parts: parts[(part.start, part.stop)]
+
+    with decoders, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
+            progress(count, f"features {name}", "img") as bar:
+        features = np.asarray(embed.embed_batches(batches(pool, bar)), np.float32)
+    return features, labels
+
+
 def split_features(
     embed: Callable[[np.ndarray], np.ndarray], source: Source, count: int, image_size: int, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +139,8 @@ def split_features(
     items, streamed (see the module docstring); ``name`` labels the progress bar ("features train")."""
     if count < 1:
         raise SourceError(f"{name}: no images to embed")
+    if isinstance(embed, FeatureExtractor) and jax.process_count() > 1:
+        return _own_rows_features(embed, source, count, image_size, name)
     features, labels = None, np.empty(count, np.int64)
     with progress(count, f"features {name}", "img") as bar:
         start = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,17 +110,33 @@ class FeatureExtractor:
         self.input_size, self._tokens = image_size, tokens
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        sizes = range(0, len(images), self.batch_size)
+        return self.embed_batches((len(images[s : s + self.batch_size]), lambda part, s=s: images[s:][part])
+                                  for s in sizes)
+
+    def own_rows(self) -> list[tuple[int, int]]:
+        """The row ranges ``[a, b)`` of a batch that this process's devices hold: in a multi-process
+        run, the only rows it must read (one process: every row)."""
+        shape = (self.batch_size, self.input_size, self.input_size, self.channels)
+        held = self._place.batch.addressable_devices_indices_map(shape).values()
+        return sorted({(index[0].start or 0, self.batch_size if index[0].stop is None else index[0].stop)
+                       for index in held})
+
+    def embed_batches(self, batches: Iterable[tuple[int, Callable[[slice], np.ndarray]]]) -> np.ndarray:
+        """Features of consecutive batches, each ``(n, rows)`` with ``n <= batch_size`` images of which
+        ``rows(part)`` gives those of ``part`` (a slice of ``[0, n)``: uint8, of one shape); ``rows`` is
+        called for this process's rows only (:meth:`own_rows`)."""
         place, size = self._place, self.input_size
         out: list[np.ndarray] = []
         pending: tuple[jax.Array, int] | None = None
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            n = len(chunk)
+        for n, read in batches:
 
-            def rows(part: slice, chunk: np.ndarray = chunk) -> np.ndarray:
-                """uint8 eval pixels of the padded batch's rows ``part`` (rows past the chunk are zeros)."""
-                pixels = eval_pixels(chunk[part], size)
-                missing = len(range(*part.indices(self.batch_size))) - len(pixels)
+            def rows(part: slice, n: int = n, read: Callable[[slice], np.ndarray] = read) -> np.ndarray:
+                """uint8 eval pixels of the padded batch's rows ``part`` (rows past ``n`` are zeros)."""
+                lo, hi, _ = part.indices(self.batch_size)
+                pixels = (eval_pixels(read(slice(lo, min(hi, n))), size) if lo < n
+                          else np.zeros((0, size, size, self.channels), np.uint8))
+                missing = hi - lo - len(pixels)
                 return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), np.uint8)]) if missing else pixels
 
             x = place.put((self.batch_size, size, size, self.channels), rows)
