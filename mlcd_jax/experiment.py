@@ -22,6 +22,7 @@ from flax import nnx
 
 from mlcd_jax import identity, objectives, runs, train, workdir_lock
 from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.data.source_base import cache_root
 from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_split, evaluate
 
 # The baselines of ``config.eval.baselines`` that need no training, in table order, and their row names.
@@ -41,8 +42,7 @@ def cluster_cache_dir(config: ml_collections.ConfigDict) -> str:
         return config.data.cache_dir
     settings = config.data.cluster.to_json(sort_keys=True) + f"\nrecords v{CACHE_VERSION}"
     key = hashlib.sha256(settings.encode()).hexdigest()[:16]
-    root = os.environ.get("MLCD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlcd_jax"))
-    return os.path.join(root, "clusters", key)
+    return os.path.join(cache_root(), "clusters", key)
 
 
 def with_shards(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
