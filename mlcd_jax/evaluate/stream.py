@@ -21,7 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -35,6 +35,7 @@ from mlcd_jax.models.features import FeatureExtractor
 
 BATCH = 256  # images read, decoded and embedded at a time (FeatureExtractor's default batch)
 NO_LABEL = "has no class label (folders: DIR/<split>/<class>/...)"
+T = TypeVar("T")
 
 
 def read_images(
@@ -45,9 +46,7 @@ def read_images(
     threads when given (PIL decodes without the GIL). An item that does not decode or has no label is a
     SourceError naming its key."""
     if isinstance(source, ArraySource):  # raw pixels: no PNG round trip
-        if source.labels is None:
-            raise SourceError(f"{source.name} {NO_LABEL}")
-        return source.images[rows], np.asarray(source.labels[rows], np.int64)
+        return source.images[rows], read_labels(source, rows)
 
     def load(index: int) -> tuple[np.ndarray, int]:
         item = source[int(index)]
@@ -66,21 +65,26 @@ def read_images(
     return np.stack(images), np.asarray([label for _, label in loaded], np.int64)
 
 
-def _batches(source: Source, count: int, image_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`read_images` of the first ``count`` items in batches of :data:`BATCH`, the next batch read
-    (and decoded on a thread per core) while the caller embeds this one."""
-    starts = range(0, count, BATCH)
-    decoders = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+def _read_ahead(read: Callable[[int, concurrent.futures.Executor], T], starts: range) -> Iterator[T]:
+    """``read(start, decoders)`` for each of ``starts`` in order, the next one read on a thread (its
+    images decoded on ``decoders``, a thread per core) while the caller uses this one."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as decoders, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, starts[0], decoders) if starts else None
+        for i in range(len(starts)):
+            result = pending.result()
+            if i + 1 < len(starts):
+                pending = pool.submit(read, starts[i + 1], decoders)
+            yield result
 
-    def read(start: int) -> tuple[np.ndarray, np.ndarray]:
+
+def _batches(source: Source, count: int, image_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`read_images` of the first ``count`` items in batches of :data:`BATCH`, read ahead."""
+
+    def read(start: int, decoders: concurrent.futures.Executor) -> tuple[np.ndarray, np.ndarray]:
         return read_images(source, np.arange(start, min(start + BATCH, count)), image_size, decoders)
 
-    with decoders, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, starts[0]) if starts else None
-        for start in starts:
-            batch = pending.result()
-            pending = pool.submit(read, start + BATCH) if start + BATCH < count else None
-            yield batch
+    return _read_ahead(read, range(0, count, BATCH))
 
 
 def read_labels(source: Source, rows: np.ndarray) -> np.ndarray:
@@ -106,9 +110,8 @@ def _own_rows_features(
     the rows its devices hold (:meth:`FeatureExtractor.own_rows`), the next batch's on a thread while
     the devices embed this one; every process gets every feature back, and reads every label."""
     size, own = embed.batch_size, embed.own_rows()
-    decoders = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
-    def read(start: int) -> tuple[int, dict[tuple[int, int], np.ndarray], np.ndarray]:
+    def read(start: int, decoders: concurrent.futures.Executor) -> tuple[int, dict[tuple[int, int], np.ndarray], np.ndarray]:
         n = min(size, count - start)
         parts = {(a, min(b, n)): read_images(source, np.arange(start + a, start + min(b, n)), image_size, decoders)[0]
                  for a, b in own if a < n}
@@ -116,19 +119,14 @@ def _own_rows_features(
 
     labels = np.empty(count, np.int64)
 
-    def batches(pool: concurrent.futures.Executor, bar: Any) -> Iterator[tuple[int, Callable[[slice], np.ndarray]]]:
-        pending = pool.submit(read, 0)
-        for start in range(0, count, size):
-            n, parts, batch_labels = pending.result()
+    def batches(bar: Any) -> Iterator[tuple[int, Callable[[slice], np.ndarray]]]:
+        for start, (n, parts, batch_labels) in zip(range(0, count, size), _read_ahead(read, range(0, count, size))):
             labels[start : start + n] = batch_labels
-            if start + size < count:
-                pending = pool.submit(read, start + size)
             bar.update(n)
             yield n, lambda part, parts=parts: parts[(part.start, part.stop)]
 
-    with decoders, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, \
-            progress(count, f"features {name}", "img") as bar:
-        features = np.asarray(embed.embed_batches(batches(pool, bar)), np.float32)
+    with progress(count, f"features {name}", "img") as bar:
+        features = np.asarray(embed.embed_batches(batches(bar)), np.float32)
     return features, labels
 
 
