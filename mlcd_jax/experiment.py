@@ -151,7 +151,6 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> list[di
     """Results rows of the configured evaluators: the baselines that need no training, the trained model
     in ``workdir`` and, when ``eval.baselines`` has it and it was trained, the single-label run in
     ``workdir/single_label``. Writes ``workdir/results.json`` and prints the table."""
-
     baselines = configured_baselines(config)
     evaluators = build_evaluators(config)
     if any(e.labelled for e in evaluators):
