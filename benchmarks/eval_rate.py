@@ -1,6 +1,7 @@
-"""How fast the evaluation runs on this machine (issue 30): (a) streamed feature extraction, images/s, and
+"""How fast the evaluation runs on this machine (issue 30): (a) streamed feature extraction, images/s,
 (b) the on-device linear probe's L-BFGS, seconds per iteration and per probe, extrapolated to an
-ImageNet-1K probe (1.28M x 1,024 features, 1,000 classes).
+ImageNet-1K probe (1.28M x 1,024 features, 1,000 classes), and (c) the eval transform of ImageNet-sized
+images (shorter side to 224, centre crop) on the host by PIL against the device's share of it.
 
 (a) A folder of 224 px JPEGs (smooth noise) streamed through a random-init tiny ViT (patch 32, one block,
 width 64: the model of tests/test_eval_memory.py) by :func:`mlcd_jax.evaluate.stream.split_features`
@@ -13,6 +14,12 @@ cancels). Iterations
 per probe: the whole CLIP search at a smaller size (its fits' counts, the refit counted as the best C's).
 Extrapolation assumes an iteration costs in proportion to N * d * C (the logits' matmul and its
 gradient dominate) and that the ImageNet probe needs as many iterations as the synthetic one.
+
+(c) Decoded images of ImageNet's common sizes (500 x 375, 375 x 500, 500 x 333, 500 x 500): host
+seconds per image of :func:`~mlcd_jax.data.augment.resize_center_crop` (the whole transform in PIL)
+against :func:`~mlcd_jax.data.eval_resize.plan` + ``pack`` (the host's share when the device resizes),
+and the device's rate for :func:`~mlcd_jax.data.eval_resize.resize` in batches of 256 (here the "device"
+is this CPU).
 
 ``python benchmarks/eval_rate.py [--images 2048]`` (about 2 minutes on a 2-core CPU; progress bars on stderr).
 """
@@ -31,6 +38,7 @@ from PIL import Image
 
 from mlcd_jax import experiment, runs
 from mlcd_jax.config_lib import base_config
+from mlcd_jax.data import augment, eval_resize
 from mlcd_jax.data.sources import FolderSource
 from mlcd_jax.evaluate.device_probe import device_linear_probe
 from mlcd_jax.evaluate.linear_probe import COARSE_C_GRID, REFINE_ROUNDS
@@ -101,6 +109,31 @@ def probe_iterations(n: int, d: int, classes: int) -> tuple[int, float]:
     return sum(result["iterations"].values()) + result["iterations"][result["best_c"]], seconds
 
 
+def transform_rates(count: int = 256, size: int = 224) -> tuple[float, float, float]:
+    """(c): images per second of the eval transform of ``count`` decoded ImageNet-sized images: all of it
+    on the host by PIL, the host's share of the device path, and the device's resize."""
+    rng = np.random.default_rng(0)
+    shapes = [(500, 375), (375, 500), (500, 333), (500, 500)]
+    images = [rng.integers(0, 256, (*shapes[i % 4], 3), np.uint8) for i in range(count)]
+    start = time.perf_counter()
+    for image in images:
+        augment.resize_center_crop(image, size)
+    host = count / (time.perf_counter() - start)
+    side, taps = eval_resize.canvas_side([eval_resize.plan(image, size) for image in images], size)
+    canvas = np.empty((count, side, side, 3), np.uint8)
+    for _ in range(2):  # the second pass as the extractor runs: its canvas memory reused, taps cached
+        start = time.perf_counter()
+        plans = [eval_resize.plan(image, size) for image in images]
+        arrays = eval_resize.pack(plans, count, size, side, taps, out=canvas)
+        share = count / (time.perf_counter() - start)
+    resize = jax.jit(eval_resize.resize)
+    on_device = [jax.device_put(a) for a in arrays]
+    resize(*on_device).block_until_ready()  # compile
+    start = time.perf_counter()
+    resize(*on_device).block_until_ready()
+    return host, share, count / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048, help="JPEGs for the extraction rate")
@@ -122,6 +155,10 @@ def main() -> None:
     print(f"    ImageNet-1K probe on this machine: {iterations} iterations x {per_iteration * scale:.1f} s = "
           f"{iterations * per_iteration * scale / 3600:,.1f} h (assumes cost linear in N*d*C per iteration and "
           f"the synthetic probe's iteration count)", flush=True)
+    host, share, device = transform_rates()
+    print(f"(c) eval transform of 500 px images to 224: {host:,.0f} img/s all on the host (PIL), "
+          f"{share:,.0f} img/s the host's share of the device path ({share / host:.1f}x), "
+          f"{device:,.0f} img/s the resize on {jax.devices()[0].device_kind}", flush=True)
 
 
 if __name__ == "__main__":

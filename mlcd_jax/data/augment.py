@@ -78,16 +78,27 @@ def _array(img: Image.Image, channels: int) -> np.ndarray:
     return out[:, :, None] if channels == 1 else out
 
 
+def eval_box(h: int, w: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the eval transform's crop in an h x w image: the centred square of
+    side min(h, w), which resized to the model's size is "shorter side resized, then centre crop"."""
+    side = min(h, w)
+    top, left = (h - side) / 2, (w - side) / 2
+    return left, top, left + side, top + side
+
+
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Eval transform: resize the shorter side to ``size`` (bicubic), then centre-crop ``size``x``size``."""
+    """Eval transform: resize the shorter side to ``size`` (bicubic), then centre-crop ``size``x``size``.
+
+    PIL's bicubic resampling of the :func:`eval_box`, along the width first, then the height: one
+    ``resize`` call per axis, so that the order does not depend on the Pillow version (Pillow 13 resizes
+    some tall images along the height first, which rounds the intermediate differently) and
+    :mod:`mlcd_jax.data.eval_resize` can reproduce it exactly on the device."""
     h, w, c = image.shape
     if h == w == size:
         return image
-    scale = size / min(h, w)
-    ch, cw = size / scale, size / scale  # crop box in source pixels
-    top, left = (h - ch) / 2, (w - cw) / 2
-    img = _pil(image).resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
-    return _array(img, c)
+    left, top, right, bottom = eval_box(h, w)
+    wide = _pil(image).resize((size, h), Image.Resampling.BICUBIC, box=(left, 0, right, h))
+    return _array(wide.resize((size, size), Image.Resampling.BICUBIC, box=(0, top, size, bottom)), c)
 
 
 def shrink_to_fit(image: np.ndarray, size: int) -> np.ndarray:

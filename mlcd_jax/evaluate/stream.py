@@ -4,10 +4,11 @@ and only the features [N, d] (float32) and labels [N] are kept. Host memory hold
 (one embedding while the next decodes, on a thread per core), not the split, so it does not grow with
 the eval set.
 
-A batch whose images all have one shape goes to the embedding as decoded (a ViT's extractor brings it to
-the model's size itself, the raw-pixel baseline flattens it: the same numbers as a split loaded whole);
-a batch of mixed sizes is brought to the model's size image by image first (shorter side resized,
-centre crop: :func:`~mlcd_jax.data.pipeline.eval_pixels`), as a batch needs one shape. Raw-pixel
+A ViT's extractor takes the images as decoded, of any sizes, and brings them to the model's size on the
+devices (:mod:`~mlcd_jax.data.eval_resize`: shorter side resized, centre crop, exactly as
+:func:`~mlcd_jax.data.augment.resize_center_crop` does on the host). Other embeddings (the raw-pixel
+baseline, which flattens its images) get a batch as decoded when its images share one shape, else each
+image brought to the model's size on the host (:func:`~mlcd_jax.data.pipeline.eval_pixels`). Raw-pixel
 sources (:class:`~mlcd_jax.data.sources.ArraySource`) are sliced, without a PNG round trip.
 
 In a multi-process run each host reads and decodes only the rows of each batch that its own devices
@@ -39,12 +40,14 @@ T = TypeVar("T")
 
 
 def read_images(
-    source: Source, rows: np.ndarray, image_size: int, pool: concurrent.futures.Executor | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    source: Source, rows: np.ndarray, image_size: int, pool: concurrent.futures.Executor | None = None,
+    *, host_resize: bool = True,
+) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
     """Images uint8 [b, H, W, C] and labels int64 [b] of ``source``'s items ``rows``: as decoded when
-    they share one shape, else each brought to ``image_size`` (3 channels); decoded on ``pool``'s
-    threads when given (PIL decodes without the GIL). An item that does not decode or has no label is a
-    SourceError naming its key."""
+    they share one shape, else each brought to ``image_size`` (3 channels), or with ``host_resize=False``
+    a list of them as decoded (for a :class:`FeatureExtractor`, which resizes on the devices); decoded
+    on ``pool``'s threads when given (PIL decodes without the GIL). An item that does not decode or has
+    no label is a SourceError naming its key."""
     if isinstance(source, ArraySource):  # raw pixels: no PNG round trip
         return source.images[rows], read_labels(source, rows)
 
@@ -60,9 +63,12 @@ def read_images(
 
     loaded = list(pool.map(load, rows) if pool is not None else map(load, rows))
     images = [image for image, _ in loaded]
+    labels = np.asarray([label for _, label in loaded], np.int64)
     if any(image.shape != images[0].shape for image in images):
+        if not host_resize:
+            return images, labels
         images = [eval_pixels(image[None], image_size)[0] for image in images]
-    return np.stack(images), np.asarray([label for _, label in loaded], np.int64)
+    return np.stack(images), labels
 
 
 def _read_ahead(read: Callable[[int, concurrent.futures.Executor], T], starts: range) -> Iterator[T]:
@@ -78,11 +84,14 @@ def _read_ahead(read: Callable[[int, concurrent.futures.Executor], T], starts: r
             yield result
 
 
-def _batches(source: Source, count: int, image_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(
+    source: Source, count: int, image_size: int, host_resize: bool
+) -> Iterator[tuple[np.ndarray | list[np.ndarray], np.ndarray]]:
     """:func:`read_images` of the first ``count`` items in batches of :data:`BATCH`, read ahead."""
 
-    def read(start: int, decoders: concurrent.futures.Executor) -> tuple[np.ndarray, np.ndarray]:
-        return read_images(source, np.arange(start, min(start + BATCH, count)), image_size, decoders)
+    def read(start: int, decoders: concurrent.futures.Executor) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+        rows = np.arange(start, min(start + BATCH, count))
+        return read_images(source, rows, image_size, decoders, host_resize=host_resize)
 
     return _read_ahead(read, range(0, count, BATCH))
 
@@ -111,9 +120,10 @@ def _own_rows_features(
     the devices embed this one; every process gets every feature back, and reads every label."""
     size, own = embed.batch_size, embed.own_rows()
 
-    def read(start: int, decoders: concurrent.futures.Executor) -> tuple[int, dict[tuple[int, int], np.ndarray], np.ndarray]:
+    def read(start: int, decoders: concurrent.futures.Executor) -> tuple[int, dict[tuple[int, int], Any], np.ndarray]:
         n = min(size, count - start)
-        parts = {(a, min(b, n)): read_images(source, np.arange(start + a, start + min(b, n)), image_size, decoders)[0]
+        parts = {(a, min(b, n)): read_images(source, np.arange(start + a, start + min(b, n)), image_size, decoders,
+                                             host_resize=False)[0]
                  for a, b in own if a < n}
         return n, parts, read_labels(source, np.arange(start, start + n))
 
@@ -142,7 +152,7 @@ def split_features(
     features, labels = None, np.empty(count, np.int64)
     with progress(count, f"features {name}", "img") as bar:
         start = 0
-        for images, batch_labels in _batches(source, count, image_size):
+        for images, batch_labels in _batches(source, count, image_size, not isinstance(embed, FeatureExtractor)):
             got = np.asarray(embed(images), np.float32)
             if features is None:
                 features = np.empty((count, got.shape[1]), np.float32)

@@ -14,8 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import sharding
-from mlcd_jax.data import augment
-from mlcd_jax.data.pipeline import eval_pixels
+from mlcd_jax.data import augment, eval_resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +88,10 @@ def _state_mesh(state: nnx.State) -> Mesh | None:
 class FeatureExtractor:
     """Pooled features [N, d] (or last hidden states [N, 1+n, w] with ``tokens=True``) of uint8 images.
 
-    Images are resized / centre-cropped as at eval time on the host (nothing to do for images already of
-    the model's size, as the clustering job's are), sent as uint8, normalised on the device and run
-    through one jitted forward in fixed-size batches (the last one padded), so a single compiled program
-    serves every call.
+    Images of any size are sent as uint8 (those not of the model's size as the window that the eval
+    transform reads, resized and centre-cropped on the device: :mod:`~mlcd_jax.data.eval_resize`),
+    normalised on the device and run through one jitted forward in fixed-size batches (the last one
+    padded), so a single compiled program serves every call.
     The forward is data-parallel over the mesh the weights live on, or for weights on one device over
     all devices (``devices`` when given) with the weights replicated; see :class:`_Placement`. The host
     prepares batch i + 1 while the devices run batch i.
@@ -108,8 +107,10 @@ class FeatureExtractor:
         self._place = _Placement.of(model, batch_size, devices)
         self.batch_size = self._place.batch_size
         self.input_size, self._tokens = image_size, tokens
+        self._canvases: dict[tuple[int, tuple[int, int]], np.ndarray] = {}  # (slot, rows) -> canvas memory
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Features of uint8 ``images`` ([N, H, W, C], or a list of [H, W, C] of any sizes)."""
         sizes = range(0, len(images), self.batch_size)
         return self.embed_batches((len(images[s : s + self.batch_size]), lambda part, s=s: images[s:][part])
                                   for s in sizes)
@@ -122,25 +123,18 @@ class FeatureExtractor:
         return sorted({(index[0].start or 0, self.batch_size if index[0].stop is None else index[0].stop)
                        for index in held})
 
-    def embed_batches(self, batches: Iterable[tuple[int, Callable[[slice], np.ndarray]]]) -> np.ndarray:
+    def embed_batches(self, batches: Iterable[tuple[int, Callable[[slice], Sequence[np.ndarray]]]]) -> np.ndarray:
         """Features of consecutive batches, each ``(n, rows)`` with ``n <= batch_size`` images of which
-        ``rows(part)`` gives those of ``part`` (a slice of ``[0, n)``: uint8, of one shape); ``rows`` is
-        called for this process's rows only (:meth:`own_rows`)."""
-        place, size = self._place, self.input_size
+        ``rows(part)`` gives those of ``part`` (a slice of ``[0, n)``): uint8 [H, W, C] images of any
+        sizes, as an array or a list; ``rows`` is called for this process's rows only (:meth:`own_rows`).
+        Images not of the model's size are resized and centre-cropped on the devices
+        (:mod:`~mlcd_jax.data.eval_resize`: PIL's numbers exactly); the host only cuts out their windows."""
+        place, own = self._place, self.own_rows()
         out: list[np.ndarray] = []
         pending: tuple[jax.Array, int] | None = None
-        for n, read in batches:
-
-            def rows(part: slice, n: int = n, read: Callable[[slice], np.ndarray] = read) -> np.ndarray:
-                """uint8 eval pixels of the padded batch's rows ``part`` (rows past ``n`` are zeros)."""
-                lo, hi, _ = part.indices(self.batch_size)
-                pixels = (eval_pixels(read(slice(lo, min(hi, n))), size) if lo < n
-                          else np.zeros((0, size, size, self.channels), np.uint8))
-                missing = hi - lo - len(pixels)
-                return np.concatenate([pixels, np.zeros((missing, *pixels.shape[1:]), np.uint8)]) if missing else pixels
-
-            x = place.put((self.batch_size, size, size, self.channels), rows)
-            result = _forward(place.graphdef, place.state, x, self._tokens, place.out)
+        for i, (n, read) in enumerate(batches):
+            parts = {(a, b): read(slice(a, min(b, n))) if a < n else [] for a, b in own}
+            result = _forward(place.graphdef, place.state, self._pixels(parts, slot=i % 2), self._tokens, place.out)
             if pending is not None:  # dispatch is asynchronous: fetch the previous batch only now
                 out.append(np.asarray(pending[0])[: pending[1]])
             pending = (result, n)
@@ -148,6 +142,47 @@ class FeatureExtractor:
             raise ValueError("no images to embed")
         out.append(np.asarray(pending[0])[: pending[1]])
         return np.concatenate(out)
+
+    def _pixels(self, parts: dict[tuple[int, int], Sequence[np.ndarray]], slot: int) -> jax.Array:
+        """uint8 eval pixels [batch_size, S, S, C] on the devices from this process's rows (rows past the
+        batch's images are zeros): placed as they are when every image already has the model's size (one
+        process only: processes that read different rows must run the same programs), else cut to
+        their windows, packed on canvases and resized on the devices.
+
+        The canvases of batch ``slot`` (0 or 1) reuse the memory of the batch before the last, whose
+        features have been fetched, so its programs are done with it: fresh canvases cost more in page
+        faults than the copy itself (a 256-image canvas for 224 px is 200 MB)."""
+        size, channels, b = self.input_size, self.channels, self.batch_size
+        shape = (size, size, channels)
+        if jax.process_count() == 1 and all(image.shape == shape for images in parts.values() for image in images):
+            def rows(part: slice) -> np.ndarray:
+                images = parts[_key(part, b)]
+                got = np.asarray(images) if len(images) else np.zeros((0, *shape), np.uint8)
+                missing = _key(part, b)[1] - _key(part, b)[0] - len(got)
+                return np.concatenate([got, np.zeros((missing, *shape), np.uint8)]) if missing else got
+
+            return self._place.put((b, *shape), rows)
+        plans = {key: [eval_resize.plan(image, size, channels) for image in images] for key, images in parts.items()}
+        everything = [p for ps in plans.values() for p in ps]
+        side, taps = eval_resize.fixed_canvas(size) if jax.process_count() > 1 else eval_resize.canvas_side(everything, size)
+        packed = {}
+        for key, ps in plans.items():
+            want = (key[1] - key[0], side, side, channels)
+            if self._canvases.get((slot, key), np.empty(0)).shape != want:
+                self._canvases[(slot, key)] = np.empty(want, np.uint8)
+            packed[key] = eval_resize.pack(ps, want[0], size, side, taps, channels, out=self._canvases[(slot, key)])
+        first = next(iter(packed.values()))
+        arrays = [self._place.put((b, *array.shape[1:]), lambda part, i=i: packed[_key(part, b)][i])
+                  for i, array in enumerate(first)]
+        return _resize(*arrays)
+
+
+def _key(part: slice, batch_size: int) -> tuple[int, int]:
+    """A device's rows ``part`` of a batch as :meth:`FeatureExtractor.own_rows` names them."""
+    return part.start or 0, batch_size if part.stop is None else part.stop
+
+
+_resize = jax.jit(eval_resize.resize)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
