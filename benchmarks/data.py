@@ -39,7 +39,7 @@ from PIL import Image
 
 from mlcd_jax.cluster.writer import write_shard
 from mlcd_jax.data import augment, order, records
-from mlcd_jax.data.fashion_mnist import FASHION_MNIST_DIR
+from mlcd_jax.data.sources.fashion_mnist import FASHION_MNIST_DIR
 from mlcd_jax.data.pipeline import ToCanvas, SkipLog, make_train_loader
 from mlcd_jax.data.sampling import GlobalOrderSampler
 from mlcd_jax.data.sources import load_arrays

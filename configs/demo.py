@@ -20,7 +20,7 @@ import ml_collections
 
 from mlcd_jax.cluster.config import default_config as cluster_config
 from mlcd_jax.config_lib import base_config
-from mlcd_jax.data import fashion_mnist
+from mlcd_jax.data.sources import fashion_mnist
 
 # Per dataset: image size, k, steps (batch 256).
 SIZING = {

@@ -12,7 +12,8 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from mlcd_jax import cluster
-from mlcd_jax.data import augment, emoji, records, sources
+from mlcd_jax.data import augment, records, sources
+from mlcd_jax.data.sources import emoji
 from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError
 from mlcd_jax.data.sources import (
     DIGIT_CLASSES,
@@ -206,3 +207,33 @@ def test_missing_emoji_font_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji, "FONT_PATH", str(tmp_path / "NotoColorEmoji.ttf"))
     with pytest.raises(SourceError, match="install Debian's fonts-noto-color-emoji"):
         open_source("emoji:test")
+
+
+def test_a_new_source_kind_is_one_module(tmp_path, monkeypatch):
+    """The registry finds every module of mlcd_jax.data.sources that defines KIND: a module added to the
+    package (here a folder put on its path) is a new spec prefix for open_source, open_split,
+    class_names, the loaders and the clustering job's chunks, with no other edit."""
+    (tmp_path / "noise.py").write_text(
+        "import numpy as np\n"
+        "from mlcd_jax.data.sources.base import ArraySource, Kind\n"
+        "def _open(spec, args, split):\n"
+        "    n = int(args[0]) if args else 4\n"
+        "    images = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), np.uint8)\n"
+        "    return ArraySource(f'noise/{split or \"train\"}', images, np.arange(n) % 2)\n"
+        "KIND = Kind('noise', 'noise[:N]', _open, lambda args, split: ['odd', 'even'])\n"
+    )
+    monkeypatch.setattr(sources, "__path__", [*sources.__path__, str(tmp_path)])
+    sources.kinds.cache_clear()
+    try:
+        assert len(sources.open_source("noise:6")) == 6
+        images, labels = sources.load_arrays("noise:5", "test")
+        assert images.shape == (5, 8, 8, 3) and labels.tolist() == [0, 1, 0, 1, 0]
+        assert sources.class_names("noise") == ["odd", "even"]
+        from mlcd_jax.data.chunks import open_chunks
+
+        chunks = open_chunks("noise:7", 3)
+        assert [chunks.chunk_size(c) for c in range(chunks.num_chunks)] == [3, 3, 1]
+        with pytest.raises(SourceError, match="noise\\[:N\\]"):  # listed among the kinds
+            sources.open_source("nosuch")
+    finally:
+        sources.kinds.cache_clear()

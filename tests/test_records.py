@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mlcd_jax.data import augment, records
-from mlcd_jax.data import fashion_mnist as fmnist  # "fashion_mnist" is a fixture here
+from mlcd_jax.data.sources import fashion_mnist as fmnist  # "fashion_mnist" is a fixture here
 from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError
 from mlcd_jax.data.sources import load_arrays, open_source
 

@@ -1,9 +1,9 @@
 """Any source spec opened as :class:`~mlcd_jax.data.source_base.Chunks`, what the clustering job reads.
 
 A random-access source (every spec :func:`mlcd_jax.data.sources.open_source` opens) is cut into chunks of
-``shard_size`` consecutive images of its first ``limit``; a streamed source (:data:`STREAMED`: ``wds:``
-tar files, one chunk per tar) brings its own chunks. A new streamed source is one module with a
-:class:`~mlcd_jax.data.source_base.Chunks` class and one entry here.
+``shard_size`` consecutive images of its first ``limit``; a streamed source (a source kind with
+``chunks``: ``wds:`` tar files, one chunk per tar) brings its own chunks. A new source of either sort
+is one module of :mod:`mlcd_jax.data.sources`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from mlcd_jax.data import webdataset
 from mlcd_jax.data.source_base import Chunks, Encoded, Read
-from mlcd_jax.data.sources import Source, open_source, source_identity
+from mlcd_jax.data.sources import Source, parse, source_identity
 
-# Spec prefix -> (pattern, limit) -> the Chunks of a streamed source.
-STREAMED: dict[str, Callable[[str, int], Chunks]] = {webdataset.SPEC_PREFIX: webdataset.TarChunks}
 
 
 class IndexedChunks(Chunks):
@@ -67,7 +64,7 @@ class IndexedChunks(Chunks):
 def open_chunks(spec: str, shard_size: int, limit: int = 0) -> Chunks:
     """The chunks of source ``spec``: its streamed source's, or ``shard_size`` images each of its first
     ``limit`` (0: all); a spec that names nothing usable is a ``SourceError``."""
-    for prefix, streamed in STREAMED.items():
-        if spec.startswith(prefix):
-            return streamed(spec[len(prefix):], limit)
-    return IndexedChunks(open_source(spec), shard_size, limit)
+    kind, args = parse(spec)
+    if kind.chunks is not None:
+        return kind.chunks(args, limit)
+    return IndexedChunks(kind.open(spec, args, None), shard_size, limit)

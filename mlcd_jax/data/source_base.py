@@ -1,5 +1,5 @@
 """What the source modules share (:mod:`mlcd_jax.data.sources` and the ones it opens, e.g.
-:mod:`mlcd_jax.data.emoji`, :mod:`mlcd_jax.data.tfds_source`, :mod:`mlcd_jax.data.webdataset`): the
+:mod:`mlcd_jax.data.sources.emoji`, :mod:`mlcd_jax.data.sources.tfds`, :mod:`mlcd_jax.data.webdataset`): the
 error, the split names, the cache root, the item layout, caption decoding, CLIP-style caption templates
 and :class:`Chunks`, a source as the clustering job reads it. A leaf module, so a source module imports
 it without importing the spec parser that imports the source modules."""
@@ -75,7 +75,7 @@ class Chunks(abc.ABC):
 
     @abc.abstractmethod
     def identity(self) -> dict[str, Any]:
-        """``{"num_images", "sha256"}`` of what names the images (``sources.identity_digest``): a job
+        """``{"num_images", "sha256"}`` of what names the images (:func:`identity_digest`): a job
         records it and refuses to resume against a changed source."""
 
     @abc.abstractmethod

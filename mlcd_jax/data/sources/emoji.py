@@ -1,4 +1,5 @@
-"""Emoji rendered from Debian's fonts-noto-color-emoji: a small offline image–text dataset.
+"""Emoji rendered from Debian's fonts-noto-color-emoji: a small offline image–text dataset, the
+``emoji[:SIZE][:SPLIT]`` spec (SIZE px, default 32; no labels, keys ``U+1F304``).
 
 One RGB image per single-code-point emoji that the font really draws (its cmap maps the code point to
 a glyph other than ``.notdef`` and the drawing is not empty: no space, tags, joiners or variation
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mlcd_jax import fileio
 from mlcd_jax.data.source_base import SPLITS, SourceError, cache_root
+from mlcd_jax.data.sources.base import ArraySource, Kind
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_PACKAGE = "fonts-noto-color-emoji"
@@ -121,3 +123,21 @@ def load(
         return code_points, images
     keep = np.array([split_of(int(cp)) == split for cp in code_points], bool)
     return code_points[keep], images[keep]
+
+
+def _open(spec: str, args: list[str], split: str | None) -> ArraySource:
+    size, own = DEFAULT_SIZE, "train"
+    for arg in args:
+        if arg in SPLITS:
+            own = arg
+        elif arg.isdigit() and int(arg) > 0:
+            size = int(arg)
+        else:
+            raise SourceError(f"{spec!r}: {arg!r} is neither a split ({', '.join(SPLITS)}) nor an image size in px")
+    split = split or own
+    code_points, images = load(split, size)
+    return ArraySource(f"emoji/{split}", images, None, [caption(int(c)) for c in code_points],
+                       [key(int(c)) for c in code_points])
+
+
+KIND = Kind("emoji", "emoji[:SIZE][:SPLIT]", _open)

@@ -20,7 +20,8 @@ from typing import Any
 from etils import epath
 
 from mlcd_jax.data.source_base import IMAGE_EXTENSIONS, SourceError, decode_caption, item
-from mlcd_jax.data.webdataset import SPEC_PREFIX, WebDatasetSource, sample_name
+from mlcd_jax.data.sources.base import Kind
+from mlcd_jax.data.webdataset import SPEC_PREFIX, TarChunks, WebDatasetSource, sample_name
 
 LABEL_EXTENSION = ".cls"
 
@@ -112,4 +113,6 @@ def open_wds_split(pattern: str, split: str | None) -> TarIndexSource:
     return TarIndexSource(pattern)
 
 
-
+KIND = Kind("wds", "wds:PATTERN (tars; {split} in it names the split)",
+            lambda spec, args, split: open_wds_split(args[0], split), path=True,
+            chunks=lambda args, limit: TarChunks(args[0], limit))  # the clustering job streams the tars

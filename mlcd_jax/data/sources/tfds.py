@@ -1,5 +1,7 @@
 """``tfds:NAME[:SPLIT]``: a prepared TFDS dataset in ArrayRecord format through ``tfds.data_source``
-(never downloads), the image feature read undecoded (see :mod:`mlcd_jax.data.sources`)."""
+(never downloads), the image feature read undecoded, so the bytes are the stored originals
+(``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files). Class names from the
+builder's ``ClassLabel`` where it is available offline."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError, decode_caption, item
+from mlcd_jax.data.sources.base import Kind
 
 TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
 
@@ -60,3 +63,23 @@ class TfdsSource:
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
+
+
+def _open(spec: str, args: list[str], split: str | None) -> TfdsSource:
+    if not args or not args[0]:
+        raise SourceError(f"source {spec!r} needs a dataset name: tfds:NAME[:SPLIT]")
+    return TfdsSource(args[0], split or (args[1] if len(args) > 1 else "train"))
+
+
+def _class_names(args: list[str], split: str | None) -> list[str] | None:
+    """The ``label`` feature's names, where the builder is available offline and has a ClassLabel."""
+    import tensorflow_datasets as tfds
+
+    try:
+        feature = tfds.builder(args[0]).info.features["label"]
+        return [name.replace("_", " ") for name in feature.names]
+    except Exception:  # unknown or unprepared dataset, no "label" feature or not a ClassLabel
+        return None
+
+
+KIND = Kind("tfds", "tfds:NAME[:SPLIT]", _open, _class_names)

@@ -1,7 +1,9 @@
 """Fashion-MNIST's IDX files: read from Debian's ``dataset-fashion-mnist`` (or any directory), or
 downloaded once into ``$MLCD_JAX_CACHE/fashion_mnist``; and the demo's choice of source
-(:func:`demo_source`). The ``fashion_mnist[:DIR][:SPLIT]`` spec of :mod:`mlcd_jax.data.sources` reads
-through :func:`arrays`."""
+(:func:`demo_source`); and the ``fashion_mnist[:DIR][:SPLIT]`` spec: the IDX files in DIR (default
+/usr/share/datasets/fashion-mnist), SPLIT ``train`` (60,000, the default), ``test`` (10,000) or ``all``
+(train then test), e.g. ``fashion_mnist:test``, ``fashion_mnist:/data/fm:train``; captioned from the
+class names ("a photo of a sneaker.")."""
 
 from __future__ import annotations
 
@@ -17,11 +19,16 @@ import urllib.request
 
 import numpy as np
 
-from mlcd_jax.data.source_base import SourceError, cache_root
+from mlcd_jax.data.source_base import SPLITS, SourceError, cache_root
+from mlcd_jax.data.sources.base import ArraySource, Kind, classified
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (  # the IDX reader's names, also the names on Fashion-MNIST's download host
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+)
+# Class names as CLIP's zero-shot prompts use them (lower case)
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
 )
 ONLINE_TIMEOUT_S = 3.0  # the HEAD probe of the download host before a download
 
@@ -165,3 +172,18 @@ def demo_source() -> str:
         flush=True,
     )
     return "digits"
+
+
+def _open(spec: str, args: list[str], split: str | None) -> ArraySource:
+    """The spec's split (or ``split``) of the IDX files in its directory (default Debian's)."""
+    directory, own = FASHION_MNIST_DIR, "train"
+    for arg in args:
+        if arg in SPLITS:
+            own = arg
+        else:
+            directory = arg
+    split = split or own
+    return classified(f"fashion_mnist/{split}", *arrays(directory, split), FASHION_MNIST_CLASSES)
+
+
+KIND = Kind("fashion_mnist", "fashion_mnist[:DIR][:SPLIT]", _open, lambda args, split: list(FASHION_MNIST_CLASSES))
