@@ -105,7 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.protoclip.w_proto = 1.0
     c.protoclip.w_external = 1.0
     c.protoclip.temperature = 0.01  # of the soft targets
-    c.protoclip.external = "tfidf"  # the external teacher: "tfidf" (TF-IDF + SVD of the captions) or "" (none)
+    # the external teacher: "tfidf" (TF-IDF + SVD of the captions, offline), "hf:DIR" / "hf-hub:ORG/NAME" (a text
+    # model's mean-pooled features, PCA to external_dim: the release used hf-hub:FacebookAI/roberta-large), "" (none)
+    c.protoclip.external = "tfidf"
     c.protoclip.external_dim = 64
 
     c.data = ml_collections.ConfigDict()

@@ -239,3 +239,56 @@ def test_tfidf_teacher_groups_identical_captions():
     np.testing.assert_array_equal(teacher, episodes.tfidf_teacher(captions, dim=64, seed=0))
     tiny = episodes.tfidf_teacher(["red car", "red car", "blue sky"], dim=64)
     assert tiny.shape == (3, 3) and np.allclose(tiny[0], tiny[1])
+
+
+def _tiny_text_model(directory, words):
+    """A random-weight BERT (2 layers, width 32) and a WordPiece tokenizer over ``words``, saved as a
+    local HF checkpoint: a text model the external teacher loads offline, as it would RoBERTa-large."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+
+
+def test_hf_text_teacher_mean_pools_a_local_text_model_then_pca(tmp_path):
+    """protoclip.external=hf:DIR: each caption's token states averaged without its batch's padding (a
+    caption alone gives the same features), PCA to the requested width, unit rows; identical captions
+    identical rows; a directory that holds no text model is one config error."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from mlcd_jax.config_lib import ConfigError, base_config
+    from mlcd_jax.interop.sentence_features import mean_pooled
+
+    captions = ["a red car parked on the street", "a dog", "a bowl of fresh fruit on a table", "a dog",
+                "snowy mountains under a blue sky", "a red car"] * 3
+    _tiny_text_model(tmp_path / "bert", " ".join(captions).split())
+    spec = f"hf:{tmp_path / 'bert'}"
+    features = mean_pooled(captions, spec, batch_size=4)  # batches of mixed lengths: padding in each
+    tokenizer, model = AutoTokenizer.from_pretrained(tmp_path / "bert"), AutoModel.from_pretrained(tmp_path / "bert")
+    with torch.no_grad():
+        alone = model(**tokenizer([captions[2]], return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
+    np.testing.assert_allclose(features[2], alone, rtol=1e-4, atol=1e-5)
+    assert features.shape == (18, 32) and features.dtype == np.float32
+    teacher = episodes.external_teacher(captions, spec, dim=4, seed=0)
+    assert teacher.shape == (18, 4)
+    np.testing.assert_allclose(np.linalg.norm(teacher, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(teacher[1], teacher[3])
+    np.testing.assert_array_equal(teacher, episodes.hf_text_teacher(captions, spec, dim=4, seed=0))
+    assert episodes.external_teacher(captions, "", 4, 0) is None
+    with pytest.raises(ConfigError, match="not a text model"):
+        mean_pooled(captions, f"hf:{tmp_path}")
+    config = base_config()
+    config.loss.kind, config.batch_size = "protoclip", 256
+    config.protoclip.episode_size, config.protoclip.num_clusters = 2560, 100
+    for good in ("tfidf", "", spec, "hf-hub:FacebookAI/roberta-large"):
+        config.protoclip.external = good
+        episodes.ProtoCLIP.validate(config)
+    config.protoclip.external = "roberta"
+    with pytest.raises(ConfigError, match="use tfidf, hf:DIR or hf-hub:ORG/NAME"):
+        episodes.ProtoCLIP.validate(config)

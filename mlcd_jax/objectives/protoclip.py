@@ -90,8 +90,9 @@ class ProtoCLIP(ImageText):
                               f"batch_size={config.batch_size}")
         if not 0 < p.num_clusters <= p.episode_size:
             raise ConfigError(f"protoclip.num_clusters={p.num_clusters} must be in [1, episode_size={p.episode_size}]")
-        if p.external not in ("", "tfidf"):
-            raise ConfigError(f"protoclip.external={p.external!r}: use tfidf or '' (none)")
+        if p.external not in ("", "tfidf") and not p.external.startswith(("hf:", "hf-hub:")):
+            raise ConfigError(f"protoclip.external={p.external!r}: use tfidf, hf:DIR or hf-hub:ORG/NAME (a text "
+                              "model, mean-pooled) or '' (none)")
         if jax.process_count() > 1:
             raise ConfigError("loss.kind=protoclip runs in one process (its episode pass reads the whole episode)")
 
@@ -137,8 +138,8 @@ class ProtoCLIP(ImageText):
         """Rebuilds the episode state when a step starts a new episode (episode 0 trains InfoNCE only)."""
         config = self.config
         steps_per_episode = config.protoclip.episode_size // config.batch_size
-        external = (tfidf_teacher(list(loader.decoded.captions), config.protoclip.external_dim, config.seed)
-                    if config.protoclip.external else None)
+        p = config.protoclip
+        external = external_teacher(list(loader.decoded.captions), p.external, p.external_dim, config.seed)
         features_fn = self._features_fn()
         built = int(state["episode"]["index"])  # the episode whose labels the state holds
 
@@ -259,3 +260,27 @@ def tfidf_teacher(captions: Sequence[str], dim: int = 64, seed: int = 0) -> np.n
         return kmeans.l2_normalize(tfidf.toarray())
     reduced = TruncatedSVD(n_components=components, random_state=seed).fit_transform(tfidf)
     return kmeans.l2_normalize(reduced)
+
+
+def hf_text_teacher(captions: Sequence[str], spec: str, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """ProtoCLIP's released external teacher: ``captions`` embedded by the HF text model ``spec``
+    (mean-pooled, :func:`mlcd_jax.interop.sentence_features.mean_pooled`), reduced to ``min(dim, N, hidden)`` by
+    PCA fitted on them, rows L2-normalised, float32 [N, dim']."""
+    from sklearn.decomposition import PCA
+
+    from mlcd_jax.cluster import kmeans
+    from mlcd_jax.interop.sentence_features import mean_pooled
+
+    features = mean_pooled(captions, spec)  # transform, not fit_transform: identical captions, identical rows
+    reduced = PCA(n_components=min(dim, *features.shape), random_state=seed).fit(features).transform(features)
+    return kmeans.l2_normalize(reduced.astype(np.float32))
+
+
+def external_teacher(captions: Sequence[str], spec: str, dim: int, seed: int) -> np.ndarray | None:
+    """The features of ``protoclip.external``: ``tfidf`` (offline), an HF text model (``hf:`` /
+    ``hf-hub:``), or None for ``''`` (no external teacher)."""
+    if not spec:
+        return None
+    if spec == "tfidf":
+        return tfidf_teacher(captions, dim, seed)
+    return hf_text_teacher(captions, spec, dim, seed)
