@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from mlcd_jax.data import augment, records
 from mlcd_jax.data.sources import fashion_mnist as fmnist  # "fashion_mnist" is a fixture here
 from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError
-from mlcd_jax.data.sources import load_arrays, open_source
+from mlcd_jax.data.sources import class_names, load_arrays, open_source
 
 
 def _record(**overrides):
@@ -131,6 +131,45 @@ def test_tfds_source_reads_an_mnist_style_dataset_like_the_idx_files(fashion_mni
     assert sorted((int(y), x[..., 0].tobytes()) for x, y in zip(images, labels)) == want
     with pytest.raises(SourceError, match="tfds:mlcd_test_garments:validation is not available locally"):
         open_source("tfds:mlcd_test_garments:validation")
+
+
+def test_a_manual_download_dataset_is_prepared_from_its_manual_dir_then_read(fashion_mnist, tmp_path, monkeypatch):
+    """ImageNet's path, with a stand-in: a tfds builder that only reads files put in its manual_dir (as
+    imagenet2012 reads the ILSVRC2012 tars). Unprepared, the source names the command that prepares it;
+    that command, run as printed, makes the ArrayRecord files the source then reads; the evaluation's
+    test split is its validation split (its test split is unlabelled, as imagenet2012's)."""
+    from mlcd_jax.data.sources.tfds import prepare_command
+
+    class MlcdTestManual(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "put images.npy and labels.npy in manual_dir"
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(28, 28, 1)),
+                "label": tfds.features.ClassLabel(names=["t-shirt", "trouser", "pullover", "dress", "coat",
+                                                         "sandal", "shirt", "sneaker", "bag", "ankle boot"])}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(dl_manager.manual_dir, split) for split in ("validation", "test")}
+
+        def _generate_examples(self, manual_dir, split):
+            images, labels = np.load(manual_dir / "images.npy"), np.load(manual_dir / "labels.npy")
+            for i, (x, y) in enumerate(zip(images, labels)):  # the test split unlabelled (-1), as imagenet2012's
+                yield i, {"image": augment.encode_png(x), "label": int(y) if split == "validation" else -1}
+
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(SourceError, match="prepare it once in ArrayRecord format: python -c .*manual_dir='DIR'"):
+        open_source("tfds:mlcd_test_manual:validation")
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    np.save(manual / "images.npy", fashion_mnist.images["test"][:7, :, :, None])
+    np.save(manual / "labels.npy", fashion_mnist.labels["test"][:7])
+    command = prepare_command("mlcd_test_manual").replace("DIR", str(manual))
+    exec(command.removeprefix('python -c "').removesuffix('"'))  # in this process: the builder class is here
+    images, labels = load_arrays("tfds:mlcd_test_manual", split="test")  # the evaluation's split: validation here
+    assert images.shape == (7, 28, 28, 1) and sorted(labels.tolist()) == sorted(fashion_mnist.labels["test"][:7].tolist())
+    assert class_names("tfds:mlcd_test_manual")[7] == "sneaker"
 
 
 # ---------------------------------------------------------------- the demo's data

@@ -1,5 +1,5 @@
 """``tfds:NAME[:SPLIT]``: a prepared TFDS dataset in ArrayRecord format through ``tfds.data_source``
-(never downloads), the image feature read undecoded, so the bytes are the stored originals
+(never downloads; :func:`prepare_command` prepares one, ImageNet from its tars in a ``manual_dir``), the image feature read undecoded, so the bytes are the stored originals
 (``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files). Class names from the
 builder's ``ClassLabel`` where it is available offline."""
 
@@ -13,6 +13,14 @@ from mlcd_jax.data.source_base import CAPTION_TEMPLATES, SourceError, decode_cap
 from mlcd_jax.data.sources.base import Kind
 
 TFDS_CAPTION_KEYS = ("caption", "text", "captions")  # a tfds dataset's text features that are its captions
+
+
+def prepare_command(name: str) -> str:
+    """The one command that prepares dataset ``name`` for this source (ArrayRecord files under tfds's data
+    dir); ``manual_dir`` holds the files of a dataset that cannot be downloaded (imagenet2012: ILSVRC2012's
+    ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar``)."""
+    return (f'python -c "import tensorflow_datasets as tfds; tfds.builder(\'{name}\', file_format=\'array_record\')'
+            f'.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=\'DIR\'))"')
 
 
 class TfdsSource:
@@ -30,7 +38,8 @@ class TfdsSource:
         except StopIteration:
             raise SourceError(f"tfds dataset {name!r} has no Image feature") from None
         except Exception as e:  # tfds raises many types for missing / unprepared datasets
-            raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e})") from e
+            raise SourceError(f"tfds:{name}:{split} is not available locally ({type(e).__name__}: {e}); prepare it "
+                              f"once in ArrayRecord format: {prepare_command(name)}") from e
         self.name, self.split, self.image_key = name, split, image_key
         features = builder.info.features
         self.label_key = "label" if "label" in features else None
@@ -66,9 +75,18 @@ class TfdsSource:
 
 
 def _open(spec: str, args: list[str], split: str | None) -> TfdsSource:
+    """``tfds:NAME[:SPLIT]``; asked for the ``test`` split (the evaluation's), a dataset whose ``test``
+    split is missing or unlabelled (labels -1, as imagenet2012's) gives its ``validation`` split."""
     if not args or not args[0]:
         raise SourceError(f"source {spec!r} needs a dataset name: tfds:NAME[:SPLIT]")
-    return TfdsSource(args[0], split or (args[1] if len(args) > 1 else "train"))
+    if split != "test":
+        return TfdsSource(args[0], split or (args[1] if len(args) > 1 else "train"))
+    try:
+        source = TfdsSource(args[0], "test")
+    except SourceError:
+        return TfdsSource(args[0], "validation")
+    labelled = source.label_key is None or len(source) == 0 or source[0]["label"] >= 0
+    return source if labelled else TfdsSource(args[0], "validation")
 
 
 def _class_names(args: list[str], split: str | None) -> list[str] | None:
