@@ -51,7 +51,6 @@ def get_config(arg: str = ""):
     c.loss.num_classes = sizing["num_clusters"]
     c.loss.top_l = 8
     c.loss.sample_ratio = 0.5
-    c.loss.proto_lr_mult = 10.0
 
     c.batch_size = 256
     c.num_train_steps = sizing["steps"]
