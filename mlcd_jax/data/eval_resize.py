@@ -46,6 +46,12 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
+def _tap_count(scale: float) -> int:
+    """PIL's taps per output pixel (``ksize``) for ``scale`` input pixels per output pixel: bicubic's
+    support of 2, widened by the scale when downsampling, on both sides, plus one."""
+    return int(math.ceil(2.0 * max(scale, 1.0))) * 2 + 1
+
+
 @functools.lru_cache(maxsize=4096)
 def _taps(in_size: int, in0: float, in1: float, out: int) -> tuple[np.ndarray, np.ndarray]:
     """PIL's resampling taps along one axis (``precompute_coeffs`` and ``normalize_coeffs_8bpc``): the
@@ -54,7 +60,7 @@ def _taps(in_size: int, in0: float, in1: float, out: int) -> tuple[np.ndarray, n
     scale = float(np.float32(in1) - np.float32(in0)) / out
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
-    taps = int(math.ceil(support)) * 2 + 1
+    taps = _tap_count(scale)
     center = float(np.float32(in0)) + (np.arange(out) + 0.5) * scale
     first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's (int): truncation
     count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
@@ -122,7 +128,7 @@ def fixed_canvas(size: int, limit: int | None = None) -> tuple[int, int]:
     """(canvas side, taps) that hold any plan made with ``limit``: for processes that must agree on the
     batch's shapes without seeing each other's images."""
     limit = default_limit(size) if limit is None else limit
-    return limit, int(math.ceil(2.0 * max(limit / size, 1.0))) * 2 + 1
+    return limit, _tap_count(limit / size)
 
 
 def pack(

@@ -30,12 +30,11 @@ import numpy as np
 from mlcd_jax.data import augment
 from mlcd_jax.data.pipeline import eval_pixels
 from mlcd_jax.data.source_base import SourceError
-from mlcd_jax.data.sources import ArraySource, Source
+from mlcd_jax.data.sources import NO_LABEL, ArraySource, Source
 from mlcd_jax.evaluate.progress import progress
 from mlcd_jax.models.features import FeatureExtractor
 
 BATCH = 256  # images read, decoded and embedded at a time (FeatureExtractor's default batch)
-NO_LABEL = "has no class label (folders: DIR/<split>/<class>/...)"
 T = TypeVar("T")
 
 

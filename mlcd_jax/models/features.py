@@ -120,8 +120,7 @@ class FeatureExtractor:
         run, the only rows it must read (one process: every row)."""
         shape = (self.batch_size, self.input_size, self.input_size, self.channels)
         held = self._place.batch.addressable_devices_indices_map(shape).values()
-        return sorted({(index[0].start or 0, self.batch_size if index[0].stop is None else index[0].stop)
-                       for index in held})
+        return sorted({_key(index[0], self.batch_size) for index in held})
 
     def embed_batches(self, batches: Iterable[tuple[int, Callable[[slice], Sequence[np.ndarray]]]]) -> np.ndarray:
         """Features of consecutive batches, each ``(n, rows)`` with ``n <= batch_size`` images of which
@@ -156,9 +155,10 @@ class FeatureExtractor:
         shape = (size, size, channels)
         if jax.process_count() == 1 and all(image.shape == shape for images in parts.values() for image in images):
             def rows(part: slice) -> np.ndarray:
-                images = parts[_key(part, b)]
+                start, stop = _key(part, b)
+                images = parts[(start, stop)]
                 got = np.asarray(images) if len(images) else np.zeros((0, *shape), np.uint8)
-                missing = _key(part, b)[1] - _key(part, b)[0] - len(got)
+                missing = stop - start - len(got)
                 return np.concatenate([got, np.zeros((missing, *shape), np.uint8)]) if missing else got
 
             return self._place.put((b, *shape), rows)
@@ -178,7 +178,7 @@ class FeatureExtractor:
 
 
 def _key(part: slice, batch_size: int) -> tuple[int, int]:
-    """A device's rows ``part`` of a batch as :meth:`FeatureExtractor.own_rows` names them."""
+    """A device's rows ``part`` of a batch as ``(start, stop)``, the names of :meth:`FeatureExtractor.own_rows`."""
     return part.start or 0, batch_size if part.stop is None else part.stop
 
 

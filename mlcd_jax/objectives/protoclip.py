@@ -271,8 +271,9 @@ def hf_text_teacher(captions: Sequence[str], spec: str, dim: int = 64, seed: int
     from mlcd_jax.cluster import kmeans
     from mlcd_jax.interop.sentence_features import mean_pooled
 
-    features = mean_pooled(captions, spec)  # transform, not fit_transform: identical captions, identical rows
-    reduced = PCA(n_components=min(dim, *features.shape), random_state=seed).fit(features).transform(features)
+    features = mean_pooled(captions, spec)
+    pca = PCA(n_components=min(dim, *features.shape), random_state=seed).fit(features)
+    reduced = pca.transform(features)  # not fit_transform (U·S): identical captions keep identical rows
     return kmeans.l2_normalize(reduced.astype(np.float32))
 
 

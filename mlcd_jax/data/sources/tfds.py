@@ -1,7 +1,8 @@
 """``tfds:NAME[:SPLIT]``: a prepared TFDS dataset in ArrayRecord format through ``tfds.data_source``
-(never downloads; :func:`prepare_command` prepares one, ImageNet from its tars in a ``manual_dir``), the image feature read undecoded, so the bytes are the stored originals
-(``tfds:fashion_mnist`` loads as uint8 [N, 28, 28, 1], like the IDX files). Class names from the
-builder's ``ClassLabel`` where it is available offline."""
+(never downloads; :func:`prepare_command` prepares one, ImageNet from its tars in a ``manual_dir``). The
+image feature is read undecoded, so the bytes are the stored originals (``tfds:fashion_mnist`` loads as
+uint8 [N, 28, 28, 1], like the IDX files). Class names from the builder's ``ClassLabel`` where it is
+available offline."""
 
 from __future__ import annotations
 
