@@ -286,6 +286,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
     import jax.numpy as jnp
 
     from mlcd_jax import sharding, train
+    from mlcd_jax.config_lib import train_augment
     from mlcd_jax.data import pipeline
 
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices(topology, num_slices))
@@ -305,7 +306,7 @@ def plan(config: Any, topology: Topology, num_slices: int = 1, hlo_dir: str | No
     batch.update({name: spec((b, *shape), dtype) for name, (shape, dtype) in setup.objective.input_specs(config).items()})
 
     def preprocess(canvases: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return pipeline.canvas_to_inputs(canvases, image_size=size, augment=config.data.augment,
+        return pipeline.canvas_to_inputs(canvases, image_size=size, augment=train_augment(config),
                                          crop_scale=tuple(config.data.crop_scale))
 
     result: dict[str, Any] = {

@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shards = ""  # clustering output dir (with manifest.json) or a glob of ArrayRecord shards
     c.data.image_size = 224
     c.data.augment = True
+    # ProtoCLIP's "light augmentation" on top of the crop and flip: colour jitter, grey and a Gaussian blur,
+    # each with p 0.2 (its release pairs it with data.crop_scale=(0.5, 1.0)); needs data.augment.
+    c.data.light_augment = False
     # Random-resized-crop area range (torchvision's / the paper's default); tiny images need less.
     c.data.crop_scale = (0.08, 1.0)
     c.data.patch_drop = 0.0  # FLIP: the fraction of patch tokens dropped per image in training (0.5 in FLIP)
@@ -158,6 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.source = ""  # e.g. "fashion_mnist": the labelled images (train -> test split) evaluators use
     c.eval.train_limit = 0
     c.eval.test_limit = 0
+    c.eval.batch_size = 256  # images read, decoded and embedded at a time (device memory: one batch's inputs)
     # Evaluators with every > 0 score, during training, this fraction of the train split held out (a fixed
     # draw, the same for every run and seed) against the rest; the test split is read after training only.
     c.eval.heldout_fraction = 0.1
@@ -190,3 +194,14 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
             target = target[part]
         target[leaf] = value
     return c
+
+
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+    """``eval.batch_size``: images embedded at a time (256 for a run recorded before the key existed)."""
+    return int(config.eval.get("batch_size", 256))
+
+
+def train_augment(config: ml_collections.ConfigDict) -> bool | str:
+    """The training augmentation ``augment_batch`` takes: ``"light"`` with ``data.light_augment``, else
+    ``data.augment`` (True: crop and flip; False: centre crop)."""
+    return "light" if config.data.get("light_augment") and config.data.augment else bool(config.data.augment)

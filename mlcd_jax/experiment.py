@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from mlcd_jax import identity, objectives, runs, train, workdir_lock
-from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.config_lib import ConfigError, eval_batch_size
 from mlcd_jax.data.source_base import cache_root
 from mlcd_jax.evaluate.evaluators import HELDOUT, Target, build_evaluators, eval_split, evaluate
 
@@ -108,7 +108,8 @@ def model_target(
     from mlcd_jax.models.features import FeatureExtractor, TextEncoder
 
     encode_text = TextEncoder(text_model) if text_model is not None else None
-    return Target(name, FeatureExtractor(model, config.data.image_size), model, workdir, encode_text)
+    extractor = FeatureExtractor(model, config.data.image_size, batch_size=eval_batch_size(config))
+    return Target(name, extractor, model, workdir, encode_text)
 
 
 def baseline_row(config: ml_collections.ConfigDict, baseline: str) -> dict[str, Any]:
@@ -195,7 +196,7 @@ def evaluate_model(config: ml_collections.ConfigDict, spec: str, workdir: str) -
     config.data.image_size = model.config.image_size
     print(f"evaluating {spec} ({model.config.image_size} px, width {model.config.width}, "
           f"{'with' if text is not None else 'without'} a text tower) on {config.eval.source}", flush=True)
-    target = Target(spec, FeatureExtractor(model, model.config.image_size), model,
+    target = Target(spec, FeatureExtractor(model, model.config.image_size, batch_size=eval_batch_size(config)), model,
                     encode_text=TextEncoder(text) if text is not None else None)
     return _reported([evaluate(build_evaluators(config), target)], workdir)
 

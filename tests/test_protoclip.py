@@ -292,3 +292,61 @@ def test_hf_text_teacher_mean_pools_a_local_text_model_then_pca(tmp_path):
     config.protoclip.external = "roberta"
     with pytest.raises(ConfigError, match="use tfidf, hf:DIR or hf-hub:ORG/NAME"):
         episodes.ProtoCLIP.validate(config)
+
+
+# --- the projection heads as released: Linear -> BatchNorm -> ReLU -> Linear, no weight decay ----------
+
+
+def _protoclip_setup(batch: int = 16):
+    """A ProtoCLIP TrainSetup: the image-text demo's towers at 16 px, on the fake devices."""
+    from mlcd_jax import sharding, train
+    from mlcd_jax.configs import lit_demo
+
+    c = lit_demo.get_config()
+    c.loss.kind, c.data.image_size, c.batch_size, c.warmup_steps = "protoclip", 16, batch, 0
+    c.model.overrides = {"patch_size": 8}
+    c.protoclip.episode_size, c.protoclip.num_clusters, c.protoclip.head_hidden = 2 * batch, 4, 32
+    return train.TrainSetup.create(c, sharding.make_mesh(dict(c.mesh)), num_train_steps=10)
+
+
+def test_heads_normalise_by_the_batch_and_renew_their_running_averages_in_the_step():
+    """One train step: each head's BatchNorm statistics move by a tenth towards the global batch's
+    (PyTorch's momentum 0.1), and the head's training output is the NumPy Linear-BN-ReLU-Linear of them."""
+    from mlcd_jax import train
+
+    setup = _protoclip_setup()
+    goal, state = setup.objective, setup.init_state(0)
+    assert set(state["head_stats"]["image"]["bn"]) == {"mean", "var"}
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32), "labels": np.zeros((16, 8), np.int32),
+             "tokens": rng.integers(1, 100, (16, 16)).astype(np.int32), "episode_pos": np.arange(16, dtype=np.int32)}
+    before = jax.device_get({k: state[k] for k in ("params", "text", "heads", "head_stats")})
+    # the embeddings the step's heads see, from the towers before the update
+    image = np.asarray(setup.merge(before["params"])(jnp.asarray(batch["image"]), deterministic=True)[0])
+    text = np.asarray(goal.models["text"].merge(before["text"])(jnp.asarray(batch["tokens"])))
+    state, _ = train.make_train_step(setup)(state, batch)
+    after = jax.device_get(state["head_stats"])
+    for name, x in (("image", image), ("text", text)):
+        p = before["heads"][name]
+        h = x.astype(np.float64) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+        mean, var = h.mean(0), h.var(0)
+        np.testing.assert_allclose(after[name]["bn"]["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(after[name]["bn"]["var"], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)
+        heads = goal.heads.merge(*jax.tree.map(jnp.asarray, (before["heads"], before["head_stats"])))
+        z = np.maximum((h - mean) / np.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"], 0)
+        want = z @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+        np.testing.assert_allclose(np.asarray(getattr(heads, name)(jnp.asarray(x), train=True)), want, atol=1e-4)
+    # the image head starts as a copy of the text head (the released deepcopy)
+    jax.tree.map(np.testing.assert_array_equal, before["heads"]["image"], before["heads"]["text"])
+
+
+def test_heads_are_excluded_from_weight_decay_and_the_towers_are_not():
+    """With zero gradients AdamW's first update is its weight decay alone: none on the heads."""
+    setup = _protoclip_setup()
+    trainable = {k: jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), setup.abstract_state[k])
+                 for k in setup.objective.trainable}
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    updates, _ = jax.jit(setup.tx.update)(zeros, setup.tx.init(trainable), trainable)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates["heads"]))
+    for key in ("params", "text"):  # their matrix weights decay
+        assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates[key]))

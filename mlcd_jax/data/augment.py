@@ -183,17 +183,104 @@ def _convert_channels(image: jax.Array, num_channels: int) -> jax.Array:
     return image
 
 
+# ProtoCLIP's "light augmentation" (the released ``protoclip-light-augmentation`` transform), after the crop
+# and flip: colour jitter (brightness, contrast and saturation factors in [0.2, 1.8], a hue shift in
+# [-0.2, 0.2], in a random order), grey and a Gaussian blur (21 taps, sigma in [0.1, 2]), each with p 0.2.
+LIGHT_P = 0.2
+AUGMENTS = (False, True, "light")  # data.augment's values (augment_batch)
+JITTER = (0.8, 0.8, 0.8, 0.2)
+BLUR_TAPS, BLUR_SIGMA = 21, (0.1, 2.0)
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # numpy: importing must not start a JAX backend
+
+
+def _grey(image: jax.Array) -> jax.Array:
+    """[..., C] in [0, 1] -> its luma [..., 1] (C = 1: itself)."""
+    return image if image.shape[-1] == 1 else image @ _LUMA[:, None]
+
+
+def _hsv(image: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """RGB [..., 3] in [0, 1] -> hue (in turns, [0, 1)), saturation and value [...]."""
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    value, low = image.max(-1), image.min(-1)
+    chroma = value - low
+    saturation = chroma / jnp.where(value == 0, 1.0, value)
+    c = jnp.where(chroma == 0, 1.0, chroma)
+    hue = jnp.where(value == r, (g - b) / c, jnp.where(value == g, 2.0 + (b - r) / c, 4.0 + (r - g) / c))
+    return jnp.where(chroma == 0, 0.0, hue / 6.0) % 1.0, saturation, value
+
+
+def _rgb(hue: jax.Array, saturation: jax.Array, value: jax.Array) -> jax.Array:
+    """The inverse of :func:`_hsv`: [...] each -> RGB [..., 3]."""
+    k = (jnp.asarray([5.0, 3.0, 1.0]) + hue[..., None] * 6.0) % 6.0
+    return value[..., None] - value[..., None] * saturation[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def shift_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
+    """RGB [..., 3] in [0, 1] with its hue rotated by ``shift`` turns (grey images: unchanged)."""
+    if image.shape[-1] == 1:
+        return image
+    hue, saturation, value = _hsv(image)
+    return _rgb((hue + shift) % 1.0, saturation, value)
+
+
+def colour_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
+    """torchvision's ``ColorJitter(*JITTER)`` of one image [S, S, C] in [0, 1]: brightness, contrast
+    (against the mean grey), saturation (against the pixel's grey) and hue, in a random order."""
+    k_order, k_factors, k_hue = jax.random.split(key, 3)
+    factors = jax.random.uniform(k_factors, (3,), minval=1.0 - jnp.asarray(JITTER[:3]), maxval=1.0 + jnp.asarray(JITTER[:3]))
+    hue = jax.random.uniform(k_hue, (), minval=-JITTER[3], maxval=JITTER[3])
+
+    def blend(x: jax.Array, other: jax.Array, f: jax.Array) -> jax.Array:
+        return jnp.clip(f * x + (1.0 - f) * other, 0.0, 1.0)
+
+    ops = (lambda x: blend(x, 0.0, factors[0]), lambda x: blend(x, _grey(x).mean(), factors[1]),
+           lambda x: blend(x, _grey(x), factors[2]), lambda x: shift_hue(x, hue))
+    for op in jax.random.permutation(k_order, 4):
+        image = jax.lax.switch(op, ops, image)
+    return image
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
+    """One image [S, S, C] blurred by a :data:`BLUR_TAPS`-tap Gaussian of ``sigma`` pixels, separably,
+    the border reflected (torchvision's ``GaussianBlur``); S must exceed ``BLUR_TAPS // 2``."""
+    half = BLUR_TAPS // 2
+    weights = jnp.exp(-0.5 * (jnp.arange(-half, half + 1, dtype=jnp.float32) / sigma) ** 2)
+    weights = weights / weights.sum()
+    for axis in (0, 1):
+        padded = jnp.pad(image, [(half, half) if a == axis else (0, 0) for a in range(3)], mode="reflect")
+        size = image.shape[axis]
+        image = sum(w * jax.lax.slice_in_dim(padded, i, i + size, axis=axis) for i, w in enumerate(weights))
+    return image
+
+
+def light_augment(image: jax.Array, key: jax.Array) -> jax.Array:
+    """ProtoCLIP's light augmentation after the crop and flip, of one image [S, S, C] of 0..255 pixels:
+    colour jitter, grey (kept in C channels) and blur, each with probability :data:`LIGHT_P`."""
+    k_jitter, k_sigma, k_apply = jax.random.split(key, 3)
+    apply = jax.random.bernoulli(k_apply, LIGHT_P, (3,))
+    x = image / 255.0
+    x = jnp.where(apply[0], colour_jitter(x, k_jitter), x)
+    x = jnp.where(apply[1], jnp.broadcast_to(_grey(x), x.shape), x)
+    sigma = jax.random.uniform(k_sigma, (), minval=BLUR_SIGMA[0], maxval=BLUR_SIGMA[1])
+    x = jnp.where(apply[2], gaussian_blur(x, sigma), x)
+    return x * 255.0
+
+
 def augment_batch(
-    canvas: jax.Array, size: jax.Array, seed: jax.Array, *, image_size: int, augment: bool,
+    canvas: jax.Array, size: jax.Array, seed: jax.Array, *, image_size: int, augment: bool | str,
     crop_scale: tuple[float, float] = (0.08, 1.0), num_channels: int = 3,
 ) -> jax.Array:
     """uint8 canvases [B, M, M, C] -> float32 model inputs [B, S, S, num_channels], jit-able.
 
     ``size`` int [B, 2] is each image's (h, w) within its canvas; ``seed`` uint32 [B, 2] its own
     random stream (a threefry key), so crops and flips depend on the example alone, never on the
-    batch, the device or the process layout. ``augment=False``: centre crop, no flip (the eval
-    transform, bilinear instead of bicubic).
+    batch, the device or the process layout. ``augment``: True, a random crop (area in ``crop_scale``)
+    and flip; ``"light"``, that and ProtoCLIP's :func:`light_augment`; False, centre crop, no flip (the
+    eval transform, bilinear instead of bicubic).
     """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment={augment!r}: choose one of {AUGMENTS}")
+    seed = seed.astype(jnp.uint32)
 
     def one(image: jax.Array, hw: jax.Array, key_data: jax.Array) -> jax.Array:
         key_crop, key_flip = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
@@ -202,5 +289,8 @@ def augment_batch(
             return jnp.where(jax.random.bernoulli(key_flip), out[:, ::-1], out)
         return crop_resize(image, center_box(hw), image_size)
 
-    images = jax.vmap(one)(canvas, size, seed.astype(jnp.uint32))
-    return normalize(_convert_channels(images, num_channels))
+    images = _convert_channels(jax.vmap(one)(canvas, size, seed), num_channels)
+    if augment == "light":  # its own stream of each example's key (the crop and flip keep theirs)
+        light_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), 1))(seed)
+        images = jax.vmap(light_augment)(images, light_keys)
+    return normalize(images)

@@ -1,5 +1,5 @@
-"""Features of a labelled eval split, streamed from its source (issue 30): the split is read in batches of
-:data:`BATCH` images, each batch decoded and brought to one shape on the host, embedded on the devices,
+"""Features of a labelled eval split, streamed from its source (issue 30): the split is read in batches (a
+ViT's: its extractor's ``batch_size``, ``eval.batch_size``; other embeddings: :data:`BATCH` images), each batch decoded and brought to one shape on the host, embedded on the devices,
 and only the features [N, d] (float32) and labels [N] are kept. Host memory holds two batches of images
 (one embedding while the next decodes, on a thread per core), not the split, so it does not grow with
 the eval set.
@@ -34,7 +34,7 @@ from mlcd_jax.data.sources import NO_LABEL, ArraySource, Source
 from mlcd_jax.evaluate.progress import progress
 from mlcd_jax.models.features import FeatureExtractor
 
-BATCH = 256  # images read, decoded and embedded at a time (FeatureExtractor's default batch)
+BATCH = 256  # images read and decoded at a time for an embedding other than a FeatureExtractor (its own batch)
 T = TypeVar("T")
 
 
@@ -84,15 +84,15 @@ def _read_ahead(read: Callable[[int, concurrent.futures.Executor], T], starts: r
 
 
 def _batches(
-    source: Source, count: int, image_size: int, host_resize: bool
+    source: Source, count: int, image_size: int, host_resize: bool, size: int
 ) -> Iterator[tuple[np.ndarray | list[np.ndarray], np.ndarray]]:
-    """:func:`read_images` of the first ``count`` items in batches of :data:`BATCH`, read ahead."""
+    """:func:`read_images` of the first ``count`` items in batches of ``size``, read ahead."""
 
     def read(start: int, decoders: concurrent.futures.Executor) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-        rows = np.arange(start, min(start + BATCH, count))
+        rows = np.arange(start, min(start + size, count))
         return read_images(source, rows, image_size, decoders, host_resize=host_resize)
 
-    return _read_ahead(read, range(0, count, BATCH))
+    return _read_ahead(read, range(0, count, size))
 
 
 def read_labels(source: Source, rows: np.ndarray) -> np.ndarray:
@@ -151,7 +151,9 @@ def split_features(
     features, labels = None, np.empty(count, np.int64)
     with progress(count, f"features {name}", "img") as bar:
         start = 0
-        for images, batch_labels in _batches(source, count, image_size, not isinstance(embed, FeatureExtractor)):
+        extractor = isinstance(embed, FeatureExtractor)
+        for images, batch_labels in _batches(source, count, image_size, not extractor,
+                                             embed.batch_size if extractor else BATCH):
             got = np.asarray(embed(images), np.float32)
             if features is None:
                 features = np.empty((count, got.shape[1]), np.float32)

@@ -37,14 +37,18 @@ class Objective:
     tower's abstract model. Class attributes and class methods need only the config.
 
     ``trainable``: state keys the optimizer updates (``groups`` names each one's optimizer group);
-    ``frozen``: keys kept in the state unchanged; ``bounds``: trainable scalars the train step clips
-    into ``[low, high]`` after each update (CLIP's temperature clamp); ``text``: the run has a text
-    tower (batches carry ``tokens``, checkpoints hold ``text``).
+    ``frozen``: keys the optimizer leaves alone; ``statistics``: those of them the loss renews each step
+    (BatchNorm's running averages), returned in its metrics as ``statistics={key: value}``; ``no_decay``:
+    ``backbone`` keys AdamW never decays (ProtoCLIP's heads); ``bounds``: trainable scalars the train
+    step clips into ``[low, high]`` after each update (CLIP's temperature clamp); ``text``: the run has
+    a text tower (batches carry ``tokens``, checkpoints hold ``text``).
     """
 
     kinds: ClassVar[tuple[str, ...]] = ()
     trainable: ClassVar[tuple[str, ...]] = ()
     frozen: ClassVar[tuple[str, ...]] = ()
+    statistics: ClassVar[tuple[str, ...]] = ()
+    no_decay: ClassVar[tuple[str, ...]] = ()
     groups: ClassVar[dict[str, str]] = {}
     bounds: ClassVar[dict[str, tuple[float, float]]] = {}
     text: ClassVar[bool] = False
@@ -165,6 +169,8 @@ def register(cls: type[Objective]) -> type[Objective]:
     unknown = set(cls.groups.values()) - set(GROUPS)
     if unknown or set(cls.groups) != set(cls.trainable):
         raise ValueError(f"{cls.__name__}.groups must map each trainable key to one of {GROUPS}")
+    if not set(cls.statistics) <= set(cls.frozen) or any(cls.groups.get(k) != "backbone" for k in cls.no_decay):
+        raise ValueError(f"{cls.__name__}: statistics must be frozen keys, no_decay backbone keys")
     for kind in cls.kinds:
         if kind in REGISTRY:
             raise ValueError(f"loss.kind={kind!r} is registered twice ({REGISTRY[kind].__name__}, {cls.__name__})")

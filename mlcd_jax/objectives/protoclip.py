@@ -28,7 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mlcd_jax import sharding
-from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.config_lib import ConfigError, train_augment
+from mlcd_jax.data import order
 from mlcd_jax.losses import l2_normalize
 from mlcd_jax.losses.contrastive import INIT_LOG_SCALE
 from mlcd_jax.losses.protoclip import EpisodePrototypes, episode_prototypes, protoclip_loss
@@ -40,16 +41,41 @@ from mlcd_jax.runs import DTYPES, AbstractModel, vit_config
 # The episode state's per-cluster arrays, as EpisodePrototypes names them (the external ones only with a teacher).
 EPISODE_PROTOS = ("image_prototypes", "image_mask", "text_prototypes", "text_mask", "text_centroids",
                   "image_centroids")
+FEATURE_PASS_EPOCH = 2**31  # episode e's feature pass draws its augmentation as epoch 2^31 + e
 EPISODE_EXTERNAL = ("image_ext_prototypes", "image_ext_mask", "text_ext_prototypes", "text_ext_mask")
 
 
 class ProtoHeads(nnx.Module):
-    """ProtoCLIP's two projection heads (``image``, ``text``), one module so they train and save together."""
+    """ProtoCLIP's two projection heads (``image``, ``text``), one module so they train and save together;
+    they start equal (the released image head is a copy of the text head)."""
 
     def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
         d, p = vit_config(config).embed_dim, config.protoclip
-        self.image = ProjectionHead(d, p.head_hidden, p.head_dim, rngs=rngs)
         self.text = ProjectionHead(d, p.head_hidden, p.head_dim, rngs=rngs)
+        self.image = nnx.clone(self.text)
+
+
+class HeadsSplit:
+    """:class:`ProtoHeads` as two pure dicts of state, its parameters (``heads``, trained) and its
+    BatchNorm running averages (``head_stats``, renewed by each step's loss), and back."""
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        self.graphdef, self.params, self.stats = nnx.split(nnx.eval_shape(lambda: ProtoHeads(config, nnx.Rngs(0))),
+                                                           nnx.Param, nnx.BatchStat)
+
+    @staticmethod
+    def split(heads: ProtoHeads) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(parameters, running averages) of ``heads`` as pure dicts."""
+        return nnx.state(heads, nnx.Param).to_pure_dict(), nnx.state(heads, nnx.BatchStat).to_pure_dict()
+
+    def merge(self, params: dict[str, Any], stats: dict[str, Any]) -> ProtoHeads:
+        """The heads module of pure-dict ``params`` and ``stats`` (inside or outside jit)."""
+        states = []
+        for abstract, pure in ((self.params, params), (self.stats, stats)):
+            state = jax.tree.map(lambda x: x, abstract)
+            state.replace_by_pure_dict(pure)
+            states.append(state)
+        return nnx.merge(self.graphdef, *states)
 
 
 def empty_episode(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -70,7 +96,9 @@ class ProtoCLIP(ImageText):
 
     kinds = ("protoclip",)
     trainable = ("params", "text", "logit_scale", "heads", "logit_scale_proto")
-    frozen = ("episode",)
+    frozen = ("episode", "head_stats")
+    statistics = ("head_stats",)
+    no_decay = ("heads",)  # the released optimizer excludes the projection heads from weight decay
     groups = {"params": "backbone", "text": "backbone", "logit_scale": "scale", "heads": "backbone",
               "logit_scale_proto": "scale"}
     bounds = {**ImageText.bounds, "logit_scale_proto": ImageText.bounds["logit_scale"]}
@@ -78,7 +106,7 @@ class ProtoCLIP(ImageText):
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
                  image: AbstractModel) -> None:
         super().__init__(config, mesh, rules, image)
-        self.models["heads"] = AbstractModel.of(lambda: ProtoHeads(config, nnx.Rngs(0)), mesh, rules)
+        self.heads = HeadsSplit(config)
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -109,7 +137,8 @@ class ProtoCLIP(ImageText):
         return "ProtoCLIP ViT"
 
     def init(self, keys: tuple[jax.Array, jax.Array]) -> dict[str, Any]:
-        return {**super().init(keys), "heads": nnx.state(ProtoHeads(self.config, nnx.Rngs(keys[0]))).to_pure_dict(),
+        params, stats = HeadsSplit.split(ProtoHeads(self.config, nnx.Rngs(keys[0])))
+        return {**super().init(keys), "heads": params, "head_stats": stats,
                 "logit_scale_proto": jnp.asarray(INIT_LOG_SCALE, jnp.float32), "episode": empty_episode(self.config)}
 
     def loss(self, tensors: dict[str, Any], image: jax.Array, batch: dict[str, jax.Array],
@@ -117,19 +146,20 @@ class ProtoCLIP(ImageText):
         """InfoNCE, plus the prototype terms once an episode is built."""
         text = self.encode_text(tensors, batch)
         p, episode_pos = self.config.protoclip, batch["episode_pos"]
-        heads, ep = self.models["heads"].merge(tensors["heads"]), tensors["episode"]
+        heads, ep = self.heads.merge(tensors["heads"], tensors["head_stats"]), tensors["episode"]
         external = bool(p.external)
         protos = EpisodePrototypes(*(ep[name] for name in EPISODE_PROTOS),
                                    *((ep[name] for name in EPISODE_EXTERNAL) if external else ()))
         loss, metrics = protoclip_loss(
-            image, text, tensors["logit_scale"], heads.image(image), heads.text(text), tensors["logit_scale_proto"],
+            image, text, tensors["logit_scale"], heads.image(image, train=True), heads.text(text, train=True),
+            tensors["logit_scale_proto"],
             protos, ep["image_labels"][episode_pos], ep["text_labels"][episode_pos],
             ep["external_labels"][episode_pos] if external else None,
             w_proto=p.w_proto, w_ext=p.w_external if external else 0.0, temperature=p.temperature,
         )
         active = (ep["index"] >= 0).astype(jnp.float32)  # the first episode trains InfoNCE only
         loss = metrics["loss_clip"] + active * (loss - metrics["loss_clip"])
-        return loss, {**metrics, "loss": loss}
+        return loss, {**metrics, "loss": loss, "statistics": {"head_stats": HeadsSplit.split(heads)[1]}}
 
     def log_terms(self, scalars: dict[str, Any]) -> str:
         return super().log_terms(scalars) + f", proto {scalars['loss_proto']:.3f} ext {scalars['loss_ext']:.3f}"
@@ -159,20 +189,21 @@ class ProtoCLIP(ImageText):
 
     def _features_fn(self) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
         """The jitted feature pass of an episode: ``(state, canvas batch) -> (image, text)`` L2-normalised
-        head outputs [B, head_dim], eval-time preprocessing (centre, no flip), no dropout."""
+        head outputs [B, head_dim]. As released: the training augmentation (``data.augment``, ``light_augment``; the batch's
+        ``seed`` draws it), the heads' BatchNorm on its running averages, no dropout."""
         from mlcd_jax.data.pipeline import canvas_to_inputs
 
         config = self.config
         compute_dtype = DTYPES[config.model.dtype]
 
         def features(state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-            inputs = canvas_to_inputs({**batch, "seed": jnp.zeros((batch["image"].shape[0], 2), jnp.uint32)},
-                                      image_size=config.data.image_size, augment=False)
-            heads = self.models["heads"].merge(state["heads"])
+            inputs = canvas_to_inputs(batch, image_size=config.data.image_size, augment=train_augment(config),
+                                      crop_scale=tuple(config.data.crop_scale))
+            heads = self.heads.merge(state["heads"], state["head_stats"])
             with self.on_mesh():
                 image, _ = self.image.merge(state["params"])(inputs["image"].astype(compute_dtype))
                 text = self.models["text"].merge(state["text"])(batch["tokens"])
-            return l2_normalize(heads.image(image)), l2_normalize(heads.text(text))
+            return l2_normalize(heads.image(image, train=False)), l2_normalize(heads.text(text, train=False))
 
         return jax.jit(features)
 
@@ -185,9 +216,11 @@ class ProtoCLIP(ImageText):
         of the state and the episode number, so a resumed run rebuilds the same episode."""
         p, b = self.config.protoclip, self.config.batch_size
         rows = loader.decoded.episode_rows(index)
+        # the augmentation's per-example seeds: a stream of their own (no train epoch reaches 2^31)
+        seeds = order.example_seeds(self.config.seed, FEATURE_PASS_EPOCH + index, np.arange(len(rows)))
         image_f, text_f = [], []
         for start in range(0, len(rows), b):  # one batch of the episode's records gathered at a time
-            chunk = loader.decoded.gather(rows[start:start + b])
+            chunk = {**loader.decoded.gather(rows[start:start + b]), "seed": seeds[start:start + b]}
             fi, ft = features_fn(state, sharding.host_to_global(chunk, self.mesh, self.rules))
             image_f.append(np.asarray(fi))
             text_f.append(np.asarray(ft))

@@ -14,7 +14,7 @@ from clu import parameter_overview
 from flax import nnx
 
 from mlcd_jax import checkpointing, fileio, identity, metrics as metrics_lib, periodic, sharding
-from mlcd_jax.config_lib import ConfigError, ResumeMismatch
+from mlcd_jax.config_lib import ConfigError, ResumeMismatch, train_augment
 from mlcd_jax.models import VisionTransformer
 from mlcd_jax.objectives import get as objective_class
 from mlcd_jax.train.preemption import Preempted, Preemption
@@ -102,7 +102,7 @@ def train_and_evaluate(
     try:
         loader = make_train_loader(
             shards, global_batch_size=config.batch_size, image_size=config.data.image_size,
-            top_l=config.loss.top_l, seed=config.seed, augment=config.data.augment,
+            top_l=config.loss.top_l, seed=config.seed, augment=train_augment(config),
             num_workers=config.data.num_workers, crop_scale=tuple(config.data.crop_scale),
             **goal.loader_options(config),
             # corrupt records: shard, position and reason per line (a gs:// workdir keeps them in a temp dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -15,8 +16,9 @@ from mlcd_jax.runs import DTYPES
 _NO_DECAY_SUFFIXES = ("bias", "scale", "embedding", "pos_embed", "pos_emb")
 
 
-def weight_decay_mask(params: Any) -> Any:
-    """True for the backbone leaves AdamW decays: matrix weights (names ending in ``kernel``), nothing else.
+def weight_decay_mask(params: Any, exempt: tuple[str, ...] = ()) -> Any:
+    """True for the backbone leaves AdamW decays: matrix weights (names ending in ``kernel``) outside the
+    state keys ``exempt`` (the first key of a leaf's path), nothing else.
 
     Decided from the parameter's name, not its rank, so it holds for 3-D ``qkv_bias`` and for the
     ``layers``-stacked leaves of ``scan_layers``. A leaf with neither kind of name raises, so a new
@@ -24,6 +26,8 @@ def weight_decay_mask(params: Any) -> Any:
     """
 
     def decays(path: tuple[Any, ...], _) -> bool:
+        if str(getattr(path[0], "key", path[0])) in exempt:
+            return False
         name = str(getattr(path[-1], "key", path[-1]))
         if name.endswith("kernel"):
             return True
@@ -38,14 +42,14 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, num_steps: int, groups: dict[str, str]
+    config: ml_collections.ConfigDict, num_steps: int, groups: dict[str, str], no_decay: tuple[str, ...] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on the trainable state keys in the groups ``groups`` names (each key's, from its objective,
     :mod:`mlcd_jax.objectives`): ``backbone`` (towers, heads), ``proto`` (a prototype matrix) and
     ``scale`` (temperatures, biases: no weight decay); warm-up + cosine schedule.
 
     Backbone: gradients clipped by their own global norm (``grad_clip``), weight decay on matrix weights
-    only (:func:`weight_decay_mask`). Prototypes: learning rate x ``loss.proto_lr_mult``, weight decay
+    only (:func:`weight_decay_mask`), none on the keys ``no_decay`` names. Prototypes: learning rate x ``loss.proto_lr_mult``, weight decay
     ``loss.proto_weight_decay`` (None = ``weight_decay``), not clipped (as PartialFC, which clips only
     the backbone), so one step's head gradient never shrinks the backbone's update.
 
@@ -74,7 +78,7 @@ def make_optimizer(
 
     backbone = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        adamw(update_schedule, config.weight_decay, weight_decay_mask),
+        adamw(update_schedule, config.weight_decay, functools.partial(weight_decay_mask, exempt=no_decay)),
     )
     proto = adamw(
         lambda count: proto_lr_mult * update_schedule(count),

@@ -46,7 +46,8 @@ class TrainSetup:
         rules = sharding_rules(config)
         model = AbstractModel.create(config, mesh)
         goal = objectives.create(config, mesh, rules, model)
-        tx, schedule = make_optimizer(config, num_train_steps, {k: goal.groups[k] for k in goal.trainable})
+        tx, schedule = make_optimizer(config, num_train_steps, {k: goal.groups[k] for k in goal.trainable},
+                                      goal.no_decay)
         replicated = NamedSharding(mesh, P())
 
         def init(seed: jax.Array) -> dict[str, Any]:

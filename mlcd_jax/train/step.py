@@ -60,9 +60,11 @@ def make_train_step(
 
         trainable = {k: state[k] for k in goal.trainable}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        renewed = metrics.pop("statistics") if goal.statistics else {}  # e.g. BatchNorm's running averages
         updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable)
         trainable = goal.bounded(optax.apply_updates(trainable, updates))
-        new_state = {**state, **trainable, "opt_state": opt_state, "step": state["step"] + 1}
+        new_state = {**state, **trainable, **{k: renewed[k] for k in goal.statistics}, "opt_state": opt_state,
+                     "step": state["step"] + 1}
         metrics = {
             **metrics,
             "loss": loss,

@@ -9,7 +9,8 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mlcd_jax import objectives, sharding
-from mlcd_jax.config_lib import ConfigError
+from mlcd_jax.config_lib import ConfigError, eval_batch_size
+from mlcd_jax.data.augment import BLUR_TAPS
 from mlcd_jax.runs import check_dtype, sharding_rules, vit_config
 
 
@@ -26,9 +27,15 @@ def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
 def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Config errors reported in one line before anything compiles."""
     check_dtype("model.dtype", config.model.dtype, optional=False)
-    for key in ("learning_rate", "batch_size"):
-        if not config[key] > 0:
-            raise ConfigError(f"{key}={config[key]} must be positive")
+    for key, value in (("learning_rate", config.learning_rate), ("batch_size", config.batch_size),
+                       ("eval.batch_size", eval_batch_size(config))):
+        if not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if config.data.get("light_augment") and not config.data.augment:
+        raise ConfigError("data.light_augment adds to the training augmentation: it needs data.augment=True")
+    if config.data.get("light_augment") and config.data.image_size <= BLUR_TAPS // 2:
+        raise ConfigError(f"data.light_augment blurs with {BLUR_TAPS} taps: data.image_size must exceed "
+                          f"{BLUR_TAPS // 2} (got {config.data.image_size})")
     if config.keep_checkpoints < 1:  # 0 deleted every checkpoint, the final one included
         raise ConfigError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1 (how many of the newest "
                           "checkpoints are kept; the final one is among them)")
