@@ -197,8 +197,12 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def eval_batch_size(config: ml_collections.ConfigDict) -> int:
-    """``eval.batch_size``: images embedded at a time (256 for a run recorded before the key existed)."""
-    return int(config.eval.get("batch_size", 256))
+    """``eval.batch_size``: images embedded at a time (256 for a run recorded before the key existed); a
+    value below 1 is a one-line :class:`ConfigError`."""
+    size = int(config.eval.get("batch_size", 256))
+    if size < 1:
+        raise ConfigError(f"eval.batch_size={size} must be positive")
+    return size
 
 
 def train_augment(config: ml_collections.ConfigDict) -> bool | str:

@@ -151,9 +151,14 @@ class AbstractModel:
 
     def merge(self, params: Any) -> nnx.Module:
         """A model object from pure-dict parameters (inside or outside jit)."""
-        state = jax.tree.map(lambda x: x, self.params)
-        state.replace_by_pure_dict(params)
-        return nnx.merge(self.graphdef, state)
+        return nnx.merge(self.graphdef, filled(self.params, params))
+
+
+def filled(abstract: nnx.State, pure: Any) -> nnx.State:
+    """A copy of the abstract state ``abstract`` holding the pure dict ``pure``'s arrays (for ``nnx.merge``)."""
+    state = jax.tree.map(lambda x: x, abstract)
+    state.replace_by_pure_dict(pure)
+    return state
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

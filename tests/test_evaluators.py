@@ -137,3 +137,15 @@ def test_training_time_retrieval_scores_the_held_out_tail_of_the_train_split():
     held, held_captions, held_of = ev._captioned_split("digits", "train", 0, 8, 0.1)
     assert len(held) == round(0.1 * len(images)) and (held == images[-len(held):]).all()
     assert held_captions == captions[-len(held):] and held_of.tolist() == list(range(len(held)))
+
+
+def test_eval_batch_size_below_one_is_one_line_in_training_and_evaluation():
+    """``eval.batch_size=0`` is refused before anything runs, by the trainer's checks and by the
+    evaluation's own target (``python -m mlcd_jax.evaluate`` does not run the trainer's checks)."""
+    from mlcd_jax import runs
+
+    c = _config(**{"eval.batch_size": 0})
+    with pytest.raises(ConfigError, match=r"^eval.batch_size=0 must be positive$"):
+        train.checked_mesh(c)
+    with pytest.raises(ConfigError, match=r"^eval.batch_size=0 must be positive$"):
+        experiment.model_target(c, "random-init", runs.build_model(c, 0))

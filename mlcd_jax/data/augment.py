@@ -187,7 +187,7 @@ def _convert_channels(image: jax.Array, num_channels: int) -> jax.Array:
 # and flip: colour jitter (brightness, contrast and saturation factors in [0.2, 1.8], a hue shift in
 # [-0.2, 0.2], in a random order), grey and a Gaussian blur (21 taps, sigma in [0.1, 2]), each with p 0.2.
 LIGHT_P = 0.2
-AUGMENTS = (False, True, "light")  # data.augment's values (augment_batch)
+AUGMENTS = (False, True, "light")  # augment_batch's modes (config_lib.train_augment picks one)
 JITTER = (0.8, 0.8, 0.8, 0.2)
 BLUR_TAPS, BLUR_SIGMA = 21, (0.1, 2.0)
 _LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # numpy: importing must not start a JAX backend

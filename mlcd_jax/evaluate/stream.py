@@ -1,6 +1,6 @@
 """Features of a labelled eval split, streamed from its source (issue 30): the split is read in batches (a
-ViT's: its extractor's ``batch_size``, ``eval.batch_size``; other embeddings: :data:`BATCH` images), each batch decoded and brought to one shape on the host, embedded on the devices,
-and only the features [N, d] (float32) and labels [N] are kept. Host memory holds two batches of images
+ViT's: its extractor's ``batch_size``, ``eval.batch_size``; other embeddings: :data:`BATCH` images), each
+batch decoded and brought to one shape on the host, embedded on the devices, and only the features [N, d] (float32) and labels [N] are kept. Host memory holds two batches of images
 (one embedding while the next decodes, on a thread per core), not the split, so it does not grow with
 the eval set.
 

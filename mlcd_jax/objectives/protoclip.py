@@ -36,13 +36,13 @@ from mlcd_jax.losses.protoclip import EpisodePrototypes, episode_prototypes, pro
 from mlcd_jax.models.heads import ProjectionHead
 from mlcd_jax.objectives.base import StepHook, register
 from mlcd_jax.objectives.contrastive import ImageText
-from mlcd_jax.runs import DTYPES, AbstractModel, vit_config
+from mlcd_jax.runs import DTYPES, AbstractModel, filled, vit_config
 
 # The episode state's per-cluster arrays, as EpisodePrototypes names them (the external ones only with a teacher).
 EPISODE_PROTOS = ("image_prototypes", "image_mask", "text_prototypes", "text_mask", "text_centroids",
                   "image_centroids")
-FEATURE_PASS_EPOCH = 2**31  # episode e's feature pass draws its augmentation as epoch 2^31 + e
 EPISODE_EXTERNAL = ("image_ext_prototypes", "image_ext_mask", "text_ext_prototypes", "text_ext_mask")
+FEATURE_PASS_EPOCH = 2**31  # episode e's feature pass draws its augmentation as epoch 2^31 + e
 
 
 class ProtoHeads(nnx.Module):
@@ -64,18 +64,18 @@ class HeadsSplit:
                                                            nnx.Param, nnx.BatchStat)
 
     @staticmethod
+    def running_averages(heads: ProtoHeads) -> dict[str, Any]:
+        """The BatchNorm running averages of ``heads`` as a pure dict."""
+        return nnx.state(heads, nnx.BatchStat).to_pure_dict()
+
+    @staticmethod
     def split(heads: ProtoHeads) -> tuple[dict[str, Any], dict[str, Any]]:
         """(parameters, running averages) of ``heads`` as pure dicts."""
-        return nnx.state(heads, nnx.Param).to_pure_dict(), nnx.state(heads, nnx.BatchStat).to_pure_dict()
+        return nnx.state(heads, nnx.Param).to_pure_dict(), HeadsSplit.running_averages(heads)
 
     def merge(self, params: dict[str, Any], stats: dict[str, Any]) -> ProtoHeads:
         """The heads module of pure-dict ``params`` and ``stats`` (inside or outside jit)."""
-        states = []
-        for abstract, pure in ((self.params, params), (self.stats, stats)):
-            state = jax.tree.map(lambda x: x, abstract)
-            state.replace_by_pure_dict(pure)
-            states.append(state)
-        return nnx.merge(self.graphdef, *states)
+        return nnx.merge(self.graphdef, filled(self.params, params), filled(self.stats, stats))
 
 
 def empty_episode(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -159,7 +159,7 @@ class ProtoCLIP(ImageText):
         )
         active = (ep["index"] >= 0).astype(jnp.float32)  # the first episode trains InfoNCE only
         loss = metrics["loss_clip"] + active * (loss - metrics["loss_clip"])
-        return loss, {**metrics, "loss": loss, "statistics": {"head_stats": HeadsSplit.split(heads)[1]}}
+        return loss, {**metrics, "loss": loss, "statistics": {"head_stats": HeadsSplit.running_averages(heads)}}
 
     def log_terms(self, scalars: dict[str, Any]) -> str:
         return super().log_terms(scalars) + f", proto {scalars['loss_proto']:.3f} ext {scalars['loss_ext']:.3f}"
@@ -189,8 +189,9 @@ class ProtoCLIP(ImageText):
 
     def _features_fn(self) -> Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]:
         """The jitted feature pass of an episode: ``(state, canvas batch) -> (image, text)`` L2-normalised
-        head outputs [B, head_dim]. As released: the training augmentation (``data.augment``, ``light_augment``; the batch's
-        ``seed`` draws it), the heads' BatchNorm on its running averages, no dropout."""
+        head outputs [B, head_dim]. As released: the training augmentation (``data.augment``,
+        ``light_augment``; the batch's ``seed`` draws it), the heads' BatchNorm on its running averages,
+        no dropout."""
         from mlcd_jax.data.pipeline import canvas_to_inputs
 
         config = self.config

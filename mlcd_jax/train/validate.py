@@ -27,10 +27,10 @@ def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
 def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Config errors reported in one line before anything compiles."""
     check_dtype("model.dtype", config.model.dtype, optional=False)
-    for key, value in (("learning_rate", config.learning_rate), ("batch_size", config.batch_size),
-                       ("eval.batch_size", eval_batch_size(config))):
-        if not value > 0:
-            raise ConfigError(f"{key}={value} must be positive")
+    for key in ("learning_rate", "batch_size"):
+        if not config[key] > 0:
+            raise ConfigError(f"{key}={config[key]} must be positive")
+    eval_batch_size(config)  # raises for a value below 1
     if config.data.get("light_augment") and not config.data.augment:
         raise ConfigError("data.light_augment adds to the training augmentation: it needs data.augment=True")
     if config.data.get("light_augment") and config.data.image_size <= BLUR_TAPS // 2:
