@@ -11,9 +11,10 @@ Sizing (per dataset, below): k keeps ~60 images per prototype on Fashion-MNIST (
 ~6 on digits (1,437), fine-grained against the 10 classes as in the paper (1M prototypes for 400M
 images); the random-resized crop keeps at least 40 % of a 28- or 8-pixel image (0.08, the ImageNet
 default, leaves a few pixels of a digit, and the teacher labelled the whole image); the prototypes
-learn 10x faster than the backbone (docs/results.md, "The MLCD demo", has the seeded ablation). Digits
-trains 2,000 steps: its loss still falls at 1,000, and on held-out train images (never the test split)
-kNN rises from 94.4 to 96.9 % between 1,000 and 2,000 steps (benchmarks/RESULTS.md).
+start at N(0, 0.01^2) and learn at the backbone's rate, as PartialFC's (config_lib; docs/results.md,
+"The MLCD demo", has the seeded ablation). Digits trains 2,000 steps: its loss still fell at 1,000, and
+on held-out train images (never the test split) kNN rose from 94.4 to 96.9 % between 1,000 and 2,000
+steps (the 2026-11-27 study, with that day's head: git show 720a1f1:benchmarks/RESULTS.md).
 """
 
 import ml_collections
