@@ -1,8 +1,8 @@
 """Features of a labelled eval split, streamed from its source (issue 30): the split is read in batches (a
 ViT's: its extractor's ``batch_size``, ``eval.batch_size``; other embeddings: :data:`BATCH` images), each
-batch decoded and brought to one shape on the host, embedded on the devices, and only the features [N, d] (float32) and labels [N] are kept. Host memory holds two batches of images
-(one embedding while the next decodes, on a thread per core), not the split, so it does not grow with
-the eval set.
+batch decoded and brought to one shape on the host, embedded on the devices, and only the features
+[N, d] (float32) and labels [N] are kept. Host memory holds two batches of images (one embedding while
+the next decodes, on a thread per core), not the split, so it does not grow with the eval set.
 
 A ViT's extractor takes the images as decoded, of any sizes, and brings them to the model's size on the
 devices (:mod:`~mlcd_jax.data.eval_resize`: shorter side resized, centre crop, exactly as

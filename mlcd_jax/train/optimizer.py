@@ -50,8 +50,9 @@ def make_optimizer(
 
     Backbone: gradients clipped by their own global norm (``grad_clip``), weight decay on matrix weights
     only (:func:`weight_decay_mask`), none on the keys ``no_decay`` names. Prototypes: learning rate x
-    ``loss.proto_lr_mult``, weight decay ``loss.proto_weight_decay`` (None = ``weight_decay``), not clipped (as PartialFC, which clips only
-    the backbone), so one step's head gradient never shrinks the backbone's update.
+    ``loss.proto_lr_mult``, weight decay ``loss.proto_weight_decay`` (None = ``weight_decay``), not
+    clipped (as PartialFC, which clips only the backbone), so one step's head gradient never shrinks the
+    backbone's update.
 
     With ``grad_accum_steps = a`` the optimizer updates every ``a`` of the ``num_steps`` train steps: the
     schedule counts updates (``num_steps // a`` of them, ``warmup_steps // a`` of warm-up, both given in
