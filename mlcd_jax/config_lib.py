@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     # prototype rows: normal, N(0, 0.01^2) as PartialFC / UNICOM (the default since 2026-12-07: it ties unit rows
     # at a 10x learning rate, 3 seeds each on Fashion-MNIST and digits, benchmarks/RESULTS.md), or unit (unit-norm)
     c.loss.proto_init = "normal"
+    # "dense": AdamW on every prototype row each step; "lazy": on the rows the step sampled only (PartialFC
+    # v1's sparse update: untouched rows keep their moments and skip weight decay). mlcd / mlc / softmax.
+    c.loss.proto_update = "dense"
     c.loss.proto_weight_decay = ml_collections.config_dict.placeholder(float)  # None = weight_decay
     # Rows each prototype shard reserves for a batch's positives: "expected" (from B·l and k, about 4
     # standard deviations above the mean; a batch beyond it runs an exact step instead) or "all".

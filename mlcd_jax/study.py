@@ -8,7 +8,8 @@ in the config (``--config.key=value`` overrides apply to every run). Each point 
 :func:`mlcd_jax.experiment.run` (cluster through the shared cache, train, kNN / linear probe) in
 ``DIR/runs/<point>/seed<k>``, with ``eval.baselines`` emptied; the baselines that need no training
 (``eval.baselines``' pixels, teacher and random_init; the random-init ViT once per seed) are computed
-once for the study from the config without the sweep, and cached in ``DIR/baselines.json``.
+once for the study from the config without the sweep, and cached in ``DIR/baselines.json``. ``study.json`` keeps each run's
+last held-out figures (``heldout``) and the study's command, code state, machine and date.
 
 A run is finished when its ``results.json`` exists and its ``config.json`` records the run's config
 (hence its overrides and seed); a re-run skips finished runs and the trainer resumes an interrupted one
@@ -29,8 +30,12 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
+import platform
 import re
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -253,6 +258,46 @@ def study_baselines(base: ml_collections.ConfigDict, seeds: Sequence[int], workd
     return out
 
 
+def final_heldout(workdir: str) -> dict[str, Any] | None:
+    """A run's last held-out figures (the training-time evaluators' ``heldout/...`` scalars in its
+    ``metrics.jsonl``) with their ``step``, or None when it logged none."""
+    from mlcd_jax.evaluate.evaluators import HELDOUT
+
+    path, found = epath.Path(workdir) / "metrics.jsonl", None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            held = {k: v for k, v in row.items() if k.startswith(HELDOUT)}
+            found = {"step": row["step"], **held} if held else found
+    return found
+
+
+def provenance(argv: Sequence[str]) -> dict[str, str]:
+    """What makes a study traceable: its ``command``, the ``code`` (git commit, ``-dirty`` with local
+    changes; ``unknown`` outside a checkout) and the machine it ran on, the UTC ``date``."""
+    root = epath.Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        code = git("rev-parse", "--short", "HEAD") or "unknown"
+        code += "-dirty" if code != "unknown" and git("status", "--porcelain", "--untracked-files=no") else ""
+    except (OSError, subprocess.SubprocessError):
+        code = "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    return {"command": " ".join(["python -m mlcd_jax.study", *argv[1:]]),
+            "code": f"{code} ({os.cpu_count()}-core {cpu})", "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return epath.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def study_record(points: Sequence[Point], runs: Sequence[dict[str, Any]], baselines: list[dict[str, Any]]) -> dict:
     """study.json: the runs (finished, or failed with their reason), the baselines and one summary row per
     point with finished runs."""
@@ -367,6 +412,7 @@ def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: S
     check_plan(runs)
     out = epath.Path(workdir)
     baselines = study_baselines(base, seeds, workdir)
+    origin = provenance(sys.argv)
     finished: list[dict[str, Any]] = []
     for i, run in enumerate(runs, 1):
         progress = f"[{i}/{len(runs)}] {run.point.label} seed {run.seed}"
@@ -377,8 +423,9 @@ def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: S
         if isinstance(row, str):
             finished.append({**entry, "failed": row, "workdir": run.workdir})
         else:
-            finished.append({**entry, **{m: row[m] for m in METRICS if m in row}, "workdir": run.workdir})
-        record = study_record(points, finished, baselines)
+            finished.append({**entry, **{m: row[m] for m in METRICS if m in row}, "workdir": run.workdir,
+                             "heldout": final_heldout(run.workdir)})
+        record = {**study_record(points, finished, baselines), **origin}
         fileio.write_atomic(out / "study.json", json.dumps(record, indent=1, default=float) + "\n")
     print(study_table(record), flush=True)
     title = f"{base.eval.source}: top-1 / recall over seeds {', '.join(map(str, seeds))} (mean ± sample std)"

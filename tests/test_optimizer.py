@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mlcd_jax import sharding, train
@@ -140,3 +141,121 @@ def test_bf16_first_moments_halve_their_memory_and_follow_the_same_update():
     assert sum(x.dtype == jnp.bfloat16 for x in moments) == sum(x.dtype == jnp.float32 for x in moments)
     for a, b in zip(jax.tree.leaves(_first_update(f32, params, grads)), jax.tree.leaves(_first_update(bf16, params, grads))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2)
+
+
+def _proto_leaves(setup: train.TrainSetup, state: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The prototype matrix and its AdamW moments (``mu``, ``nu``) in ``state``, on the host."""
+    shape = setup.abstract_state["proto"].shape
+    found = {"proto": np.asarray(state["proto"])}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+        if getattr(leaf, "shape", None) == shape:
+            found[next(str(k.name) for k in reversed(path) if hasattr(k, "name"))] = np.asarray(leaf)
+    assert set(found) == {"proto", "mu", "nu"}
+    return found
+
+
+_LAZY = {"loss.num_classes": 512, "loss.sample_ratio": 0.25, "weight_decay": 0.1, "learning_rate": 0.01}
+
+
+def _lazy_pair() -> tuple[train.TrainSetup, train.TrainSetup, Any]:
+    """Dense and lazy setups (k = 512 over the 8 fake devices, r = 0.25) and a batch maker."""
+    dense, lazy = _setup(**_LAZY), _setup(**_LAZY, **{"loss.proto_update": "lazy"})
+    rng = np.random.default_rng(0)
+
+    def batch() -> dict[str, jax.Array]:
+        return sharding.host_to_global({"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+                                        "labels": rng.integers(0, 512, (16, 2)).astype(np.int32)}, dense.mesh)
+
+    return dense, lazy, batch
+
+
+def _touched(selection: Any) -> np.ndarray:
+    """Which of the 512 rows a selection updates (global row ids from each of the 8 shards' local ones)."""
+    rows = np.asarray(selection.rows).reshape(8, -1) + 64 * np.arange(8)[:, None]
+    touched = np.zeros(512, bool)
+    touched[rows[np.asarray(selection.valid).reshape(8, -1)]] = True
+    assert 0 < touched.sum() < 512 / 2
+    return touched
+
+
+def test_lazy_adamw_gives_the_sampled_rows_exactly_dense_adamws_update_and_leaves_the_rest():
+    """``loss.proto_update=lazy``: for one gradient (zero outside the sampled rows), from the same
+    moments, the sampled rows get bit for bit dense AdamW's parameters and moments; every other row
+    keeps its value and both moments, which dense AdamW decays (and weight decay moves every row)."""
+    dense, lazy, batch = _lazy_pair()
+    goal = lazy.objective
+    chosen = goal.select(batch(), jax.random.key(1))
+    touched = _touched(chosen)
+    params = jax.device_get({k: dense.init_state(0)[k] for k in ("params", "proto")})
+    noise = np.random.default_rng(1)
+    grads = jax.tree.map(lambda x: noise.normal(size=x.shape).astype(np.float32), params)
+    grads["proto"][~touched] = 0.0  # what a sampled step's gradient is
+    # Moments that are not zero anywhere: one dense update from a gradient everywhere.
+    moments = jax.jit(dense.tx.update)(jax.tree.map(lambda g: g + 1.0, grads), dense.tx.init(params), params)[1]
+
+    @jax.jit
+    def dense_update(grads, opt_state, params):
+        updates, opt_state = dense.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    @jax.jit
+    def lazy_update(grads, opt_state, params, chosen):
+        rows = {**params, "proto": goal.take(params["proto"], chosen)}
+        grads = {**grads, "proto": goal.take(grads["proto"], chosen)}
+        updates, opt_state = lazy.tx.update(grads, opt_state, rows, rows=chosen)
+        new = optax.apply_updates(rows, updates)
+        return {**new, "proto": goal.put(params["proto"], chosen, new["proto"])}, opt_state
+
+    want = dense_update(grads, moments, params)
+    got = lazy_update(grads, moments, params, chosen)
+    start, after, dense_after = (_proto_leaves(dense, {"proto": p["proto"], "opt_state": s})
+                                 for p, s in ((params, moments), got, want))
+    for name in ("proto", "mu", "nu"):
+        np.testing.assert_array_equal(after[name][touched], dense_after[name][touched], err_msg=name)
+        np.testing.assert_array_equal(after[name][~touched], start[name][~touched], err_msg=name)
+        assert not np.any(dense_after[name][~touched] == start[name][~touched]), name  # dense moved them
+    for a, b in zip(jax.tree.leaves(got[0]["params"]), jax.tree.leaves(want[0]["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lazy_train_step_is_the_dense_step_on_the_sampled_rows():
+    """The lazy train step scores the rows the dense one does (same loss, same backbone update), moves
+    the sampled rows as dense does (to float32 rounding: the two programs order the rows' gradient
+    arithmetic differently) and no other row or moment."""
+    dense, lazy, batch = _lazy_pair()
+    dense_step, lazy_step = train.make_train_step(dense), train.make_train_step(lazy)
+    copy = lambda state: jax.tree.map(jnp.copy, state)  # noqa: E731  (the steps donate their input)
+    start, _ = dense_step(dense.init_state(0), batch())  # moments that are not all zero
+    second = batch()
+    want, want_metrics = dense_step(copy(start), second)
+    got, got_metrics = lazy_step(copy(start), second)
+    # The rows the step sampled, from its sampling key as make_train_step derives it.
+    key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(start["rng"]), start["step"]), 3)[0]
+    touched = _touched(lazy.objective.select(second, key))
+    assert int(got_metrics["num_sampled"]) == touched.sum()
+    assert float(got_metrics["loss"]) == float(want_metrics["loss"])
+    for a, b in zip(jax.tree.leaves(jax.device_get(got["params"])), jax.tree.leaves(jax.device_get(want["params"]))):
+        np.testing.assert_array_equal(a, b)
+    before, after, dense_after = (_proto_leaves(dense, s) for s in (start, got, want))
+    for name in ("proto", "mu", "nu"):
+        np.testing.assert_allclose(after[name][touched], dense_after[name][touched], rtol=1e-5, atol=1e-8,
+                                   err_msg=name)
+        np.testing.assert_array_equal(after[name][~touched], before[name][~touched], err_msg=name)
+    assert int(got["step"]) == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.proto_update": "sparse"}, "loss.proto_update='sparse': choose one of dense, lazy"),
+    ({"loss.proto_update": "lazy", "loss.kind": "clip"}, "samples none"),
+    ({"loss.proto_update": "lazy", "grad_accum_steps": 2}, "cannot accumulate"),
+])
+def test_lazy_update_settings_it_cannot_run_are_one_line_errors(overrides, message):
+    from mlcd_jax.config_lib import ConfigError
+    from mlcd_jax.train.validate import validate
+
+    c = base_config()
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        (c[path[0]] if path else c)[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c, sharding.make_mesh(dict(c.mesh)))

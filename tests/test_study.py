@@ -3,6 +3,7 @@ summary mean ± std, baselines once), study.png and the table; a re-run skips ev
 cached baselines; a bad sweep is one ``config error:`` line with exit status 2."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def _cmd(workdir: Path, cache: Path, *extra: str) -> list[str]:
         f"--config.data.cache_dir={cache}", "--config.num_train_steps=6", "--config.batch_size=32",
         "--config.loss.num_classes=32", "--config.data.cluster.num_clusters=32", "--config.loss.top_l=2",
         "--config.data.cluster.top_l=2", "--config.eval.train_limit=300", "--config.eval.test_limit=100",
-        "--config.log_every_steps=3", "--config.checkpoint_every_steps=6", *extra,
+        "--config.log_every_steps=3", "--config.checkpoint_every_steps=6", "--config.evals.knn.every=6", *extra,
     ]
 
 
@@ -47,7 +48,9 @@ def study(tmp_path_factory):
 def test_study_json_holds_runs_summary_and_baselines_once(study):
     workdir, _, _, _ = study
     record = json.loads((workdir / "study.json").read_text())
-    assert sorted(record) == ["baselines", "runs", "summary"]
+    assert sorted(record) == ["baselines", "code", "command", "date", "runs", "summary"]
+    assert record["command"].startswith("python -m mlcd_jax.study --config=") and "--sweep=loss.kind=" in record["command"]
+    assert re.fullmatch(r"([0-9a-f]{7,}(-dirty)?|unknown) \(\d+-core .+\)", record["code"]), record["code"]
     runs = record["runs"]
     assert [(r["overrides"], r["seed"]) for r in runs] == [({"loss.kind": k}, s) for k in KINDS for s in SEEDS]
     for run in runs:
@@ -57,6 +60,9 @@ def test_study_json_holds_runs_summary_and_baselines_once(study):
         # Only the trained model: no per-run pixel / teacher / random-init rows, no single-label run.
         assert [r["model"] for r in rows] == [f"{kind.upper()} ViT"]
         assert rows[0]["knn_top1"] == run["knn_top1"] and rows[0]["linear_top1"] == run["linear_top1"]
+        logged = [json.loads(line) for line in (Path(run["workdir"]) / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in logged if "heldout/knn_top1" in r][-1]  # the training-time kNN at step 6
+        assert run["heldout"] == {"step": 6, "heldout/knn_top1": last["heldout/knn_top1"]}
         assert 0.0 <= run["knn_top1"] <= 1.0 and 0.0 <= run["linear_top1"] <= 1.0
         assert not (Path(run["workdir"]) / "single_label").exists()
 

@@ -267,10 +267,12 @@ def test_gradient_accumulation_equals_one_large_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step():
+@pytest.mark.parametrize("proto_update", ["dense", "lazy"])
+def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step(proto_update):
     """GuardedStep counts each batch's positives per prototype shard first: a typical batch runs the
     budgeted step (nothing dropped), one with more distinct positives on a shard than the budget runs
-    the step compiled with room for all of them, and trains exactly as that step does."""
+    the step compiled with room for all of them, and trains exactly as that step does (with either
+    prototype update: the lazy one samples its rows with the same budget)."""
     import jax
 
     from mlcd_jax import sharding, train
@@ -281,6 +283,7 @@ def test_a_batch_past_the_heads_positive_budget_runs_the_exact_step():
     c.model.name, c.model.dtype, c.data.image_size = "tiny", "float32", 16
     c.model.overrides = {"patch_size": 8}
     c.batch_size, c.loss.num_classes, c.loss.top_l, c.loss.sample_ratio = 64, 8 * 512, 8, 0.1
+    c.loss.proto_update = proto_update
     mesh = sharding.make_mesh(dict(c.mesh))
     setup = train.TrainSetup.create(c, mesh, num_train_steps=10)
     head = setup.objective.head

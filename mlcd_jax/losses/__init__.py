@@ -3,19 +3,24 @@
 from mlcd_jax.losses.core import COS_HIST_BINS, KINDS, l2_normalize
 from mlcd_jax.losses.dense import dense_loss
 from mlcd_jax.losses.partial_fc import (
-    HeadPlan, most_positives, pad_num_classes, partial_fc_loss, plan_head, sample_budget, shard_capacity,
+    HeadPlan, Selection, most_positives, pad_num_classes, partial_fc_loss, plan_head, put_rows, sample_budget,
+    select_rows, shard_capacity, take_rows,
 )
 
 __all__ = [
     "COS_HIST_BINS",
     "KINDS",
     "HeadPlan",
+    "Selection",
     "dense_loss",
     "l2_normalize",
     "most_positives",
     "pad_num_classes",
     "partial_fc_loss",
     "plan_head",
+    "put_rows",
     "sample_budget",
+    "select_rows",
     "shard_capacity",
+    "take_rows",
 ]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import functools
 import math
 
 import jax
@@ -204,6 +205,88 @@ def _select_rows(
     return rows, jnp.arange(capacity) < count, overflow
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("rows", "valid", "overflow"),
+                   meta_fields=("rows_per_shard",))
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The rows one step's head scores (:func:`select_rows`), sharded over the prototype axes: each
+    shard's ``capacity`` local row ids ``rows`` [N·capacity], which of them count ``valid`` (the rest
+    are never scored nor updated), its positives past the budget ``overflow`` [N], and (static) k/N."""
+
+    rows: jax.Array
+    valid: jax.Array
+    overflow: jax.Array
+    rows_per_shard: int
+
+
+def _layout(
+    mesh: Mesh, batch_axes: tuple[str, ...] | None, proto_axes: tuple[str, ...] | None
+) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
+    """(prototype axes, their shard count, batch axes) with their defaults: every mesh axis, its first."""
+    axes = tuple(mesh.axis_names) if proto_axes is None else tuple(proto_axes)
+    batch_axes = (mesh.axis_names[0],) if batch_axes is None else tuple(batch_axes)
+    return axes, math.prod(mesh.shape[a] for a in axes), batch_axes
+
+
+def _shard_selection(
+    labels: jax.Array, key: jax.Array, axes: tuple[str, ...], rows_per_shard: int, num_classes: int,
+    sample_ratio: float, sampling: str, capacity: int, positive_budget: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_select_rows` for the calling shard of ``axes`` (inside ``shard_map``), global labels."""
+    shard = jax.lax.axis_index(axes) if axes else 0
+    return _select_rows(labels, jax.random.fold_in(key, shard), shard * rows_per_shard, rows_per_shard,
+                        num_classes, sample_ratio, sampling, capacity, positive_budget)
+
+
+def select_rows(
+    labels: jax.Array, rng: jax.Array, *, mesh: Mesh, num_rows: int, num_classes: int | None = None,
+    sample_ratio: float = 0.1, sampling: str = "paper", kind: str = "mlcd",
+    batch_axes: tuple[str, ...] | None = None, proto_axes: tuple[str, ...] | None = None,
+    positive_budget: int | None = None,
+) -> Selection:
+    """The rows :func:`partial_fc_loss` with the same arguments scores this step (the same draw), chosen
+    before the loss so that a step can gather them, differentiate the loss by them alone and update
+    only them (``loss.proto_update=lazy``). ``num_rows``: k_pad, the prototype matrix's rows."""
+    check_sampling(sampling)
+    labels = core.task_labels(labels, kind)
+    axes, num_shards, batch_axes = _layout(mesh, batch_axes, proto_axes)
+    rows_per_shard = num_rows // num_shards
+    capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, sampling, positive_budget)
+    num_classes = num_rows if num_classes is None else num_classes
+
+    def shard_fn(y_local, key):
+        if batch_axes:
+            y_local = jax.lax.all_gather(y_local, batch_axes, tiled=True)
+        rows, valid, overflow = _shard_selection(y_local, key, axes, rows_per_shard, num_classes, sample_ratio,
+                                                 sampling, capacity, positive_budget)
+        return rows.astype(jnp.int32), valid, overflow[None]
+
+    rows, valid, overflow = jax.shard_map(
+        shard_fn, mesh=mesh, in_specs=(P(batch_axes or None), P()), out_specs=(P(axes or None),) * 3,
+    )(labels, rng)
+    return Selection(rows, valid, overflow, rows_per_shard)
+
+
+def take_rows(matrix: jax.Array, selection: Selection, *, mesh: Mesh, proto_axes: tuple[str, ...]) -> jax.Array:
+    """The selected rows of a row-sharded [k_pad, ...] array: [N·capacity, ...], sharded the same way."""
+    spec = P(proto_axes or None)
+    return jax.shard_map(lambda x, r: x[r], mesh=mesh, in_specs=(spec, spec), out_specs=spec)(matrix, selection.rows)
+
+
+def put_rows(
+    matrix: jax.Array, selection: Selection, values: jax.Array, *, mesh: Mesh, proto_axes: tuple[str, ...]
+) -> jax.Array:
+    """``matrix`` with its selected valid rows set to ``values`` (:func:`take_rows`' shape); every other
+    row, the selected rows that do not count included, keeps its value."""
+    spec = P(proto_axes or None)
+
+    def put(x, rows, valid, v):
+        return x.at[jnp.where(valid, rows, x.shape[0])].set(v, mode="drop")
+
+    return jax.shard_map(put, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)(
+        matrix, selection.rows, selection.valid, values)
+
+
 def partial_fc_loss(
     embeddings: jax.Array,
     prototypes: jax.Array,
@@ -224,6 +307,7 @@ def partial_fc_loss(
     compute_dtype: jnp.dtype | None = None,
     return_metrics: bool = False,
     histograms: bool = False,
+    selection: Selection | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Sharded cluster-discrimination loss with PartialFC sampling; usable inside ``jax.jit``.
 
@@ -248,13 +332,16 @@ def partial_fc_loss(
       compute_dtype: the cosine GEMM's input dtype (fp32 accumulation); default the promotion of the
         embeddings' and prototypes' dtypes (fp32 against fp32 prototypes).
       return_metrics: also return loss_pos / loss_neg / mean_pos_cos / mean_neg_cos / num_sampled.
+      selection: the rows :func:`select_rows` chose with these arguments; ``prototypes`` are then those
+        rows alone (:func:`take_rows`, [N·capacity, d]), so the gradient reaches only them.
     """
     core.check_labels(embeddings, prototypes, labels)
     margin_kind = core.check_kind(kind, margin_type)
     labels = core.task_labels(labels, kind)
-    axes = tuple(mesh.axis_names) if proto_axes is None else tuple(proto_axes)
-    num_shards = math.prod(mesh.shape[a] for a in axes)
-    k_pad, _ = prototypes.shape
+    axes, num_shards, batch_axes = _layout(mesh, batch_axes, proto_axes)
+    k_pad = prototypes.shape[0] if selection is None else selection.rows_per_shard * num_shards
+    if selection is not None and prototypes.shape[0] != selection.rows.shape[0]:
+        raise ValueError(f"with a selection, prototypes are its {selection.rows.shape[0]} rows; got {prototypes.shape[0]}")
     if k_pad % num_shards:
         raise ValueError(
             f"{k_pad} prototypes cannot be split evenly over {num_shards} shards: allocate "
@@ -264,7 +351,6 @@ def partial_fc_loss(
     num_classes = k_pad if num_classes is None else num_classes
     if not 0 < num_classes <= k_pad:
         raise ValueError(f"num_classes={num_classes} must be in (0, {k_pad}] (the prototype rows)")
-    batch_axes = (mesh.axis_names[0],) if batch_axes is None else tuple(batch_axes)
     dp = math.prod(mesh.shape[a] for a in batch_axes)
     if embeddings.shape[0] % dp:
         raise ValueError(
@@ -273,6 +359,9 @@ def partial_fc_loss(
     rows_per_shard = k_pad // num_shards
     copies = tuple(a for a in batch_axes if a not in axes)  # after the gather, the same values there
     capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, sampling, positive_budget)
+    if selection is not None and selection.rows.shape[0] != capacity * num_shards:
+        raise ValueError(f"the selection holds {selection.rows.shape[0]} rows, these arguments score "
+                         f"{capacity} per shard: select_rows takes the loss's own arguments")
     compute_dtype = compute_dtype or jnp.promote_types(embeddings.dtype, prototypes.dtype)
 
     def pmax(x: jax.Array) -> jax.Array:
@@ -281,18 +370,20 @@ def partial_fc_loss(
     def psum(x: jax.Array) -> jax.Array:
         return jax.lax.psum(x, axes) if axes else x
 
-    def shard_fn(e_local, w_local, y_local, key):
+    def shard_fn(e_local, w_local, y_local, key, *chosen):
         if batch_axes:
             e_local = jax.lax.all_gather(e_local, batch_axes, tiled=True)
             y_local = jax.lax.all_gather(y_local, batch_axes, tiled=True)
-        shard = jax.lax.axis_index(axes) if axes else 0
-        lo = shard * rows_per_shard
-        rows, valid, overflow = _select_rows(
-            y_local, jax.random.fold_in(key, shard), lo, rows_per_shard, num_classes, sample_ratio,
-            sampling, capacity, positive_budget,
-        )
+        lo = (jax.lax.axis_index(axes) if axes else 0) * rows_per_shard
+        if chosen:  # w_local holds the chosen rows already
+            (rows, valid, overflow), w_rows = chosen, w_local
+            overflow = overflow[0]
+        else:
+            rows, valid, overflow = _shard_selection(y_local, key, axes, rows_per_shard, num_classes,
+                                                     sample_ratio, sampling, capacity, positive_budget)
+            w_rows = w_local[rows]
         e = core.l2_normalize(e_local)
-        c = core.cosine(e, w_local[rows], compute_dtype)
+        c = core.cosine(e, w_rows, compute_dtype)
         # Position of each selected row in ``rows`` (-1: not selected, or not this shard's label), to mark
         # each sample's positives among them.
         slot = jnp.full(rows_per_shard + 1, -1, jnp.int32).at[rows].set(jnp.arange(capacity))
@@ -312,10 +403,11 @@ def partial_fc_loss(
         return loss, metrics
 
     batch_spec = P(batch_axes or None)
+    chosen = () if selection is None else (selection.rows, selection.valid, selection.overflow)
     loss, metrics = jax.shard_map(
         shard_fn,
         mesh=mesh,
-        in_specs=(batch_spec, P(axes, None), batch_spec, P()),
+        in_specs=(batch_spec, P(axes, None), batch_spec, P()) + (P(axes or None),) * len(chosen),
         out_specs=(P(), P()),
-    )(embeddings, prototypes, labels, rng)
+    )(embeddings, prototypes, labels, rng, *chosen)
     return (loss, metrics) if return_metrics else loss

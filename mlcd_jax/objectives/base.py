@@ -41,7 +41,9 @@ class Objective:
     (BatchNorm's running averages), returned in its metrics as ``statistics={key: value}``; ``no_decay``:
     ``backbone`` keys AdamW never decays (ProtoCLIP's heads); ``bounds``: trainable scalars the train
     step clips into ``[low, high]`` after each update (CLIP's temperature clamp); ``text``: the run has
-    a text tower (batches carry ``tokens``, checkpoints hold ``text``).
+    a text tower (batches carry ``tokens``, checkpoints hold ``text``); ``sampled``: a ``proto``-group
+    key whose rows a step samples (``select`` / ``take`` / ``put``, and the loss's ``selection``), so
+    that ``loss.proto_update=lazy`` can update only those rows ("": none).
     """
 
     kinds: ClassVar[tuple[str, ...]] = ()
@@ -52,6 +54,7 @@ class Objective:
     groups: ClassVar[dict[str, str]] = {}
     bounds: ClassVar[dict[str, tuple[float, float]]] = {}
     text: ClassVar[bool] = False
+    sampled: ClassVar[str] = ""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
                  image: AbstractModel) -> None:

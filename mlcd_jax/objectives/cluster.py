@@ -17,7 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mlcd_jax import sharding
 from mlcd_jax.config_lib import ConfigError
-from mlcd_jax.losses import KINDS, l2_normalize, most_positives, pad_num_classes, partial_fc_loss, plan_head
+from mlcd_jax.losses import (
+    KINDS, Selection, l2_normalize, most_positives, pad_num_classes, partial_fc_loss, plan_head, put_rows,
+    select_rows, take_rows,
+)
 from mlcd_jax.losses.core import labels_per_sample
 from mlcd_jax.losses.partial_fc import POSITIVE_BUDGETS, SAMPLING_MODES, ratio_ignored_warning
 from mlcd_jax.objectives.base import Objective, register
@@ -34,6 +37,7 @@ class ClusterDiscrimination(Objective):
     kinds = KINDS
     trainable = ("params", "proto")
     groups = {"params": "backbone", "proto": "proto"}
+    sampled = "proto"
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: sharding.Rules,
                  image: AbstractModel) -> None:
@@ -91,21 +95,39 @@ class ClusterDiscrimination(Objective):
     def shardings(self, abstract: dict[str, Any]) -> dict[str, Any]:
         return {"proto": NamedSharding(self.mesh, P(self.proto_axes or None, None))}
 
+    def _sampling(self, exact: bool) -> dict[str, Any]:
+        """The head's arguments that decide which rows a step scores (shared by the loss and :meth:`select`)."""
+        loss = self.config.loss
+        return dict(mesh=self.mesh, num_classes=self.num_classes, sample_ratio=loss.sample_ratio,
+                    sampling=loss.get("sampling", "paper"), kind=loss.kind,
+                    batch_axes=sharding.batch_axes(self.mesh, self.rules), proto_axes=self.proto_axes,
+                    positive_budget=None if exact else self.head.positive_budget)
+
     def loss(self, tensors: dict[str, Any], image: jax.Array, batch: dict[str, jax.Array],
-             key: jax.Array, exact: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+             key: jax.Array, exact: bool = False, selection: Selection | None = None,
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The sharded head, scoring ``self.head.capacity`` rows per shard (room for the batch's expected
-        positives), or with ``exact`` room for every possible positive."""
+        positives), or with ``exact`` room for every possible positive; with ``selection``
+        (:meth:`select`) ``tensors["proto"]`` holds the selected rows alone."""
         loss = self.config.loss
         return partial_fc_loss(
-            image, tensors["proto"], batch["labels"], key, mesh=self.mesh,
-            sample_ratio=loss.sample_ratio, sampling=loss.get("sampling", "paper"),
-            kind=loss.kind, scale=loss.scale,
+            image, tensors["proto"], batch["labels"], key, scale=loss.scale,
             margin=loss.margin, margin_type=loss.get("margin_type") or None,
-            num_classes=self.num_classes, batch_axes=sharding.batch_axes(self.mesh, self.rules),
-            proto_axes=self.proto_axes, positive_budget=None if exact else self.head.positive_budget,
             compute_dtype=DTYPES[loss.head_dtype] if loss.get("head_dtype") else None, return_metrics=True,
-            histograms=bool(loss.get("histograms", True)),
+            histograms=bool(loss.get("histograms", True)), selection=selection, **self._sampling(exact),
         )
+
+    def select(self, batch: dict[str, jax.Array], key: jax.Array, exact: bool = False) -> Selection:
+        """The prototype rows :meth:`loss` scores for this batch and key (``loss.proto_update=lazy``)."""
+        return select_rows(batch["labels"], key, num_rows=self.k_pad, **self._sampling(exact))
+
+    def take(self, matrix: jax.Array, selection: Selection) -> jax.Array:
+        """The selected rows of ``proto`` or of a state array shaped like it."""
+        return take_rows(matrix, selection, mesh=self.mesh, proto_axes=self.proto_axes)
+
+    def put(self, matrix: jax.Array, selection: Selection, rows: jax.Array) -> jax.Array:
+        """``matrix`` with its selected rows (those that count) set to ``rows``."""
+        return put_rows(matrix, selection, rows, mesh=self.mesh, proto_axes=self.proto_axes)
 
     def exact_check(self) -> Callable[[dict[str, jax.Array]], jax.Array] | None:
         """Whether a batch's distinct positives overflow a shard's row budget (no check without a budget)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,6 +15,12 @@ from mlcd_jax.runs import DTYPES
 # Leaf names (the last key of a parameter's path) that weight decay skips: biases (incl. the fused
 # ``qkv_bias``), LayerNorm scales, class token and position tables. Matrix weights end in ``kernel``.
 _NO_DECAY_SUFFIXES = ("bias", "scale", "embedding", "pos_embed", "pos_emb")
+
+PROTO_UPDATES = ("dense", "lazy")  # loss.proto_update: AdamW on every prototype row, or on the sampled ones
+
+# (take, put) of a sampled matrix's rows: take(array, rows) -> the selected rows; put(array, rows, values)
+# -> the array with them replaced (mlcd_jax.objectives: an objective's ``take`` and ``put``).
+RowAccess = tuple[Callable[[Any, Any], Any], Callable[[Any, Any, Any], Any]]
 
 
 def weight_decay_mask(params: Any, exempt: tuple[str, ...] = ()) -> Any:
@@ -41,8 +48,34 @@ def weight_decay_mask(params: Any, exempt: tuple[str, ...] = ()) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def row_sparse(inner: optax.GradientTransformation, access: RowAccess) -> optax.GradientTransformationExtraArgs:
+    """``inner`` (AdamW) on the rows one step touched only: PartialFC v1's sparse update.
+
+    ``update(grads, state, params, rows=selection)`` takes the gradient and parameters of the selected
+    rows alone. It gathers those rows of every parameter-shaped leaf of ``inner``'s state (the moments),
+    runs ``inner`` on them, writes them back and returns the rows' updates, which the train step writes
+    into the matrix. So a touched row gets exactly ``inner``'s update for its gradient, and an untouched
+    row keeps its value and moments: no decay, no weight decay. The state is ``inner``'s own, so a
+    checkpoint serves either update.
+    """
+    take, put = access
+
+    def update(updates: Any, state: Any, params: Any = None, *, rows: Any = None, **extra: Any) -> tuple[Any, Any]:
+        del extra  # other transforms' arguments
+        marks = optax.tree_utils.tree_map_params(inner, lambda _: True, state, transform_non_params=lambda _: False)
+        leaves, treedef = jax.tree.flatten(state)
+        rowwise = jax.tree.leaves(marks)
+        part = treedef.unflatten([take(x, rows) if r else x for x, r in zip(leaves, rowwise)])
+        updates, part = inner.update(updates, part, params)
+        merged = [put(x, rows, y) if r else y for x, y, r in zip(leaves, jax.tree.leaves(part), rowwise)]
+        return updates, treedef.unflatten(merged)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def make_optimizer(
-    config: ml_collections.ConfigDict, num_steps: int, groups: dict[str, str], no_decay: tuple[str, ...] = ()
+    config: ml_collections.ConfigDict, num_steps: int, groups: dict[str, str], no_decay: tuple[str, ...] = (),
+    rows: RowAccess | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on the trainable state keys in the groups ``groups`` names (each key's, from its objective,
     :mod:`mlcd_jax.objectives`): ``backbone`` (towers, heads), ``proto`` (a prototype matrix) and
@@ -52,7 +85,9 @@ def make_optimizer(
     only (:func:`weight_decay_mask`), none on the keys ``no_decay`` names. Prototypes: learning rate x
     ``loss.proto_lr_mult``, weight decay ``loss.proto_weight_decay`` (None = ``weight_decay``), not
     clipped (as PartialFC, which clips only the backbone), so one step's head gradient never shrinks the
-    backbone's update.
+    backbone's update. With ``loss.proto_update=lazy`` the prototypes' AdamW runs on the rows a step
+    sampled only (:func:`row_sparse`, through ``rows``: the objective's row access); its ``update`` then
+    takes ``rows=`` the step's selection.
 
     With ``grad_accum_steps = a`` the optimizer updates every ``a`` of the ``num_steps`` train steps: the
     schedule counts updates (``num_steps // a`` of them, ``warmup_steps // a`` of warm-up, both given in
@@ -85,6 +120,10 @@ def make_optimizer(
         lambda count: proto_lr_mult * update_schedule(count),
         config.weight_decay if proto_wd is None else float(proto_wd),
     )
+    if loss_cfg.get("proto_update", "dense") == "lazy":
+        if rows is None:
+            raise ValueError("loss.proto_update=lazy needs the objective's row access (rows=)")
+        proto = row_sparse(proto, rows)
     # Temperatures and biases (scalars of the loss): same schedule, no weight decay, not clipped.
     scale = adamw(update_schedule, 0.0)
     tx = optax.multi_transform(

@@ -47,7 +47,7 @@ class TrainSetup:
         model = AbstractModel.create(config, mesh)
         goal = objectives.create(config, mesh, rules, model)
         tx, schedule = make_optimizer(config, num_train_steps, {k: goal.groups[k] for k in goal.trainable},
-                                      goal.no_decay)
+                                      goal.no_decay, rows=(goal.take, goal.put) if goal.sampled else None)
         replicated = NamedSharding(mesh, P())
 
         def init(seed: jax.Array) -> dict[str, Any]:

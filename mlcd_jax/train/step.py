@@ -33,18 +33,29 @@ def make_train_step(
     ``exact`` variant with ``exact=True``: what :class:`GuardedStep` runs for a batch that needs it).
     ``patch_drop`` (FLIP: the fraction of each image's patch tokens dropped; None: ``data.patch_drop``)
     is static: it sets the token count, so the masked and unmasked steps are two programs.
+    With ``loss.proto_update=lazy`` the objective's ``sampled`` rows are chosen before the loss, which
+    then sees and differentiates by them alone, and the optimizer updates only them.
     """
     config, mesh = setup.config, setup.mesh
     compute_dtype = DTYPES[config.model.dtype]
     if patch_drop is None:
         patch_drop = float(config.data.get("patch_drop", 0.0))
     goal = setup.objective
+    lazy = goal.sampled if config.loss.get("proto_update", "dense") == "lazy" else ""  # the key updated by rows
 
     def step_fn(state: dict[str, Any], batch: dict[str, jax.Array]):
         if preprocess is not None:
             batch = preprocess(batch)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         sample_key, dropout_key, drop_key = jax.random.split(rng, 3)
+
+        options = {"exact": True} if exact else {}  # only objectives with an exact_check have the variant
+        trainable = {k: state[k] for k in goal.trainable}
+        extra = {}
+        if lazy:  # the loss sees, and differentiates by, the sampled rows alone
+            selection = goal.select(batch, sample_key, **options)
+            trainable[lazy] = goal.take(state[lazy], selection)
+            options["selection"] = extra["rows"] = selection
 
         def loss_fn(trainable):
             tensors = {**{k: state[k] for k in goal.frozen}, **trainable}
@@ -54,15 +65,15 @@ def make_train_step(
                     batch["image"].astype(compute_dtype), deterministic="params" in goal.frozen,
                     rngs=nnx.Rngs(dropout=dropout_key, patch_drop=drop_key), patch_drop=patch_drop,
                 )
-            if exact:  # only objectives with an exact_check have the variant
-                return goal.loss(tensors, pooled, batch, sample_key, exact=True)
-            return goal.loss(tensors, pooled, batch, sample_key)
+            return goal.loss(tensors, pooled, batch, sample_key, **options)
 
-        trainable = {k: state[k] for k in goal.trainable}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         renewed = metrics.pop("statistics") if goal.statistics else {}  # e.g. BatchNorm's running averages
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable)
-        trainable = goal.bounded(optax.apply_updates(trainable, updates))
+        updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable, **extra)
+        trainable = optax.apply_updates(trainable, updates)
+        if lazy:  # the updated rows back into the matrix
+            trainable[lazy] = goal.put(state[lazy], extra["rows"], trainable[lazy])
+        trainable = goal.bounded(trainable)
         new_state = {**state, **trainable, **{k: renewed[k] for k in goal.statistics}, "opt_state": opt_state,
                      "step": state["step"] + 1}
         metrics = {

@@ -12,6 +12,7 @@ from mlcd_jax import objectives, sharding
 from mlcd_jax.config_lib import ConfigError, eval_batch_size
 from mlcd_jax.data.augment import BLUR_TAPS
 from mlcd_jax.runs import check_dtype, sharding_rules, vit_config
+from mlcd_jax.train.optimizer import PROTO_UPDATES
 
 
 def checked_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -66,7 +67,22 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if not 0.0 <= float(config.data.get("patch_drop", 0.0)) < 1.0:
         raise ConfigError(f"data.patch_drop={config.data.patch_drop} must be in [0, 1)")
     check_patch_drop_phase(config, config.num_train_steps if config.num_train_steps > 0 else None)
+    check_proto_update(config, goal)
     goal.validate(config)
+
+
+def check_proto_update(config: ml_collections.ConfigDict, goal: type[objectives.Objective]) -> None:
+    """One-line :class:`ConfigError` unless ``loss.proto_update`` is known and, when ``lazy``, has sampled
+    rows to update (a prototype head) and one step per update (no gradient accumulation)."""
+    update = config.loss.get("proto_update", "dense")
+    if update not in PROTO_UPDATES:
+        raise ConfigError(f"loss.proto_update={update!r}: choose one of {', '.join(PROTO_UPDATES)}")
+    if update == "lazy" and not goal.sampled:
+        raise ConfigError(f"loss.proto_update=lazy updates the prototype rows a step samples: loss.kind="
+                          f"{config.loss.kind!r} samples none (use mlcd, mlc or softmax)")
+    if update == "lazy" and config.get("grad_accum_steps", 1) > 1:
+        raise ConfigError(f"loss.proto_update=lazy updates the rows each step samples: it cannot accumulate "
+                          f"gradients over grad_accum_steps={config.grad_accum_steps} steps")
 
 
 def check_patch_drop_phase(config: ml_collections.ConfigDict, total_steps: int | None) -> None:
