@@ -70,10 +70,11 @@ def update_programs(topology: str, num_classes: int, dim: int, batch: int) -> No
         return {**new, "proto": goal.put(params["proto"], chosen, new["proto"])}, opt_state
 
     first = _accessed(jax.jit(dense_update, donate_argnums=(1, 2)).lower(trainable, opt_state, trainable).compile())
-    second = _accessed(jax.jit(lazy_update, donate_argnums=(1, 2)).lower(row_grads, opt_state, trainable, chosen).compile())
+    lowered = jax.jit(lazy_update, donate_argnums=(1, 2)).lower(row_grads, opt_state, trainable, chosen)
+    second = _accessed(lowered.compile())
     held = head.capacity * dim * 4
-    print(f"{topology}, k = {num_classes:,} x {dim}: {head.rows_per_shard:,} rows per chip, {head.capacity:,} sampled at "
-          f"batch {batch:,} (l = 8, r = 0.1); they hold {held / 1e6:.0f} MB per array per chip")
+    print(f"{topology}, k = {num_classes:,} x {dim}: {head.rows_per_shard:,} rows per chip, {head.capacity:,} "
+          f"sampled at batch {batch:,} (l = 8, r = 0.1); they hold {held / 1e6:.0f} MB per array per chip")
     print(f"  dense AdamW update   {first / 1e9:7.2f} GB accessed per chip  1.00x")
     print(f"  lazy AdamW update    {second / 1e9:7.2f} GB accessed per chip  {second / first:.2f}x dense")
 

@@ -8,8 +8,9 @@ in the config (``--config.key=value`` overrides apply to every run). Each point 
 :func:`mlcd_jax.experiment.run` (cluster through the shared cache, train, kNN / linear probe) in
 ``DIR/runs/<point>/seed<k>``, with ``eval.baselines`` emptied; the baselines that need no training
 (``eval.baselines``' pixels, teacher and random_init; the random-init ViT once per seed) are computed
-once for the study from the config without the sweep, and cached in ``DIR/baselines.json``. ``study.json`` keeps each run's
-last held-out figures (``heldout``) and the study's command, code state, machine and date.
+once for the study from the config without the sweep, and cached in ``DIR/baselines.json``.
+``study.json`` keeps each run's last held-out figures (``heldout``) and the study's command, code state,
+machine and date.
 
 A run is finished when its ``results.json`` exists and its ``config.json`` records the run's config
 (hence its overrides and seed); a re-run skips finished runs and the trainer resumes an interrupted one
@@ -30,12 +31,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +43,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections.config_flags import config_path
 
-from mlcd_jax import cli, fileio, identity
+from mlcd_jax import cli, fileio, identity, provenance
 from mlcd_jax.cli_config import PARSERS, config_error, parse_value, set_tower_override, tower_field_type
 
 FLAGS = cli.FLAGS
@@ -272,32 +269,6 @@ def final_heldout(workdir: str) -> dict[str, Any] | None:
     return found
 
 
-def provenance(argv: Sequence[str]) -> dict[str, str]:
-    """What makes a study traceable: its ``command``, the ``code`` (git commit, ``-dirty`` with local
-    changes; ``unknown`` outside a checkout) and the machine it ran on, the UTC ``date``."""
-    root = epath.Path(__file__).parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30).stdout.strip()
-
-    try:
-        code = git("rev-parse", "--short", "HEAD") or "unknown"
-        code += "-dirty" if code != "unknown" and git("status", "--porcelain", "--untracked-files=no") else ""
-    except (OSError, subprocess.SubprocessError):
-        code = "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    return {"command": " ".join(["python -m mlcd_jax.study", *argv[1:]]),
-            "code": f"{code} ({os.cpu_count()}-core {cpu})", "date": time.strftime("%Y-%m-%d", time.gmtime())}
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return epath.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
 def study_record(points: Sequence[Point], runs: Sequence[dict[str, Any]], baselines: list[dict[str, Any]]) -> dict:
     """study.json: the runs (finished, or failed with their reason), the baselines and one summary row per
     point with finished runs."""
@@ -412,7 +383,7 @@ def run_study(base: ml_collections.ConfigDict, points: Sequence[Point], seeds: S
     check_plan(runs)
     out = epath.Path(workdir)
     baselines = study_baselines(base, seeds, workdir)
-    origin = provenance(sys.argv)
+    origin = provenance.of_command("python -m mlcd_jax.study", sys.argv[1:])
     finished: list[dict[str, Any]] = []
     for i, run in enumerate(runs, 1):
         progress = f"[{i}/{len(runs)}] {run.point.label} seed {run.seed}"

@@ -12,7 +12,8 @@ all devices, in mesh order), so shard n of N owns rows ``[n·k/N, (n+1)·k/N)``.
 3. computes cosines only against those rows ([B, S], S ≪ k) and the per-row partial log-sum-exps;
 4. joins the partials with ``pmax`` / ``psum``. Nothing of size B x k exists on any device.
 
-Only sampled rows receive gradient; the optimizer still holds state for all k rows.
+Only sampled rows receive gradient; the optimizer still holds state for all k rows (and by default,
+``loss.proto_update=dense``, updates all of them).
 
 Static shapes: a device gathers ``capacity`` rows, room for the positives it may meet plus the
 negatives: ``P + ceil(r·(k/N − P))`` (paper) or ``min(k/N, max(ceil(r·k/N), P))`` (partial_fc), where P
@@ -25,6 +26,10 @@ of slack. A batch whose positives overflow a shard's budget would lose the exces
 each batch first (:func:`most_positives`) and runs such a batch through the step compiled with
 ``positive_budget=None`` instead, so the loss is always exact. Rows past a step's count (positives +
 sampled negatives, resp. ``max(ceil(r·k/N), #positives)``) are masked out.
+
+The row choice is also its own step (:func:`select_rows`, the same draw): with ``loss.proto_update=lazy``
+the train step gathers the chosen rows (:func:`take_rows`), passes them as ``selection``, so the loss is
+differentiated by them alone, and writes the updated rows back (:func:`put_rows`).
 """
 
 from __future__ import annotations
@@ -341,7 +346,8 @@ def partial_fc_loss(
     axes, num_shards, batch_axes = _layout(mesh, batch_axes, proto_axes)
     k_pad = prototypes.shape[0] if selection is None else selection.rows_per_shard * num_shards
     if selection is not None and prototypes.shape[0] != selection.rows.shape[0]:
-        raise ValueError(f"with a selection, prototypes are its {selection.rows.shape[0]} rows; got {prototypes.shape[0]}")
+        raise ValueError(f"with a selection, prototypes are its {selection.rows.shape[0]} rows; "
+                         f"got {prototypes.shape[0]}")
     if k_pad % num_shards:
         raise ValueError(
             f"{k_pad} prototypes cannot be split evenly over {num_shards} shards: allocate "
