@@ -207,9 +207,20 @@ def fashion_mnist_host(fashion_mnist, tmp_path, monkeypatch):
     server.server_close()
 
 
-def test_demo_source_prefers_debian_fashion_mnist(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(tmp_path))
+def test_demo_source_prefers_debian_fashion_mnist(fashion_mnist, cache_root, monkeypatch, capsys):
+    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(fashion_mnist.directory))
+    monkeypatch.setattr(fmnist, "_downloadable", lambda url: pytest.fail("probed the network"))
     assert fmnist.demo_source() == "fashion_mnist" and capsys.readouterr().out == ""
+
+
+def test_demo_source_passes_over_an_empty_debian_folder(tmp_path, cache_root, fashion_mnist, monkeypatch, capsys):
+    """A folder without the IDX files (say left by a removed package) is not Fashion-MNIST: the demo
+    goes on to the download cache (here complete), as on a machine without the folder."""
+    (tmp_path / "debian").mkdir()
+    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(tmp_path / "debian"))
+    shutil.copytree(fashion_mnist.directory, cache_root / "fashion_mnist")
+    monkeypatch.setattr(fmnist, "_downloadable", lambda url: pytest.fail("probed the network"))
+    assert fmnist.demo_source() == f"fashion_mnist:{cache_root / 'fashion_mnist'}" and capsys.readouterr().out == ""
 
 
 def test_demo_source_uses_a_complete_download_cache_without_the_network(no_debian_fashion_mnist, cache_root,
@@ -285,7 +296,7 @@ def test_demo_source_falls_back_to_digits_with_one_notice(no_debian_fashion_mnis
         monkeypatch.setattr(fmnist, "_fashion_mnist_urls", lambda: {}["no fashion_mnist builder"])
     assert fmnist.demo_source() == "digits"
     notices = [line for line in capsys.readouterr().out.splitlines() if "the demo uses" in line]
-    assert len(notices) == 1 and notices[0].startswith(f"notice: {fmnist.FASHION_MNIST_DIR} not found")
+    assert len(notices) == 1 and notices[0].startswith(f"notice: no Fashion-MNIST in {fmnist.FASHION_MNIST_DIR}")
     assert reason in notices[0] and notices[0].endswith("the demo uses scikit-learn's bundled digits")
     assert not fmnist._has_fashion_mnist(str(cache_root / "fashion_mnist"))
     assert not os.path.exists(cache_root) or os.listdir(cache_root) in ([], ["fashion_mnist"])

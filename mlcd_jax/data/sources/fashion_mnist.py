@@ -96,7 +96,9 @@ def _fashion_mnist_cache() -> str:
 
 
 def _has_fashion_mnist(directory: str) -> bool:
-    return all(os.path.isfile(os.path.join(directory, name)) for name in FASHION_MNIST_FILES)
+    """Whether ``directory`` holds the four IDX files, each gzipped or not (as :func:`arrays` reads them)."""
+    return all(any(os.path.isfile(os.path.join(directory, n)) for n in (name, name.removesuffix(".gz")))
+               for name in FASHION_MNIST_FILES)
 
 
 def _fashion_mnist_urls() -> dict[str, str]:
@@ -154,20 +156,21 @@ def _fetch_fashion_mnist(directory: str) -> str | None:
 def demo_source() -> str:
     """The demo's labelled source spec: Fashion-MNIST where it can be had, else scikit-learn's digits.
 
-    ``fashion_mnist`` when Debian's dataset-fashion-mnist is installed; else
+    ``fashion_mnist`` when Debian's dataset-fashion-mnist's folder holds the four IDX files (not when
+    it is empty, say left by a removed package); else
     ``fashion_mnist:<cache>`` (see :func:`_fashion_mnist_cache`) when the four IDX files are there
     (no network access) or can be downloaded now (the download host is probed first, so an offline
     machine waits ~3 s, not for a download to time out); else ``digits``, with one ``notice:`` line
     saying why.
     """
-    if os.path.isdir(FASHION_MNIST_DIR):
+    if _has_fashion_mnist(FASHION_MNIST_DIR):
         return "fashion_mnist"
     cache = _fashion_mnist_cache()
     why_not = None if _has_fashion_mnist(cache) else _fetch_fashion_mnist(cache)
     if why_not is None:
         return f"fashion_mnist:{cache}"
     print(
-        f"notice: {FASHION_MNIST_DIR} not found (apt-get install dataset-fashion-mnist) and {why_not}; "
+        f"notice: no Fashion-MNIST in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist) and {why_not}; "
         "the demo uses scikit-learn's bundled digits",
         flush=True,
     )
