@@ -11,13 +11,14 @@ them, write them back (``row_sparse``, ``take_rows`` / ``put_rows``), for the ro
 ``--batch`` × l = 8 samples at r = 0.1. It prints ``bytes accessed`` per chip from ``cost_analysis()``,
 the ratio lazy / dense, and the bytes the sampled rows hold.
 
-Part 2 compiles a gather and a scatter of ``--touched`` rows of one chip's shard alone (the operations
-a row-sparse update is made of) against the bytes those rows hold.
+Part 2 compiles the trainer's gather and scatter of ``--touched`` rows (``take_rows``, ``put_rows``) of
+one chip's shard alone, the operations a row-sparse update is made of, against the bytes those rows hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 from mlcd_jax import aot
 
@@ -31,11 +32,11 @@ def update_programs(topology: str, num_classes: int, dim: int, batch: int) -> No
     """Part 1: the trainer's dense and lazy optimizer updates, per chip."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from mlcd_jax import sharding, train
     from mlcd_jax.config_lib import base_config
     from mlcd_jax.losses import Selection
+    from mlcd_jax.train.step import apply_gradients
 
     setups, chips = {}, aot.devices(aot.parse_topology(topology))
     for update in ("dense", "lazy"):
@@ -60,14 +61,11 @@ def update_programs(topology: str, num_classes: int, dim: int, batch: int) -> No
     row_grads = {**trainable, "proto": rows_spec((n * head.capacity, dim), sharding=trainable["proto"].sharding)}
 
     def dense_update(grads, opt_state, params):
-        updates, opt_state = dense.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return apply_gradients(dense, grads, opt_state, params)
 
-    def lazy_update(grads, opt_state, params, chosen):
+    def lazy_update(grads, opt_state, params, chosen):  # as the train step: the rows, then back
         rows = {**params, "proto": goal.take(params["proto"], chosen)}
-        updates, opt_state = lazy.tx.update(grads, opt_state, rows, rows=chosen)
-        new = optax.apply_updates(rows, updates)
-        return {**new, "proto": goal.put(params["proto"], chosen, new["proto"])}, opt_state
+        return apply_gradients(lazy, grads, opt_state, rows, (params["proto"], chosen))
 
     first = _accessed(jax.jit(dense_update, donate_argnums=(1, 2)).lower(trainable, opt_state, trainable).compile())
     lowered = jax.jit(lazy_update, donate_argnums=(1, 2)).lower(row_grads, opt_state, trainable, chosen)
@@ -80,20 +78,24 @@ def update_programs(topology: str, num_classes: int, dim: int, batch: int) -> No
 
 
 def row_programs(topology: str, rows: int, dim: int, touched: list[int]) -> None:
-    """Part 2: a gather and a scatter of ``touched`` rows of one chip's [rows, dim] shard."""
+    """Part 2: the trainer's gather and scatter (``take_rows``, ``put_rows``) of ``touched`` rows of one
+    chip's [rows, dim] shard."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    sharding = SingleDeviceSharding(aot.devices(aot.parse_topology(topology))[0])
+    from mlcd_jax.losses import Selection, put_rows, take_rows
+
+    mesh = Mesh(aot.devices(aot.parse_topology(topology))[:1], ("fsdp",))
+    sharding = NamedSharding(mesh, P("fsdp"))
     spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-    hints = dict(mode="promise_in_bounds", unique_indices=True, indices_are_sorted=True)
     full = spec(rows, dim)
     print(f"one {topology} chip's {rows:,} x {dim} shard ({rows * dim * 4 / 1e6:.0f} MB):")
     for count in touched:
-        part, idx = spec(count, dim), spec(count, dtype=jnp.int32)
-        gather = jax.jit(lambda w, i: w.at[i].get(**hints)).lower(full, idx).compile()
-        scatter = jax.jit(lambda w, u, i: w.at[i].set(u, **hints), donate_argnums=(0,)).lower(full, part, idx).compile()
+        chosen = Selection(spec(count, dtype=jnp.int32), spec(count, dtype=bool), spec(1, dtype=jnp.int32), rows)
+        gather = jax.jit(functools.partial(take_rows, mesh=mesh, proto_axes=("fsdp",))).lower(full, chosen).compile()
+        scatter = jax.jit(functools.partial(put_rows, mesh=mesh, proto_axes=("fsdp",)),
+                          donate_argnums=(0,)).lower(full, chosen, spec(count, dim)).compile()
         held = count * dim * 4
         print(f"  {count:>7,} rows ({held / 1e6:6.1f} MB): gather {_accessed(gather) / 1e6:8.1f} MB "
               f"({_accessed(gather) / held:5.1f}x the rows), scatter {_accessed(scatter) / 1e6:8.1f} MB "

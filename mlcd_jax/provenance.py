@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import time
 from collections.abc import Sequence
@@ -43,5 +44,5 @@ def machine() -> str:
 def of_command(program: str, args: Sequence[str]) -> dict[str, str]:
     """``command`` (``program`` and its arguments), ``code`` (:func:`code_state` and :func:`machine`) and
     the UTC ``date``."""
-    return {"command": " ".join([program, *args]), "code": f"{code_state()} ({machine()})",
+    return {"command": " ".join([program, *map(shlex.quote, args)]), "code": f"{code_state()} ({machine()})",
             "date": time.strftime("%Y-%m-%d", time.gmtime())}

@@ -2,12 +2,12 @@
 prototype head as its own group (lr multiplier, weight decay, no clipping), and the schedule under
 gradient accumulation (counted in updates, logged as applied)."""
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mlcd_jax import sharding, train
@@ -155,11 +155,15 @@ def _proto_leaves(setup: train.TrainSetup, state: dict[str, Any]) -> dict[str, n
 
 
 _LAZY = {"loss.num_classes": 512, "loss.sample_ratio": 0.25, "weight_decay": 0.1, "learning_rate": 0.01}
+# Where the prototype rows live: over all 8 devices (the default), over fsdp = 4 of a data = 2 mesh
+# (the batch is split over an axis the rows are not), on every device whole (replicated).
+LAYOUTS = {"all devices": {}, "fsdp only": {"mesh.data": 2, "mesh.fsdp": 4, "mesh_rules": "proto=fsdp"},
+           "replicated": {"mesh_rules": "proto="}}
 
 
-def _lazy_pair() -> tuple[train.TrainSetup, train.TrainSetup, Any]:
-    """Dense and lazy setups (k = 512 over the 8 fake devices, r = 0.25) and a batch maker."""
-    dense, lazy = _setup(**_LAZY), _setup(**_LAZY, **{"loss.proto_update": "lazy"})
+def _lazy_pair(**layout: Any) -> tuple[train.TrainSetup, train.TrainSetup, Any]:
+    """Dense and lazy setups (k = 512 on the 8 fake devices, r = 0.25) and a batch maker."""
+    dense, lazy = _setup(**_LAZY, **layout), _setup(**_LAZY, **layout, **{"loss.proto_update": "lazy"})
     rng = np.random.default_rng(0)
 
     def batch() -> dict[str, jax.Array]:
@@ -170,10 +174,11 @@ def _lazy_pair() -> tuple[train.TrainSetup, train.TrainSetup, Any]:
 
 
 def _touched(selection: Any) -> np.ndarray:
-    """Which of the 512 rows a selection updates (global row ids from each of the 8 shards' local ones)."""
-    rows = np.asarray(selection.rows).reshape(8, -1) + 64 * np.arange(8)[:, None]
+    """Which of the 512 rows a selection updates (global row ids from each shard's local ones)."""
+    shards, size = selection.overflow.shape[0], selection.rows_per_shard
+    rows = np.asarray(selection.rows).reshape(shards, -1) + size * np.arange(shards)[:, None]
     touched = np.zeros(512, bool)
-    touched[rows[np.asarray(selection.valid).reshape(8, -1)]] = True
+    touched[rows[np.asarray(selection.valid).reshape(shards, -1)]] = True
     assert 0 < touched.sum() < 512 / 2
     return touched
 
@@ -182,6 +187,8 @@ def test_lazy_adamw_gives_the_sampled_rows_exactly_dense_adamws_update_and_leave
     """``loss.proto_update=lazy``: for one gradient (zero outside the sampled rows), from the same
     moments, the sampled rows get bit for bit dense AdamW's parameters and moments; every other row
     keeps its value and both moments, which dense AdamW decays (and weight decay moves every row)."""
+    from mlcd_jax.train.step import apply_gradients
+
     dense, lazy, batch = _lazy_pair()
     goal = lazy.objective
     chosen = goal.select(batch(), jax.random.key(1))
@@ -194,19 +201,12 @@ def test_lazy_adamw_gives_the_sampled_rows_exactly_dense_adamws_update_and_leave
     moments = jax.jit(dense.tx.update)(jax.tree.map(lambda g: g + 1.0, grads), dense.tx.init(params), params)[1]
 
     @jax.jit
-    def dense_update(grads, opt_state, params):
-        updates, opt_state = dense.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    @jax.jit
-    def lazy_update(grads, opt_state, params, chosen):
+    def lazy_update(grads, opt_state, params, chosen):  # as the train step: the rows, then back
         rows = {**params, "proto": goal.take(params["proto"], chosen)}
         grads = {**grads, "proto": goal.take(grads["proto"], chosen)}
-        updates, opt_state = lazy.tx.update(grads, opt_state, rows, rows=chosen)
-        new = optax.apply_updates(rows, updates)
-        return {**new, "proto": goal.put(params["proto"], chosen, new["proto"])}, opt_state
+        return apply_gradients(lazy, grads, opt_state, rows, (params["proto"], chosen))
 
-    want = dense_update(grads, moments, params)
+    want = jax.jit(functools.partial(apply_gradients, dense))(grads, moments, params)
     got = lazy_update(grads, moments, params, chosen)
     start, after, dense_after = (_proto_leaves(dense, {"proto": p["proto"], "opt_state": s})
                                  for p, s in ((params, moments), got, want))
@@ -218,11 +218,12 @@ def test_lazy_adamw_gives_the_sampled_rows_exactly_dense_adamws_update_and_leave
         np.testing.assert_array_equal(a, b)
 
 
-def test_lazy_train_step_is_the_dense_step_on_the_sampled_rows():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lazy_train_step_is_the_dense_step_on_the_sampled_rows(layout):
     """The lazy train step scores the rows the dense one does (same loss, same backbone update), moves
     the sampled rows as dense does (to float32 rounding: the two programs order the rows' gradient
-    arithmetic differently) and no other row or moment."""
-    dense, lazy, batch = _lazy_pair()
+    arithmetic differently) and no other row or moment; wherever the rows live."""
+    dense, lazy, batch = _lazy_pair(**LAYOUTS[layout])
     dense_step, lazy_step = train.make_train_step(dense), train.make_train_step(lazy)
     copy = lambda state: jax.tree.map(jnp.copy, state)  # noqa: E731  (the steps donate their input)
     start, _ = dense_step(dense.init_state(0), batch())  # moments that are not all zero

@@ -2,6 +2,7 @@
 that fill records: the IDX reader, tfds datasets and the demo's choice (and download) of data."""
 
 import functools
+import gzip
 import http.server
 import os
 import shutil
@@ -207,10 +208,20 @@ def fashion_mnist_host(fashion_mnist, tmp_path, monkeypatch):
     server.server_close()
 
 
-def test_demo_source_prefers_debian_fashion_mnist(fashion_mnist, cache_root, monkeypatch, capsys):
-    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(fashion_mnist.directory))
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_demo_source_prefers_debian_fashion_mnist(fashion_mnist, cache_root, tmp_path, monkeypatch, capsys, gzipped):
+    """The Debian folder's IDX files count gzipped (as Debian ships them) or not (as the reader takes them)."""
+    folder = tmp_path / "debian"
+    folder.mkdir()
+    for name in fmnist.FASHION_MNIST_FILES:
+        data = (fashion_mnist.directory / name).read_bytes()
+        if not gzipped:
+            name, data = name.removesuffix(".gz"), gzip.decompress(data)
+        (folder / name).write_bytes(data)
+    monkeypatch.setattr(fmnist, "FASHION_MNIST_DIR", str(folder))
     monkeypatch.setattr(fmnist, "_downloadable", lambda url: pytest.fail("probed the network"))
     assert fmnist.demo_source() == "fashion_mnist" and capsys.readouterr().out == ""
+    assert len(open_source("fashion_mnist:train")) == len(fashion_mnist.labels["train"])
 
 
 def test_demo_source_passes_over_an_empty_debian_folder(tmp_path, cache_root, fashion_mnist, monkeypatch, capsys):

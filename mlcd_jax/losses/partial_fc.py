@@ -254,20 +254,22 @@ def select_rows(
     only them (``loss.proto_update=lazy``). ``num_rows``: k_pad, the prototype matrix's rows."""
     check_sampling(sampling)
     labels = core.task_labels(labels, kind)
-    axes, num_shards, batch_axes = _layout(mesh, batch_axes, proto_axes)
+    axes, num_shards, _ = _layout(mesh, batch_axes, proto_axes)
+    if num_rows % num_shards:
+        raise ValueError(f"{num_rows} prototype rows cannot be split evenly over {num_shards} shards")
     rows_per_shard = num_rows // num_shards
     capacity = shard_capacity(rows_per_shard, sample_ratio, labels.size, sampling, positive_budget)
     num_classes = num_rows if num_classes is None else num_classes
 
-    def shard_fn(y_local, key):
-        if batch_axes:
-            y_local = jax.lax.all_gather(y_local, batch_axes, tiled=True)
-        rows, valid, overflow = _shard_selection(y_local, key, axes, rows_per_shard, num_classes, sample_ratio,
+    def shard_fn(y_global, key):
+        rows, valid, overflow = _shard_selection(y_global, key, axes, rows_per_shard, num_classes, sample_ratio,
                                                  sampling, capacity, positive_budget)
         return rows.astype(jnp.int32), valid, overflow[None]
 
+    # Every shard reads the whole (small) label batch, replicated: the choice then varies over the
+    # prototype axes only, as out_specs say, whichever batch axes the rows are not split over.
     rows, valid, overflow = jax.shard_map(
-        shard_fn, mesh=mesh, in_specs=(P(batch_axes or None), P()), out_specs=(P(axes or None),) * 3,
+        shard_fn, mesh=mesh, in_specs=(P(), P()), out_specs=(P(axes or None),) * 3,
     )(labels, rng)
     return Selection(rows, valid, overflow, rows_per_shard)
 
@@ -285,8 +287,8 @@ def put_rows(
     row, the selected rows that do not count included, keeps its value."""
     spec = P(proto_axes or None)
 
-    def put(x, rows, valid, v):
-        return x.at[jnp.where(valid, rows, x.shape[0])].set(v, mode="drop")
+    def put(x, rows, valid, v):  # rows that do not count move past the end, distinct, and are dropped
+        return x.at[rows + jnp.where(valid, 0, x.shape[0])].set(v, mode="drop", unique_indices=True)
 
     return jax.shard_map(put, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)(
         matrix, selection.rows, selection.valid, values)

@@ -62,6 +62,8 @@ def row_sparse(inner: optax.GradientTransformation, access: RowAccess) -> optax.
 
     def update(updates: Any, state: Any, params: Any = None, *, rows: Any = None, **extra: Any) -> tuple[Any, Any]:
         del extra  # other transforms' arguments
+        if rows is None:
+            raise ValueError("the lazy prototype update needs rows=, the step's selection of rows")
         marks = optax.tree_utils.tree_map_params(inner, lambda _: True, state, transform_non_params=lambda _: False)
         leaves, treedef = jax.tree.flatten(state)
         rowwise = jax.tree.leaves(marks)

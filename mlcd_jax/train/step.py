@@ -53,9 +53,8 @@ def make_train_step(
         trainable = {k: state[k] for k in goal.trainable}
         extra = {}
         if lazy:  # the loss sees, and differentiates by, the sampled rows alone
-            selection = goal.select(batch, sample_key, **options)
-            trainable[lazy] = goal.take(state[lazy], selection)
-            options["selection"] = extra["rows"] = selection
+            extra["rows"] = options["selection"] = goal.select(batch, sample_key, **options)
+            trainable[lazy] = goal.take(state[lazy], extra["rows"])
 
         def loss_fn(trainable):
             tensors = {**{k: state[k] for k in goal.frozen}, **trainable}
@@ -69,10 +68,8 @@ def make_train_step(
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         renewed = metrics.pop("statistics") if goal.statistics else {}  # e.g. BatchNorm's running averages
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], trainable, **extra)
-        trainable = optax.apply_updates(trainable, updates)
-        if lazy:  # the updated rows back into the matrix
-            trainable[lazy] = goal.put(state[lazy], extra["rows"], trainable[lazy])
+        trainable, opt_state = apply_gradients(setup, grads, state["opt_state"], trainable,
+                                               (state[lazy], extra["rows"]) if lazy else None)
         trainable = goal.bounded(trainable)
         new_state = {**state, **trainable, **{k: renewed[k] for k in goal.statistics}, "opt_state": opt_state,
                      "step": state["step"] + 1}
@@ -91,6 +88,22 @@ def make_train_step(
         out_shardings=(setup.state_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
     )
+
+
+def apply_gradients(
+    setup: TrainSetup, grads: dict[str, Any], opt_state: Any, trainable: dict[str, Any],
+    rows: tuple[jax.Array, Any] | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """One optimizer update: the trainable entries after it and the new optimizer state. With ``rows``
+    = (the full matrix, the step's selection) the update is lazy: ``trainable`` and ``grads`` hold the
+    selected rows of the objective's ``sampled`` key, and the updated rows go back into the matrix."""
+    extra = {} if rows is None else {"rows": rows[1]}
+    updates, opt_state = setup.tx.update(grads, opt_state, trainable, **extra)
+    trainable = optax.apply_updates(trainable, updates)
+    if rows is not None:
+        key = setup.objective.sampled
+        trainable = {**trainable, key: setup.objective.put(rows[0], rows[1], trainable[key])}
+    return trainable, opt_state
 
 
 class GuardedStep:
