@@ -259,13 +259,12 @@ def final_heldout(workdir: str) -> dict[str, Any] | None:
     """A run's last held-out figures (the training-time evaluators' ``heldout/...`` scalars in its
     ``metrics.jsonl``) with their ``step``, or None when it logged none."""
     from mlcd_jax.evaluate.evaluators import HELDOUT
+    from mlcd_jax.evaluate.pictures import read_metrics
 
     path, found = epath.Path(workdir) / "metrics.jsonl", None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            held = {k: v for k, v in row.items() if k.startswith(HELDOUT)}
-            found = {"step": row["step"], **held} if held else found
+    for row in read_metrics(path) if path.exists() else []:
+        held = {k: v for k, v in row.items() if k.startswith(HELDOUT)}
+        found = {"step": row["step"], **held} if held else found
     return found
 
 

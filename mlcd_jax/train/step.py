@@ -51,10 +51,9 @@ def make_train_step(
 
         options = {"exact": True} if exact else {}  # only objectives with an exact_check have the variant
         trainable = {k: state[k] for k in goal.trainable}
-        extra = {}
         if lazy:  # the loss sees, and differentiates by, the sampled rows alone
-            extra["rows"] = options["selection"] = goal.select(batch, sample_key, **options)
-            trainable[lazy] = goal.take(state[lazy], extra["rows"])
+            options["selection"] = goal.select(batch, sample_key, **options)
+            trainable[lazy] = goal.take(state[lazy], options["selection"])
 
         def loss_fn(trainable):
             tensors = {**{k: state[k] for k in goal.frozen}, **trainable}
@@ -69,7 +68,7 @@ def make_train_step(
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         renewed = metrics.pop("statistics") if goal.statistics else {}  # e.g. BatchNorm's running averages
         trainable, opt_state = apply_gradients(setup, grads, state["opt_state"], trainable,
-                                               (state[lazy], extra["rows"]) if lazy else None)
+                                               (state[lazy], options["selection"]) if lazy else None)
         trainable = goal.bounded(trainable)
         new_state = {**state, **trainable, **{k: renewed[k] for k in goal.statistics}, "opt_state": opt_state,
                      "step": state["step"] + 1}
