@@ -39,12 +39,11 @@ from PIL import Image
 
 from mlcd_jax.cluster.writer import write_shard
 from mlcd_jax.data import augment, order, records
-from mlcd_jax.data.sources.fashion_mnist import FASHION_MNIST_DIR
 from mlcd_jax.data.pipeline import ToCanvas, SkipLog, make_train_loader
 from mlcd_jax.data.sampling import GlobalOrderSampler
-from mlcd_jax.data.sources import load_arrays
+from mlcd_jax.data.sources import fashion_mnist, load_arrays
 
-SOURCE = "fashion_mnist" if os.path.isdir(FASHION_MNIST_DIR) else "digits"
+SOURCE = "fashion_mnist" if fashion_mnist.installed() else "digits"
 
 
 def jpeg_images(n: int) -> list[bytes]:

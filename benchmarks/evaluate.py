@@ -15,7 +15,6 @@ Usage: python benchmarks/evaluate.py [--out /tmp/evaluate_bench]
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import time
@@ -24,19 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from mlcd_jax.data.sources import fashion_mnist
 from mlcd_jax.evaluate import knn, linear_probe, pictures
-
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def _idx(name: str) -> np.ndarray:
-    """An IDX file (big-endian dims after a 4-byte magic whose last byte is the rank) as uint8."""
-    with gzip.open(os.path.join(FASHION_MNIST, name)) as f:
-        data = f.read()
-    rank = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(shape)
-
 
 def _timed(label: str, fn: Callable[[], Any]) -> Any:
     """Runs ``fn`` and prints its wall time and the CPU time of this process (all threads) during it.
@@ -58,8 +46,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(0)
 
-    train_x, train_y = _idx("train-images-idx3-ubyte.gz")[: 60000 // div], _idx("train-labels-idx1-ubyte.gz")
-    test_x, test_y = _idx("t10k-images-idx3-ubyte.gz")[: 10000 // div], _idx("t10k-labels-idx1-ubyte.gz")
+    (train_x, train_y), (test_x, test_y) = (fashion_mnist.arrays(fashion_mnist.FASHION_MNIST_DIR, split)
+                                            for split in ("train", "test"))
+    train_x, test_x = train_x[: 60000 // div, ..., 0], test_x[: 10000 // div, ..., 0]
     train_y, test_y = train_y[: len(train_x)], test_y[: len(test_x)]
     train_f, test_f = (x.reshape(len(x), -1).astype(np.float32) / 255 for x in (train_x, test_x))
 

@@ -88,7 +88,7 @@ def test_idx_reader_rejects_other_types_and_broken_files(tmp_path, write_idx):
         open_source(f"fashion_mnist:{tmp_path}:train")
 
 
-@pytest.mark.skipif(not os.path.isdir(fmnist.FASHION_MNIST_DIR),
+@pytest.mark.skipif(not fmnist.installed(),
                     reason=f"needs the real Fashion-MNIST: Debian's dataset-fashion-mnist ({fmnist.FASHION_MNIST_DIR})")
 def test_debian_fashion_mnist_has_its_published_sizes():
     train, test = open_source("fashion_mnist"), open_source("fashion_mnist:test")

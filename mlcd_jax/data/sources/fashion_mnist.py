@@ -101,6 +101,12 @@ def _has_fashion_mnist(directory: str) -> bool:
                for name in FASHION_MNIST_FILES)
 
 
+def installed() -> bool:
+    """Whether Debian's dataset-fashion-mnist is here: its folder holds the four IDX files (an empty
+    folder, say left by a removed package, does not count)."""
+    return _has_fashion_mnist(FASHION_MNIST_DIR)
+
+
 def _fashion_mnist_urls() -> dict[str, str]:
     """File name -> URL of the four IDX files, on the host of tfds's fashion_mnist builder."""
     import tensorflow_datasets as tfds
@@ -156,14 +162,13 @@ def _fetch_fashion_mnist(directory: str) -> str | None:
 def demo_source() -> str:
     """The demo's labelled source spec: Fashion-MNIST where it can be had, else scikit-learn's digits.
 
-    ``fashion_mnist`` when Debian's dataset-fashion-mnist's folder holds the four IDX files (not when
-    it is empty, say left by a removed package); else
+    ``fashion_mnist`` when Debian's dataset-fashion-mnist is :func:`installed`; else
     ``fashion_mnist:<cache>`` (see :func:`_fashion_mnist_cache`) when the four IDX files are there
     (no network access) or can be downloaded now (the download host is probed first, so an offline
     machine waits ~3 s, not for a download to time out); else ``digits``, with one ``notice:`` line
     saying why.
     """
-    if _has_fashion_mnist(FASHION_MNIST_DIR):
+    if installed():
         return "fashion_mnist"
     cache = _fashion_mnist_cache()
     why_not = None if _has_fashion_mnist(cache) else _fetch_fashion_mnist(cache)
